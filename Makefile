@@ -1,0 +1,47 @@
+# Two commands on a fresh machine: `make demo` and `make test` (see README.md).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck pytest system-deps proto clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml constraints.txt
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+# Mosquitto is needed by the tests that run against a real external broker.
+system-deps:
+	@command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || { \
+	  echo "installing mosquitto (apt-get)"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq mosquitto >/dev/null; }
+
+demo: $(STAMP)
+	$(BIN)/python examples/quickstart/run_demo.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check edge_agent cloud_hub model_compiler device_profiles
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP) system-deps
+	$(BIN)/pytest -q
+
+test: lint typecheck pytest
+
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I edge_agent/protocol/oip --python_out=edge_agent/protocol/oip \
+	  --pyi_out=edge_agent/protocol/oip --grpc_python_out=edge_agent/protocol/oip \
+	  edge_agent/protocol/oip/grpc_predict_v2.proto
+	sed -i 's/^import grpc_predict_v2_pb2 as/from edge_agent.protocol.oip import grpc_predict_v2_pb2 as/' \
+	  edge_agent/protocol/oip/grpc_predict_v2_pb2_grpc.py
+
+clean:
+	rm -rf $(VENV) demo-work .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,85 @@
+"""The device's state directory and the agent configuration stored in it.
+
+    STATE/agent.json              AgentConfig (mode 0640: it holds credentials)
+    STATE/trust/*.pub             Ed25519 keys whose signatures the agent accepts
+    STATE/models/                 the model store (see store.py)
+    STATE/downloads/{artifact}/   chunks of transfers in progress
+    STATE/telemetry.db            the telemetry spool (SQLite, WAL)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from urllib.parse import urlparse
+
+from edge_agent.errors import ConfigError
+from edge_agent.protocol.atomic import atomic_write_bytes
+from edge_agent.protocol.topics import DEFAULT_ROOT, valid_device_id
+
+STATE_DIR_ENV = "EDGEFED_STATE_DIR"
+CONFIG_FILE = "agent.json"
+
+
+def default_state_dir() -> Path:
+    """EDGEFED_STATE_DIR, else /var/lib/edgefed when it exists, else ~/.local/share/edgefed."""
+    if os.environ.get(STATE_DIR_ENV):
+        return Path(os.environ[STATE_DIR_ENV])
+    system = Path("/var/lib/edgefed")
+    return system if system.is_dir() else Path.home() / ".local" / "share" / "edgefed"
+
+
+def parse_endpoint(url: str, scheme: str, field_name: str, default_port: int) -> tuple[str, int]:
+    """(host, port) of ``scheme://host:port``; a clear ConfigError otherwise."""
+    parsed = urlparse(url if "://" in url else f"{scheme}://{url}")
+    if parsed.scheme != scheme or not parsed.hostname:
+        raise ConfigError(f"{field_name}: {url!r} is not a {scheme}:// URL; write it as {scheme}://host:port")
+    try:
+        return parsed.hostname, parsed.port or default_port
+    except ValueError:
+        raise ConfigError(f"{field_name}: bad port in {url!r}") from None
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """What the agent and the SDK need to know; validated on construction."""
+
+    device_id: str
+    profile: str
+    broker: str = "mqtt://127.0.0.1:1883"
+    cloud: str | None = None
+    topic_root: str = DEFAULT_ROOT
+    telemetry_interval_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not valid_device_id(self.device_id):
+            raise ConfigError(f"device_id: {self.device_id!r} is invalid; use letters, digits, '.', '_' and '-'")
+        parse_endpoint(self.broker, "mqtt", "broker", 1883)
+        if self.cloud is not None:
+            parse_endpoint(self.cloud, "grpc", "cloud", 8001)
+        if self.telemetry_interval_s <= 0:
+            raise ConfigError("telemetry_interval_s: must be positive")
+
+    @classmethod
+    def load(cls, state_dir: Path) -> AgentConfig:
+        path = state_dir / CONFIG_FILE
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path} not found; run 'edge-agent init' (or 'edge-agent enroll') first") from None
+        except ValueError as exc:
+            raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"{path}: unknown field {sorted(unknown)[0]!r}; remove it")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+
+    def save(self, state_dir: Path) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(state_dir / CONFIG_FILE, json.dumps(asdict(self), indent=2).encode(), mode=0o640)

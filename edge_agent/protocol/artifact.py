@@ -1,0 +1,137 @@
+"""Sealing (hub/compiler side) and verifying (agent side) an artifact directory.
+
+An artifact directory holds ``manifest.json``, ``signature`` and the files the manifest lists. Each
+file is split into ``chunk_size`` pieces whose sha256 values the manifest carries, so a transfer can be
+verified (and resumed) chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from edge_agent.protocol.atomic import atomic_write_bytes
+from edge_agent.protocol.canonical import sha256_hex, strict_loads
+from edge_agent.protocol.errors import ArtifactRejected
+from edge_agent.protocol.manifest import DEFAULT_CHUNK_SIZE, SCHEMA, FileEntry, Manifest, manifest_from_wire
+from edge_agent.protocol.signing import TrustStore, sign_document, verify_document
+
+MANIFEST_FILE = "manifest.json"
+SIGNATURE_FILE = "signature"
+RESERVED = (MANIFEST_FILE, SIGNATURE_FILE)
+
+
+def iter_chunks(path: Path, chunk_size: int) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk_size)
+            if not block:
+                return
+            yield block
+
+
+def describe_file(path: Path, chunk_size: int = DEFAULT_CHUNK_SIZE) -> FileEntry:
+    """Size, sha256 and per-chunk sha256 of one file (an empty file has one empty chunk)."""
+    whole = hashlib.sha256()
+    chunks = []
+    for block in iter_chunks(path, chunk_size):
+        whole.update(block)
+        chunks.append(sha256_hex(block))
+    return FileEntry(path=path.name, size=path.stat().st_size, sha256=whole.hexdigest(),
+                     chunks=tuple(chunks) or (sha256_hex(b""),))  # fmt: skip
+
+
+def seal(directory: Path, fields: dict[str, Any], key: Ed25519PrivateKey,
+         chunk_size: int = DEFAULT_CHUNK_SIZE) -> Manifest:  # fmt: skip
+    """Describe every payload file in ``directory``, then write a signed manifest next to them.
+
+    ``fields`` holds every manifest field except ``files`` and ``chunk_size``.
+    """
+    payload = sorted(p for p in directory.iterdir() if p.is_file() and p.name not in RESERVED)
+    document = dict(fields, files=[describe_file(p, chunk_size) for p in payload], chunk_size=chunk_size)
+    manifest = manifest_from_wire({**_plain(document), "schema": SCHEMA})
+    wire = manifest.to_wire()
+    atomic_write_bytes(directory / MANIFEST_FILE, json.dumps(wire, indent=2, sort_keys=True).encode())
+    atomic_write_bytes(directory / SIGNATURE_FILE, json.dumps(sign_document(wire, key)).encode())
+    return manifest
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, FileEntry):
+        return {"path": value.path, "size": value.size, "sha256": value.sha256, "chunks": list(value.chunks)}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def load_signed_manifest(manifest_bytes: bytes, signature_bytes: bytes, trust: TrustStore) -> Manifest:
+    """Check the signature over the manifest document first, then its schema."""
+    try:
+        document, signature = strict_loads(manifest_bytes), strict_loads(signature_bytes)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ArtifactRejected("manifest", f"not valid JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise ArtifactRejected("manifest", "manifest is not a JSON object")
+    verify_document(document, signature, trust)
+    return manifest_from_wire(document)
+
+
+def read_manifest(directory: Path, trust: TrustStore) -> Manifest:
+    try:
+        manifest_bytes = (directory / MANIFEST_FILE).read_bytes()
+        signature_bytes = (directory / SIGNATURE_FILE).read_bytes()
+    except FileNotFoundError as exc:
+        raise ArtifactRejected("missing-file", f"{Path(exc.filename).name} not found in {directory}") from None
+    return load_signed_manifest(manifest_bytes, signature_bytes, trust)
+
+
+def verify_chunk(manifest: Manifest, file_index: int, chunk_index: int, data: bytes) -> None:
+    try:
+        expected = manifest.files[file_index].chunks[chunk_index]
+    except IndexError:
+        raise ArtifactRejected("chunk", f"no chunk {file_index}/{chunk_index} in the manifest") from None
+    if sha256_hex(data) != expected:
+        raise ArtifactRejected("chunk", f"chunk {chunk_index} of {manifest.files[file_index].path} has a wrong sha256")
+
+
+def verify_files(directory: Path, manifest: Manifest) -> None:
+    """Every listed file exists with the right size, whole-file sha256 and chunk sha256 values."""
+    for index, entry in enumerate(manifest.files):
+        path = directory / entry.path
+        if not path.is_file():
+            raise ArtifactRejected("missing-file", f"{entry.path} not found")
+        if path.stat().st_size != entry.size:
+            raise ArtifactRejected("size", f"{entry.path} is {path.stat().st_size} bytes, manifest says {entry.size}")
+        whole = hashlib.sha256()
+        for chunk_index, block in enumerate(iter_chunks(path, manifest.chunk_size)):
+            verify_chunk(manifest, index, chunk_index, block)
+            whole.update(block)
+        if entry.size and whole.hexdigest() != entry.sha256:
+            raise ArtifactRejected("sha256", f"{entry.path} has a wrong sha256")
+
+
+def check_freshness(manifest: Manifest, installed_release: int | None, now: datetime | None = None) -> None:
+    """Refuse an expired manifest or one whose release is not above the installed one."""
+    if manifest.is_expired(now):
+        raise ArtifactRejected("expired", f"{manifest.name}@{manifest.version} expired at {manifest.expires_at}")
+    if installed_release is not None and manifest.release <= installed_release:
+        raise ArtifactRejected(
+            "downgrade",
+            f"{manifest.name}@{manifest.version} has release {manifest.release}, "
+            f"not above the installed release {installed_release}",
+        )
+
+
+def read_chunk(directory: Path, manifest: Manifest, file_index: int, chunk_index: int) -> bytes:
+    entry = manifest.files[file_index]
+    with open(directory / entry.path, "rb") as f:
+        f.seek(chunk_index * manifest.chunk_size)
+        return f.read(manifest.chunk_size)

@@ -1,0 +1,26 @@
+"""Errors of the wire contract.
+
+    ProtocolError
+    ├── MessageError        a message on a topic is malformed (counted and logged, never fatal)
+    └── ArtifactRejected    an artifact failed verification; ``reason`` says which check:
+                            signature, manifest, expired, profile, downgrade, missing-file,
+                            size, sha256, chunk, too-large
+"""
+
+from __future__ import annotations
+
+
+class ProtocolError(Exception):
+    """Base of every wire-contract error."""
+
+
+class MessageError(ProtocolError):
+    """A message could not be decoded or does not follow its schema."""
+
+
+class ArtifactRejected(ProtocolError):
+    """An artifact failed one verification check; nothing on disk was changed."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason, self.detail = reason, detail
+        super().__init__(f"artifact rejected ({reason}): {detail}")

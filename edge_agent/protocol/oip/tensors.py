@@ -1,0 +1,101 @@
+"""numpy ⇄ Open Inference Protocol tensors, in both ``raw_*_contents`` and typed ``contents`` forms."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from edge_agent.protocol.oip import pb
+
+# datatype name → (numpy dtype, InferTensorContents field)
+DATATYPES: dict[str, tuple[Any, str]] = {
+    "BOOL": (np.bool_, "bool_contents"),
+    "UINT8": (np.uint8, "uint_contents"),
+    "UINT16": (np.uint16, "uint_contents"),
+    "UINT32": (np.uint32, "uint_contents"),
+    "UINT64": (np.uint64, "uint64_contents"),
+    "INT8": (np.int8, "int_contents"),
+    "INT16": (np.int16, "int_contents"),
+    "INT32": (np.int32, "int_contents"),
+    "INT64": (np.int64, "int64_contents"),
+    "FP16": (np.float16, "fp32_contents"),
+    "FP32": (np.float32, "fp32_contents"),
+    "FP64": (np.float64, "fp64_contents"),
+    "BYTES": (np.object_, "bytes_contents"),
+}
+_BY_NUMPY = {np.dtype(v[0]): k for k, v in DATATYPES.items() if k != "BYTES"}
+ONNX_TYPES = {
+    "tensor(float)": "FP32", "tensor(float16)": "FP16", "tensor(double)": "FP64", "tensor(int64)": "INT64",
+    "tensor(int32)": "INT32", "tensor(int16)": "INT16", "tensor(int8)": "INT8", "tensor(uint8)": "UINT8",
+    "tensor(bool)": "BOOL", "tensor(string)": "BYTES",
+}  # fmt: skip
+
+
+class TensorError(ValueError):
+    """A tensor's datatype, shape or contents do not agree."""
+
+
+def datatype_of(array: np.ndarray) -> str:
+    if array.dtype.kind in ("O", "S", "U"):
+        return "BYTES"
+    try:
+        return _BY_NUMPY[array.dtype]
+    except KeyError:
+        raise TensorError(f"dtype {array.dtype} has no Open Inference Protocol datatype") from None
+
+
+def _encode_bytes(array: np.ndarray) -> bytes:
+    parts = []
+    for item in array.reshape(-1):
+        data = item if isinstance(item, bytes) else str(item).encode()
+        parts.append(len(data).to_bytes(4, "little") + data)
+    return b"".join(parts)
+
+
+def _decode_bytes(raw: bytes, count: int) -> np.ndarray:
+    items, offset = [], 0
+    for _ in range(count):
+        if offset + 4 > len(raw):
+            raise TensorError("BYTES tensor is truncated")
+        size = int.from_bytes(raw[offset : offset + 4], "little")
+        items.append(raw[offset + 4 : offset + 4 + size])
+        offset += 4 + size
+    return np.array(items, dtype=np.object_)
+
+
+def to_raw(array: np.ndarray) -> bytes:
+    """The raw little-endian bytes of a tensor (BYTES: 4-byte length prefix per element)."""
+    if datatype_of(array) == "BYTES":
+        return _encode_bytes(array)
+    return np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def from_raw(raw: bytes, datatype: str, shape: list[int]) -> np.ndarray:
+    if datatype not in DATATYPES:
+        raise TensorError(f"unknown datatype {datatype!r}")
+    count = int(np.prod(shape)) if shape else 1
+    if datatype == "BYTES":
+        return _decode_bytes(raw, count).reshape(shape)
+    dtype = np.dtype(DATATYPES[datatype][0]).newbyteorder("<")
+    if len(raw) != count * dtype.itemsize:
+        raise TensorError(f"raw contents hold {len(raw)} bytes, shape {shape} of {datatype} needs {count * dtype.itemsize}")
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def from_contents(contents: pb.InferTensorContents, datatype: str, shape: list[int]) -> np.ndarray:
+    if datatype not in DATATYPES:
+        raise TensorError(f"unknown datatype {datatype!r}")
+    dtype, field = DATATYPES[datatype]
+    values = list(getattr(contents, field))
+    count = int(np.prod(shape)) if shape else 1
+    if len(values) != count:
+        raise TensorError(f"contents hold {len(values)} values, shape {shape} needs {count}")
+    return np.array(values, dtype=dtype).reshape(shape)
+
+
+def fill_contents(contents: pb.InferTensorContents, array: np.ndarray) -> None:
+    _, field = DATATYPES[datatype_of(array)]
+    flat = array.reshape(-1)
+    values = [v if isinstance(v, bytes) else str(v).encode() for v in flat] if field == "bytes_contents" else flat.tolist()
+    getattr(contents, field).extend(values)

@@ -1,0 +1,69 @@
+"""The MQTT topic tree. Everything a device publishes or reads is under ``devices/{id}/`` except the
+read-only ``artifacts/{id}/chunks`` topic that carries chunks to every device fetching that artifact, so
+the broker ACL ``pattern readwrite {root}/devices/%u/#`` + ``pattern read {root}/artifacts/#`` confines a
+device.
+
+    {root}/devices/{device}/desired         hub → device   retained, QoS 1: the models it should run
+    {root}/devices/{device}/reported        device → hub   retained, QoS 1: what it runs
+    {root}/devices/{device}/status          device → hub   retained: online / offline (Last Will)
+    {root}/devices/{device}/fetch           device → hub   QoS 1: chunks it still needs
+    {root}/devices/{device}/telemetry       device → hub   QoS 1: aggregated windows with a sequence
+    {root}/devices/{device}/telemetry/ack   hub → device   QoS 1: highest sequence stored
+    {root}/artifacts/{artifact}/chunks      hub → devices  QoS 1: one binary chunk per message
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+DEFAULT_ROOT = "edgefed/v1"
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def valid_device_id(device_id: str) -> bool:
+    """Device ids are used as topic levels and broker user names: no wildcards, slashes or spaces."""
+    return bool(_ID_RE.match(device_id))
+
+
+@dataclass(frozen=True)
+class Topics:
+    root: str = DEFAULT_ROOT
+
+    def device(self, device_id: str, leaf: str) -> str:
+        if not valid_device_id(device_id):
+            raise ValueError(f"invalid device id {device_id!r}: use letters, digits, '.', '_' and '-'")
+        return f"{self.root}/devices/{device_id}/{leaf}"
+
+    def desired(self, device_id: str) -> str:
+        return self.device(device_id, "desired")
+
+    def reported(self, device_id: str) -> str:
+        return self.device(device_id, "reported")
+
+    def status(self, device_id: str) -> str:
+        return self.device(device_id, "status")
+
+    def fetch(self, device_id: str) -> str:
+        return self.device(device_id, "fetch")
+
+    def telemetry(self, device_id: str) -> str:
+        return self.device(device_id, "telemetry")
+
+    def telemetry_ack(self, device_id: str) -> str:
+        return self.device(device_id, "telemetry/ack")
+
+    def chunks(self, artifact_id: str) -> str:
+        return f"{self.root}/artifacts/{artifact_id}/chunks"
+
+    def all_devices(self, leaf: str) -> str:
+        """Hub-side subscription to one leaf of every device."""
+        return f"{self.root}/devices/+/{leaf}"
+
+    def parse_device_topic(self, topic: str) -> tuple[str, str] | None:
+        """(device id, leaf) of a device topic, or None when the topic is not one."""
+        prefix = f"{self.root}/devices/"
+        if not topic.startswith(prefix):
+            return None
+        device_id, _, leaf = topic[len(prefix) :].partition("/")
+        return (device_id, leaf) if valid_device_id(device_id) and leaf else None

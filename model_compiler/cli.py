@@ -1,0 +1,72 @@
+"""model-compiler: turn one source model into a signed, gated artifact per device profile."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from device_profiles import ProfileError
+from edge_agent.protocol.signing import generate_keypair
+from model_compiler.compile import CompileOptions, compile_model
+from model_compiler.errors import CompileError
+from model_compiler.sources import load_npz
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
+console = Console(stderr=True)
+
+
+@app.command()
+def keygen(out: Annotated[Path, typer.Option(help="Directory for signing.key (0600) and signing.pub")] = Path("keys")) -> None:
+    """Create an Ed25519 signing key pair. Give signing.pub to agents (`edge-agent init --trust`)."""
+    key, pub = generate_keypair(out)
+    console.print(f"wrote {key} (keep it secret) and {pub} (give it to agents)")
+
+
+@app.command("compile")
+def compile_command(
+    source: Annotated[str, typer.Argument(help="PyTorch model factory: path/to/file.py:factory or module:factory")],
+    profile: Annotated[list[str], typer.Option("--profile", "-p", help="Target profile id; repeat for several")],
+    calib: Annotated[Path, typer.Option(help=".npz with calibration inputs 'x'")],
+    val: Annotated[Path, typer.Option(help=".npz with validation inputs 'x' (and labels 'y')")],
+    out: Annotated[Path, typer.Option(help="Output directory; one artifact directory per profile")],
+    name: Annotated[str, typer.Option(help="Model name")],
+    version: Annotated[str, typer.Option(help="Semantic version, e.g. 1.0.0")],
+    key: Annotated[Path, typer.Option(help="Ed25519 private key from `model-compiler keygen`")] = Path("keys/signing.key"),
+    release: Annotated[int, typer.Option(help="Release number; 0 = current Unix time (always increasing)")] = 0,
+    metric: Annotated[str, typer.Option(help="Accuracy gate metric: top1, cosine or max_abs")] = "top1",
+    tolerance: Annotated[float | None, typer.Option(help="Allowed loss (top1/cosine: 1 - value; max_abs: value)")] = None,
+    latency_batch: Annotated[int, typer.Option(help="Batch size used to time each variant")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout")] = False,
+) -> None:
+    """Export, quantize, gate against fp32, time, and write a signed artifact for each profile."""
+    options = CompileOptions(name=name, version=version, key_path=key, release=release, metric=metric,
+                             tolerance=tolerance, latency_batch=latency_batch)  # fmt: skip
+    try:
+        with console.status("compiling") as status:
+            reports = compile_model(source, profile, load_npz(calib, "calib"), load_npz(val, "val"), out, options,
+                                    progress=lambda msg: status.update(msg))  # fmt: skip
+    except (CompileError, ProfileError, ValueError, OSError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    if as_json:
+        print(json.dumps([asdict(r) for r in reports], indent=2))
+        return
+    table = Table("profile", "precision", "gate", "size", "latency ms", "chosen")
+    for report in reports:
+        for attempt in report.variants:
+            table.add_row(report.profile, attempt["precision"], f"{attempt['metric']} {attempt['value']:.4f}",
+                          f"{attempt['size'] / 1024:.0f} KiB", f"{attempt['latency_ms']:.3f}",
+                          "✓" if attempt["precision"] == report.chosen else "")  # fmt: skip
+    Console().print(table)
+    for report in reports:
+        Console().print(f"{report.profile}: {report.artifact} ({report.reason})")
+
+
+def main() -> None:
+    app()

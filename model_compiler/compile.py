@@ -1,0 +1,172 @@
+"""compile_model: one source model → one signed, gated artifact per device profile."""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from device_profiles import DeviceProfile, get_profile
+from edge_agent.protocol.artifact import seal
+from edge_agent.protocol.atomic import atomic_write_bytes, publish_dir
+from edge_agent.protocol.canonical import canonical_json
+from edge_agent.protocol.manifest import format_time
+from edge_agent.protocol.signing import load_private_key
+from model_compiler.errors import CompileError, DataError, GateFailed
+from model_compiler.reference import reference_distribution
+from model_compiler.sources import INPUT_NAME, OUTPUT_NAME, export_onnx, load_factory
+from model_compiler.variants import Variant, gate, median_latency_ms, predict, quantize_int8_static
+
+DEFAULT_TOLERANCE = {"top1": 0.01, "cosine": 0.01, "max_abs": 1e-3}
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    name: str
+    version: str
+    key_path: Path
+    release: int = 0  # 0: the current Unix time, so later compiles always have higher releases
+    metric: str = "top1"
+    tolerance: float | None = None
+    latency_batch: int = 1
+    expires_days: int = 365
+
+
+@dataclass
+class ProfileReport:
+    profile: str
+    artifact: str
+    artifact_id: str
+    chosen: str
+    reason: str
+    variants: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _tool_versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for package in ("edgefed", "onnxruntime", "onnx", "torch", "numpy"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def _onnx_runtime(profile: DeviceProfile) -> str:
+    for runtime in profile.runtimes:
+        if runtime.startswith("onnxruntime"):
+            return runtime
+    raise CompileError(f"profile {profile.id} runs {list(profile.runtimes)}; this compiler emits ONNX Runtime "
+                       "artifacts only so far (TFLite and TensorRT build configs are tracked in issue 3)")
+
+
+def _check_data(x: np.ndarray, example_shape: tuple[int, ...], role: str) -> None:
+    if tuple(x.shape[1:]) != example_shape:
+        raise DataError(f"--{role}: samples are shaped {list(x.shape[1:])}, the model takes {list(example_shape)}; "
+                        "pass data with the same per-sample shape as the calibration data")
+
+
+def _choose(variants: list[Variant]) -> tuple[Variant, str]:
+    """The fastest variant that passed its gate; int8 never wins when it is slower than fp32."""
+    passed = [v for v in variants if v.gate.passed]
+    if not passed:
+        raise GateFailed("no variant passed the accuracy gate, not even fp32; check the metric and tolerance")
+    best = min(passed, key=lambda v: v.latency_ms)
+    fp32 = next(v for v in variants if v.precision == "fp32")
+    reason = f"{best.precision}: fastest passing variant ({best.latency_ms:.3f} ms vs fp32 {fp32.latency_ms:.3f} ms)"
+    return best, reason
+
+
+def compile_model(
+    source: str, profiles: list[str], calib: tuple[np.ndarray, Any], val: tuple[np.ndarray, Any],
+    out_dir: Path, options: CompileOptions, progress: Callable[[str], None] = lambda _: None,
+) -> list[ProfileReport]:  # fmt: skip
+    """Export, quantize, gate, time, and write one signed artifact per profile into ``out_dir``."""
+    resolved = [get_profile(p) for p in profiles]
+    key = load_private_key(options.key_path)
+    calib_x, val_x = calib[0], val[0]
+    _check_data(val_x, tuple(calib_x.shape[1:]), "val")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metric = options.metric
+    tolerance = options.tolerance if options.tolerance is not None else DEFAULT_TOLERANCE.get(metric, 0.01)
+    work = Path(tempfile.mkdtemp(prefix=".compile-", dir=out_dir))
+    try:
+        progress("exporting fp32 ONNX")
+        fp32 = work / "fp32.onnx"
+        export_onnx(load_factory(source), calib_x, fp32)
+        reference = predict(fp32, val_x)
+        sample = val_x[: options.latency_batch]
+        built: dict[str, Variant] = {}
+        reports = []
+        for profile in resolved:
+            variants = [_variant(p, fp32, work, calib_x, val_x, reference, metric, tolerance, sample, built, progress)
+                        for p in ("fp32", "int8") if p in (*profile.precisions, "fp32")]  # fmt: skip
+            chosen, reason = _choose(variants)
+            progress(f"{profile.id}: {reason}")
+            reports.append(_write_artifact(profile, chosen, reason, variants, fp32, val_x, reference, out_dir, options, key))
+        return reports
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _variant(precision: str, fp32: Path, work: Path, calib_x: np.ndarray, val_x: np.ndarray, reference: np.ndarray,
+             metric: str, tolerance: float, sample: np.ndarray, built: dict[str, Variant],
+             progress: Callable[[str], None]) -> Variant:  # fmt: skip
+    if precision in built:
+        return built[precision]
+    path = fp32
+    if precision == "int8":
+        progress("quantizing int8 (static, QDQ, per-channel)")
+        path = work / "int8.onnx"
+        quantize_int8_static(fp32, path, calib_x)
+    progress(f"validating and timing {precision}")
+    result = gate(metric, tolerance, reference, predict(path, val_x))
+    variant = Variant(precision, path, path.stat().st_size, result, median_latency_ms(path, sample))
+    built[precision] = variant
+    return variant
+
+
+def _write_artifact(profile: DeviceProfile, chosen: Variant, reason: str, variants: list[Variant], fp32: Path,
+                    val_x: np.ndarray, reference: np.ndarray, out_dir: Path, options: CompileOptions,
+                    key: Any) -> ProfileReport:  # fmt: skip
+    final = out_dir / f"{options.name}-{options.version}-{profile.id}"
+    if final.exists():
+        raise CompileError(f"{final} already exists; remove it or compile a new --version")
+    staging = Path(tempfile.mkdtemp(prefix=".artifact-", dir=out_dir))
+    staging.chmod(0o755)
+    try:
+        shutil.copyfile(chosen.path, staging / "model.onnx")
+        atomic_write_bytes(staging / "reference.json", canonical_json(reference_distribution(val_x, reference)))
+        now = datetime.now(UTC)
+        attempts = [{"precision": v.precision, **asdict(v.gate), "size": v.size, "latency_ms": round(v.latency_ms, 4)}
+                    for v in variants]  # fmt: skip
+        fields = {
+            "name": options.name, "version": options.version, "release": options.release or int(now.timestamp()),
+            "hardware": {"profile": profile.id, "arch": profile.arch, "accelerator": profile.accelerator,
+                         "gpu_compute_capability": profile.gpu_compute_capability,
+                         "tensorrt": profile.tensorrt, "jetpack": profile.jetpack},
+            "runtime": _onnx_runtime(profile), "precision": chosen.precision,
+            "inputs": [{"name": INPUT_NAME, "dtype": str(val_x.dtype), "shape": ["batch", *val_x.shape[1:]]}],
+            "outputs": [{"name": OUTPUT_NAME, "dtype": str(reference.dtype), "shape": ["batch", *reference.shape[1:]]}],
+            "source_sha256": hashlib.sha256(fp32.read_bytes()).hexdigest(),
+            "created_at": format_time(now), "expires_at": format_time(now + timedelta(days=options.expires_days)),
+            "tools": _tool_versions(),
+            "validation": {**asdict(chosen.gate), "attempts": attempts, "reason": reason},
+            "latency_ms": {"median": round(chosen.latency_ms, 4), "batch": options.latency_batch,
+                           "host": platform.machine()},
+        }  # fmt: skip
+        manifest = seal(staging, fields, key)
+        publish_dir(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ProfileReport(profile.id, str(final), manifest.artifact_id, chosen.precision, reason, attempts)

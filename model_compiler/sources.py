@@ -1,0 +1,74 @@
+"""Load a source model and data sets, and export to ONNX."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model_compiler.errors import DataError, SourceError
+
+INPUT_NAME, OUTPUT_NAME = "input", "output"
+
+
+def load_factory(spec: str) -> Any:
+    """``path/to/file.py:factory`` or ``package.module:factory`` → the object ``factory()`` returns."""
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr:
+        raise SourceError(f"source {spec!r}: write it as path/to/file.py:factory or module:factory")
+    try:
+        if target.endswith(".py"):
+            path = Path(target)
+            if not path.is_file():
+                raise SourceError(f"source {spec!r}: file {path} not found")
+            module_spec = importlib.util.spec_from_file_location(f"_edgefed_src_{path.stem}", path)
+            assert module_spec is not None and module_spec.loader is not None
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[module_spec.name] = module
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+        factory = getattr(module, attr)
+    except SourceError:
+        raise
+    except Exception as exc:
+        raise SourceError(f"source {spec!r} could not be loaded: {exc}") from exc
+    return factory()
+
+
+def load_npz(path: str | Path, role: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """An ``.npz`` with array ``x`` (inputs) and optionally ``y`` (labels)."""
+    try:
+        data = np.load(path)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"--{role} {path}: cannot read ({exc}); pass an .npz file with an array 'x'") from None
+    if "x" not in data:
+        raise DataError(f"--{role} {path}: no array named 'x' (found {sorted(data.files)}); save it as np.savez(f, x=...)")
+    x = data["x"]
+    if x.ndim < 1 or len(x) == 0:
+        raise DataError(f"--{role} {path}: 'x' is empty")
+    return x.astype(np.float32) if x.dtype == np.float64 else x, (data["y"] if "y" in data else None)
+
+
+def export_onnx(module: Any, example: np.ndarray, out: Path) -> None:
+    """Export a torch module to ONNX with a dynamic batch axis (TorchScript exporter, opset 17)."""
+    try:
+        import torch
+    except ImportError:
+        raise SourceError("exporting PyTorch models needs torch: pip install 'edgefed[compiler]'") from None
+    if not isinstance(module, torch.nn.Module):
+        raise SourceError(f"the factory returned {type(module).__name__}, not a torch.nn.Module")
+    module.eval()
+    sample = torch.from_numpy(np.ascontiguousarray(example[:1]))
+    try:
+        torch.onnx.export(
+            module, (sample,), str(out), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=17, dynamo=False,
+        )  # fmt: skip
+    except Exception as exc:
+        raise SourceError(f"ONNX export failed: {exc}. Check that the model runs on an input shaped like "
+                          f"{list(example.shape[1:])} and uses exportable operators") from exc
