@@ -1,0 +1,68 @@
+"""Content-addressed artifact storage on disk: ``{root}/{artifact_id}/`` holds a verified artifact.
+
+The interface is small (``add``, ``path``, ``read_chunk``) so S3-compatible storage can replace it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+
+from edge_agent.protocol.artifact import RESERVED, check_freshness, read_chunk, read_manifest, verify_files
+from edge_agent.protocol.atomic import publish_dir
+from edge_agent.protocol.errors import ArtifactRejected
+from edge_agent.protocol.manifest import Manifest
+from edge_agent.protocol.signing import TrustStore
+
+MAX_UPLOAD_BYTES = 4 * 1024**3
+
+
+class ArtifactStore:
+    def __init__(self, root: Path, trust: TrustStore) -> None:
+        self.root, self.trust = root, trust
+        root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, artifact_id: str) -> Path:
+        return self.root / artifact_id
+
+    def add(self, source: Path) -> Manifest:
+        """Verify an artifact directory with the hub's trusted keys and store it under its id."""
+        manifest = read_manifest(source, self.trust)
+        check_freshness(manifest, installed_release=None)
+        verify_files(source, manifest)
+        final = self.path(manifest.artifact_id)
+        if final.exists():
+            return manifest
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.root))
+        try:
+            for name in [*RESERVED, *(f.path for f in manifest.files)]:
+                shutil.copyfile(source / name, staging / name)
+            staging.chmod(0o755)
+            publish_dir(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return manifest
+
+    def add_tar(self, tar_path: Path) -> Manifest:
+        """Unpack an uploaded tar (plain files only, no paths) into a temporary directory and ``add`` it."""
+        with tempfile.TemporaryDirectory(dir=self.root, prefix=".upload-") as tmp:
+            try:
+                with tarfile.open(tar_path) as tar:
+                    for member in tar.getmembers():
+                        name = Path(member.name).name
+                        if member.isdir():
+                            continue
+                        if not member.isfile() or name in ("", ".", ".."):
+                            raise ArtifactRejected("manifest", f"upload holds {member.name!r}, not a plain file")
+                        extracted = tar.extractfile(member)
+                        assert extracted is not None
+                        (Path(tmp) / name).write_bytes(extracted.read())
+            except tarfile.TarError as exc:
+                raise ArtifactRejected("manifest", f"upload is not a tar archive: {exc}") from None
+            return self.add(Path(tmp))
+
+    def read_chunk(self, manifest: Manifest, file_index: int, chunk_index: int) -> bytes:
+        return read_chunk(self.path(manifest.artifact_id), manifest, file_index, chunk_index)

@@ -1,0 +1,169 @@
+"""The MQTT control plane: desired state out, reported state / status / telemetry in, and artifact
+chunks served on request. Chunk requests are coalesced per artifact, so one publish of a chunk reaches
+every device fetching it at that moment (the broker does the fan-out)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from cloud_hub.artifacts import ArtifactStore
+from cloud_hub.errors import Conflict, NotFound
+from cloud_hub.registry import Registry
+from device_profiles import DeviceProfile, ProfileError, get_profile
+from edge_agent.mqtt import MqttConnection
+from edge_agent.protocol.errors import ArtifactRejected
+from edge_agent.protocol.manifest import Manifest, format_time, manifest_from_wire
+from edge_agent.protocol.messages import (
+    Chunk, DesiredModel, DesiredState, FetchRequest, ReportedState, Status, TelemetryAck, TelemetryBatch, from_wire,
+    to_wire,
+)  # fmt: skip
+from edge_agent.protocol.topics import Topics
+from edge_agent.store import check_compatible
+
+log = logging.getLogger(__name__)
+
+
+class ControlPlane:
+    def __init__(self, broker_url: str, registry: Registry, store: ArtifactStore, topics: Topics) -> None:
+        self.registry, self.store, self.topics = registry, store, topics
+        self.mqtt = MqttConnection(broker_url, client_id="edgefed-hub", clean_session=True)
+        self.mqtt.route(topics.all_devices("reported"), self._on_reported)
+        self.mqtt.route(topics.all_devices("status"), self._on_status)
+        self.mqtt.route(topics.all_devices("fetch"), self._on_fetch)
+        self.mqtt.route(topics.all_devices("telemetry"), self._on_telemetry)
+        self._pending: dict[str, set[tuple[int, int]]] = {}
+        self._pending_lock = threading.Condition()
+        self._stop = threading.Event()
+        self._sender = threading.Thread(target=self._send_chunks, name="edgefed-chunks", daemon=True)
+        self.chunks_sent = 0
+        self.bytes_sent = 0
+
+    def start(self) -> None:
+        self.mqtt.start()
+        self._sender.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._pending_lock:
+            self._pending_lock.notify_all()
+        self._sender.join(timeout=5)
+        self.mqtt.stop()
+
+    def _device(self, topic: str) -> str:
+        parsed = self.topics.parse_device_topic(topic)
+        if parsed is None:
+            raise ValueError(f"not a device topic: {topic}")
+        return parsed[0]
+
+    def _on_reported(self, topic: str, payload: bytes) -> None:
+        device_id = self._device(topic)
+        if not payload:
+            return
+        state = from_wire(ReportedState, payload)
+        if state.device_id != device_id:
+            raise ValueError(f"reported state for {state.device_id} on {device_id}'s topic")
+        self.registry.upsert_device(device_id, profile=state.profile, reported=dataclasses.asdict(state), last_seen=time.time())
+
+    def _on_status(self, topic: str, payload: bytes) -> None:
+        if payload:
+            status = from_wire(Status, payload)
+            self.registry.upsert_device(self._device(topic), status=status.state, last_seen=time.time())
+
+    def _on_telemetry(self, topic: str, payload: bytes) -> None:
+        device_id = self._device(topic)
+        batch = from_wire(TelemetryBatch, payload)
+        if batch.device_id != device_id:
+            raise ValueError(f"telemetry for {batch.device_id} on {device_id}'s topic")
+        self.registry.add_telemetry(batch)  # a duplicate is acknowledged again, never stored twice
+        self.mqtt.publish(self.topics.telemetry_ack(device_id), to_wire(TelemetryAck(batch.seq)))
+
+    def _on_fetch(self, topic: str, payload: bytes) -> None:
+        device_id = self._device(topic)
+        request = from_wire(FetchRequest, payload)
+        manifest = manifest_from_wire(self.registry.artifact(request.artifact_id)["manifest"])
+        wanted = {(c[0], c[1]) for c in request.chunks if len(c) == 2} or {
+            (f, c) for f, entry in enumerate(manifest.files) for c in range(len(entry.chunks))
+        }
+        valid = {(f, c) for f, c in wanted if 0 <= f < len(manifest.files) and 0 <= c < len(manifest.files[f].chunks)}
+        log.info("device %s fetches %d chunks of %s", device_id, len(valid), request.artifact_id[:12])
+        with self._pending_lock:
+            self._pending.setdefault(request.artifact_id, set()).update(valid)
+            self._pending_lock.notify()
+
+    def _send_chunks(self) -> None:
+        while not self._stop.is_set():
+            with self._pending_lock:
+                while not self._pending and not self._stop.is_set():
+                    self._pending_lock.wait(timeout=1)
+                work, self._pending = self._pending, {}
+            for artifact_id, chunks in work.items():
+                self._publish_chunks(artifact_id, sorted(chunks))
+
+    def _publish_chunks(self, artifact_id: str, chunks: list[tuple[int, int]]) -> None:
+        try:
+            manifest = manifest_from_wire(self.registry.artifact(artifact_id)["manifest"])
+        except (NotFound, ArtifactRejected) as exc:
+            log.warning("cannot serve chunks of %s: %s", artifact_id, exc)
+            return
+        topic = self.topics.chunks(artifact_id)
+        for file_index, chunk_index in chunks:
+            if self._stop.is_set():
+                return
+            data = self.store.read_chunk(manifest, file_index, chunk_index)
+            info = self.mqtt.publish(topic, Chunk(file_index, chunk_index, data).to_wire(), qos=1)
+            info.wait_for_publish(timeout=30)
+            self.chunks_sent += 1
+            self.bytes_sent += len(data)
+
+    def deploy(self, name: str, version: str, target: str) -> dict[str, Any]:
+        """Resolve the target, pick each device's artifact, record the deployment, publish desired state."""
+        if not self.registry.artifacts(name, version):
+            raise NotFound(f"model {name}@{version} has no artifact; add one with 'cloud-hub models add'")
+        devices = self._resolve(target)
+        assignments = {d["device_id"]: self._artifact_for(name, version, d) for d in devices}
+        deployment_id = self.registry.create_deployment(name, version, target, assignments)
+        for device_id in assignments:
+            self.publish_desired(device_id, deployment_id)
+        return {"deployment_id": deployment_id, "devices": assignments}
+
+    def _resolve(self, target: str) -> list[dict[str, Any]]:
+        kind, _, value = target.partition(":")
+        if kind == "device" and value:
+            return [self.registry.device(value)]
+        raise Conflict(f"target {target!r} is not supported yet; use device:ID (group: and tag: come with issue 5)")
+
+    def _artifact_for(self, name: str, version: str, device: dict[str, Any]) -> str:
+        try:
+            profile: DeviceProfile = get_profile(device["profile"] or "")
+        except ProfileError:
+            raise Conflict(f"device {device['device_id']} has unknown profile {device['profile']!r}") from None
+        candidates = []
+        for row in self.registry.artifacts(name, version):
+            manifest: Manifest = manifest_from_wire(self.registry.artifact(row["artifact_id"])["manifest"])
+            try:
+                check_compatible(manifest, profile)
+            except ArtifactRejected:
+                continue
+            candidates.append((manifest.hardware.profile == profile.id, manifest.release, manifest.artifact_id))
+        if not candidates:
+            raise Conflict(f"no artifact of {name}@{version} fits device {device['device_id']} (profile {profile.id}); "
+                           f"compile one with 'model-compiler compile ... --profile {profile.id}'")
+        return max(candidates)[2]
+
+    def publish_desired(self, device_id: str, deployment_id: str) -> None:
+        models = []
+        for row in self.registry.desired(device_id):
+            artifact = self.registry.artifact(row["artifact_id"])
+            models.append(DesiredModel(row["model"], row["version"], row["artifact_id"], artifact["manifest"],
+                                       artifact["signature"]))  # fmt: skip
+        state = DesiredState(deployment_id, format_time_now(), tuple(models))
+        self.mqtt.publish(self.topics.desired(device_id), to_wire(state), qos=1, retain=True)
+
+
+def format_time_now() -> str:
+    return format_time(datetime.now(UTC))

@@ -1,0 +1,140 @@
+"""`cloud-hub serve`: the registry, the MQTT control plane, the OIP inference server and the admin API
+in one process that owns the hub's state directory.
+
+    STATE/registry.db        SQLite registry (WAL)
+    STATE/artifacts/{id}/    content-addressed artifacts
+    STATE/trust/*.pub        keys whose signatures the hub accepts on upload
+    STATE/operator.token     the admin API token (mode 0600), created on first start
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import secrets
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cloud_hub.admin import AdminApi
+from cloud_hub.artifacts import ArtifactStore
+from cloud_hub.broker import EmbeddedBroker
+from cloud_hub.control import ControlPlane
+from cloud_hub.inference import ModelRepository, start_inference_server
+from cloud_hub.registry import SQLiteRegistry
+from edge_agent import __version__
+from edge_agent.protocol.atomic import atomic_write_bytes
+from edge_agent.protocol.signing import TrustStore
+from edge_agent.protocol.topics import DEFAULT_ROOT, Topics
+
+log = logging.getLogger(__name__)
+TOKEN_FILE = "operator.token"
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    """Flags of `cloud-hub serve`, one to one."""
+
+    state_dir: Path
+    broker: str | None = None  # None: start the embedded broker
+    broker_host: str = "127.0.0.1"
+    broker_port: int = 1883
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 8001
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 8080
+    topic_root: str = DEFAULT_ROOT
+
+
+def operator_token(state_dir: Path) -> str:
+    """The admin token, created (0600) on first use."""
+    path = state_dir / TOKEN_FILE
+    if not path.exists():
+        state_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, secrets.token_urlsafe(32).encode(), mode=0o600)
+    return path.read_text().strip()
+
+
+class Hub:
+    def __init__(self, config: HubConfig) -> None:
+        self.config = config
+        state = config.state_dir
+        (state / "trust").mkdir(parents=True, exist_ok=True)
+        self.registry = SQLiteRegistry(str(state / "registry.db"))
+        self.store = ArtifactStore(state / "artifacts", TrustStore.from_dir(state / "trust"))
+        self.topics = Topics(config.topic_root)
+        self.broker = None if config.broker else EmbeddedBroker(config.broker_host, config.broker_port)
+        self.broker_url = config.broker or (self.broker.url if self.broker else "")
+        self.repository = ModelRepository(self.registry, self.store, platform.machine())
+        self.control: ControlPlane | None = None
+        self.admin: AdminApi | None = None
+        self.grpc_server: Any = None
+        self.grpc_port = 0
+        self.stopped = threading.Event()
+
+    def start(self) -> None:
+        if self.broker is not None:
+            self.broker.start()
+        self.control = ControlPlane(self.broker_url, self.registry, self.store, self.topics)
+        self.control.start()
+        self.grpc_server, self.grpc_port = start_inference_server(
+            self.repository, self.config.grpc_host, self.config.grpc_port, __version__
+        )
+        self.admin = AdminApi(self, operator_token(self.config.state_dir), self.config.admin_host, self.config.admin_port)
+        self.admin.start()
+        log.info("hub up: broker %s, gRPC %s:%d, admin http://%s:%d", self.broker_url, self.config.grpc_host,
+                 self.grpc_port, self.config.admin_host, self.admin.port)  # fmt: skip
+
+    def stop(self) -> None:
+        if self.admin is not None:
+            self.admin.stop()
+        if self.grpc_server is not None:
+            self.grpc_server.stop(grace=2).wait(5)
+        if self.control is not None:
+            self.control.stop()
+        if self.broker is not None:
+            self.broker.stop()
+        self.stopped.set()
+
+    def status(self) -> dict[str, Any]:
+        control = self.control
+        return {
+            "version": __version__, "broker": self.broker_url, "embedded_broker": self.broker is not None,
+            "grpc": f"grpc://{self.config.grpc_host}:{self.grpc_port}", "topic_root": self.config.topic_root,
+            "devices": len(self.registry.devices()), "artifacts": len(self.registry.artifacts()),
+            "chunks_sent": control.chunks_sent if control else 0, "malformed_messages": control.mqtt.malformed if control else 0,
+        }  # fmt: skip
+
+    def add_artifact(self, tar_path: Path) -> dict[str, Any]:
+        manifest = self.store.add_tar(tar_path)
+        signature = self._signature(manifest.artifact_id)
+        new = self.registry.add_artifact(manifest, signature)
+        self.registry.audit("operator", "models.add", {"artifact_id": manifest.artifact_id, "new": new})
+        return {"artifact_id": manifest.artifact_id, "name": manifest.name, "version": manifest.version,
+                "profile": manifest.hardware.profile, "precision": manifest.precision, "new": new}  # fmt: skip
+
+    def _signature(self, artifact_id: str) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads((self.store.path(artifact_id) / "signature").read_text())
+        return data
+
+    def deploy(self, name: str, version: str, target: str) -> dict[str, Any]:
+        assert self.control is not None
+        result = self.control.deploy(name, version, target)
+        self.registry.audit("operator", "deploy", {"model": name, "version": version, "target": target, **result})
+        return result
+
+
+def serve(config: HubConfig) -> None:
+    """Run until SIGTERM or SIGINT, then shut down cleanly."""
+    hub = Hub(config)
+    hub.start()
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    print(f"edgefed hub ready: broker {hub.broker_url} grpc://{config.grpc_host}:{hub.grpc_port} "
+          f"admin http://{config.admin_host}:{hub.admin.port if hub.admin else 0}", flush=True)  # fmt: skip
+    done.wait()
+    hub.stop()

@@ -1,0 +1,208 @@
+"""`edge-agent run`: the daemon that keeps a device's models in the desired state and ships telemetry.
+
+MQTT callbacks only enqueue work; one agent thread verifies, installs and reports, so a slow install
+never stalls the network loop and a malformed message never stops the daemon.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from device_profiles import DeviceProfile, get_profile
+from edge_agent import __version__
+from edge_agent.config import AgentConfig
+from edge_agent.mqtt import MqttConnection
+from edge_agent.protocol.artifact import check_freshness
+from edge_agent.protocol.errors import ArtifactRejected
+from edge_agent.protocol.manifest import Manifest, format_time, manifest_from_wire
+from edge_agent.protocol.messages import (
+    Chunk, DesiredModel, DesiredState, FetchRequest, ReportedModel, ReportedState, Status, TelemetryAck, from_wire,
+    to_wire,
+)  # fmt: skip
+from edge_agent.protocol.signing import TrustStore, verify_document
+from edge_agent.protocol.topics import Topics
+from edge_agent.runtime import open_runtime
+from edge_agent.store import ModelStore, check_compatible
+from edge_agent.telemetry import SPOOL_FILE, Spool
+from edge_agent.transfer import Transfer
+
+log = logging.getLogger(__name__)
+STALL_S = 3.0
+
+
+def now_text() -> str:
+    return format_time(datetime.now(UTC))
+
+
+def health_check(directory: Path, manifest: Manifest, profile: DeviceProfile) -> None:
+    """Load the runtime and run one zero input shaped like the signature (dynamic axes = 1)."""
+    runtime = open_runtime(directory, manifest, profile)
+    feed = {s.name: np.zeros([d if isinstance(d, int) else 1 for d in s.shape], dtype=s.dtype) for s in manifest.inputs}
+    outputs = runtime.run(feed)
+    if not all(np.all(np.isfinite(v)) for v in outputs.values() if v.dtype.kind == "f"):
+        raise RuntimeError("health check produced non-finite outputs")
+
+
+class Agent:
+    def __init__(self, state_dir: Path, config: AgentConfig) -> None:
+        self.state_dir, self.config = state_dir, config
+        self.profile = get_profile(config.profile)
+        self.store = ModelStore(state_dir / "models")
+        self.trust = TrustStore.from_dir(state_dir / "trust")
+        self.spool = Spool(state_dir / SPOOL_FILE)
+        self.topics = Topics(config.topic_root)
+        self.device_id = config.device_id
+        offline = to_wire(Status("offline", now_text()))
+        self.mqtt = MqttConnection(config.broker, client_id=f"edgefed-{config.device_id}", clean_session=False,
+                                   will=(self.topics.status(config.device_id), offline), on_connect=self._on_connect)  # fmt: skip
+        self.mqtt.route(self.topics.desired(self.device_id), self._enqueue(self._on_desired))
+        self.mqtt.route(self.topics.telemetry_ack(self.device_id), self._enqueue(self._on_ack))
+        self.events: queue.Queue[Callable[[], None]] = queue.Queue(maxsize=1024)
+        self.transfers: dict[str, tuple[DesiredModel, Transfer, float]] = {}
+        self.reported: dict[str, ReportedModel] = {}
+        self.stop_event = threading.Event()
+        self.installs = 0
+
+    def _enqueue(self, handler: Callable[[str, bytes], None]) -> Callable[[str, bytes], None]:
+        return lambda topic, payload: self.events.put(lambda: handler(topic, payload))
+
+    def _on_connect(self) -> None:
+        self.mqtt.publish(self.topics.status(self.device_id), to_wire(Status("online", now_text())), retain=True)
+        self.events.put(self._publish_reported)
+        for artifact_id in list(self.transfers):
+            self.events.put(lambda a=artifact_id: self._request_missing(a))
+
+    # desired state -------------------------------------------------------------------------------
+    def _on_desired(self, topic: str, payload: bytes) -> None:
+        if not payload:
+            return
+        desired = from_wire(DesiredState, payload)
+        for model in desired.models:
+            self._converge(model)
+        self._publish_reported()
+
+    def _converge(self, model: DesiredModel) -> None:
+        active = self.store.active(model.name)
+        if active is not None and active.artifact_id == model.artifact_id:
+            self.reported[model.name] = ReportedModel(model.name, "active", active.version, active.artifact_id)
+            return
+        if model.artifact_id in self.transfers:
+            return
+        try:
+            manifest = self._check_offer(model)
+        except ArtifactRejected as exc:
+            log.warning("refused %s@%s: %s", model.name, model.version, exc)
+            self.reported[model.name] = ReportedModel(model.name, "failed", model.version, model.artifact_id, str(exc))
+            return
+        transfer = Transfer(self.state_dir / "downloads", manifest, model.manifest, model.signature)
+        self.transfers[model.artifact_id] = (model, transfer, time.monotonic())
+        self.reported[model.name] = ReportedModel(model.name, "downloading", model.version, model.artifact_id)
+        self.mqtt.route(self.topics.chunks(model.artifact_id), self._enqueue(self._on_chunk))
+        log.info("fetching %s@%s: %d of %d chunks missing", model.name, model.version, len(transfer.missing),
+                 len(transfer.wanted))  # fmt: skip
+        if transfer.complete:
+            self._finish(model.artifact_id)
+        else:
+            self._request_missing(model.artifact_id)
+
+    def _check_offer(self, model: DesiredModel) -> Manifest:
+        """Everything that can be checked before a single chunk is fetched."""
+        verify_document(model.manifest, model.signature, self.trust)
+        manifest = manifest_from_wire(model.manifest)
+        if manifest.artifact_id != model.artifact_id:
+            raise ArtifactRejected("manifest", "artifact id does not match the manifest")
+        check_compatible(manifest, self.profile)
+        check_freshness(manifest, max((m.release for m in self.store.versions(manifest.name)), default=None))
+        if manifest.total_size > self.profile.max_artifact_bytes:
+            raise ArtifactRejected("too-large", f"{manifest.total_size} bytes is over {self.profile.id}'s limit")
+        return manifest
+
+    def _request_missing(self, artifact_id: str) -> None:
+        if artifact_id not in self.transfers:
+            return
+        model, transfer, _ = self.transfers[artifact_id]
+        missing = transfer.missing
+        chunks = () if len(missing) == len(transfer.wanted) else tuple(missing)
+        self.mqtt.publish(self.topics.fetch(self.device_id), to_wire(FetchRequest(artifact_id, chunks)))
+        self.transfers[artifact_id] = (model, transfer, time.monotonic())
+
+    # chunks and install ----------------------------------------------------------------------------
+    def _on_chunk(self, topic: str, payload: bytes) -> None:
+        artifact_id = topic.split("/")[-2]
+        if artifact_id not in self.transfers:
+            return
+        model, transfer, _ = self.transfers[artifact_id]
+        chunk = Chunk.from_wire(payload)
+        try:
+            transfer.add(chunk.file_index, chunk.chunk_index, chunk.data)
+        except ArtifactRejected as exc:
+            log.warning("bad chunk for %s: %s (will fetch again)", artifact_id[:12], exc)
+            return
+        self.transfers[artifact_id] = (model, transfer, time.monotonic())
+        if transfer.complete:
+            self._finish(artifact_id)
+
+    def _finish(self, artifact_id: str) -> None:
+        model, transfer, _ = self.transfers.pop(artifact_id)
+        self.mqtt.unroute(self.topics.chunks(artifact_id))
+        try:
+            manifest = self.store.install(transfer.assemble(), self.trust, self.profile)
+            health_check(self.store.version_dir(manifest.name, manifest.version), manifest, self.profile)
+            record = self.store.activate(manifest.name, manifest.version)
+            self.reported[model.name] = ReportedModel(model.name, "active", record.version, record.artifact_id)
+            self.installs += 1
+            log.info("activated %s@%s", manifest.name, manifest.version)
+        except Exception as exc:
+            log.warning("install of %s@%s failed: %s", model.name, model.version, exc)
+            self.reported[model.name] = ReportedModel(model.name, "failed", model.version, artifact_id, str(exc))
+        finally:
+            transfer.discard()
+        self._publish_reported()
+
+    def _publish_reported(self) -> None:
+        for name in self.store.names():
+            active = self.store.active(name)
+            if active and name not in self.reported:
+                self.reported[name] = ReportedModel(name, "active", active.version, active.artifact_id)
+        state = ReportedState(self.device_id, self.profile.id, __version__, now_text(), tuple(self.reported.values()))
+        self.mqtt.publish(self.topics.reported(self.device_id), to_wire(state), retain=True)
+
+    # telemetry ----------------------------------------------------------------------------------
+    def _on_ack(self, topic: str, payload: bytes) -> None:
+        self.spool.acknowledge(from_wire(TelemetryAck, payload).seq)
+
+    def send_telemetry(self) -> None:
+        batch = self.spool.next_batch(self.device_id)
+        if batch is not None and self.mqtt.connected:
+            self.mqtt.publish(self.topics.telemetry(self.device_id), to_wire(batch))
+
+    # main loop ----------------------------------------------------------------------------------
+    def run(self) -> None:
+        self.mqtt.start(timeout_s=30)
+        next_telemetry = time.monotonic()
+        try:
+            while not self.stop_event.is_set():
+                try:
+                    self.events.get(timeout=0.2)()
+                except queue.Empty:
+                    pass
+                except Exception:
+                    log.exception("agent event failed")
+                now = time.monotonic()
+                for artifact_id, (_, _, last) in list(self.transfers.items()):
+                    if now - last > STALL_S:
+                        self._request_missing(artifact_id)
+                if now >= next_telemetry:
+                    self.send_telemetry()
+                    next_telemetry = now + self.config.telemetry_interval_s
+        finally:
+            self.mqtt.publish(self.topics.status(self.device_id), to_wire(Status("offline", now_text())), retain=True)
+            self.mqtt.stop()

@@ -1,0 +1,186 @@
+"""edge-agent: set up a device, run the agent daemon, and manage local models (also offline)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import signal
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from device_profiles import ProfileError, get_profile, load_profiles
+from device_profiles.detect import detect_profile
+from edge_agent.config import STATE_DIR_ENV, AgentConfig, default_state_dir
+from edge_agent.errors import EdgefedError
+from edge_agent.protocol.errors import ProtocolError
+from edge_agent.protocol.signing import TrustStore
+from edge_agent.store import ModelStore
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
+err = Console(stderr=True)
+StateDir = Annotated[Path | None, typer.Option("--state-dir", envvar=STATE_DIR_ENV,
+                                               help="State directory (default /var/lib/edgefed or ~/.local/share/edgefed)")]  # fmt: skip
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON for scripts")]
+
+
+def _state(state_dir: Path | None) -> Path:
+    return state_dir or default_state_dir()
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    err.print(f"[red]error:[/red] {exc}")
+    return typer.Exit(2)
+
+
+@app.command("detect-profile")
+def detect_profile_command(as_json: AsJson = False) -> None:
+    """Detect this device's profile (device tree, Jetson release file, CPU flags, nvidia-smi)."""
+    found = detect_profile(load_profiles())
+    if found is None:
+        raise _fail(ProfileError("<host>", "-", "no profile matches this machine", "add a profile file for it"))
+    if as_json:
+        print(json.dumps({"profile": found.profile.id, "reasons": list(found.reasons)}))
+        return
+    print(found.profile.id)
+    for reason in found.reasons:
+        err.print(f"  because: {reason}")
+
+
+@app.command()
+def init(
+    device_id: Annotated[str, typer.Option(help="This device's id (letters, digits, '.', '_', '-')")],
+    trust: Annotated[list[Path], typer.Option(help="Public signing key (.pub) to trust; repeatable")],
+    broker: Annotated[str, typer.Option(help="MQTT broker URL")] = "mqtt://127.0.0.1:1883",
+    cloud: Annotated[str | None, typer.Option(help="Cloud inference URL grpc://host:port")] = None,
+    profile: Annotated[str | None, typer.Option(help="Profile id; default: detected")] = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Write the agent configuration and trusted keys into the state directory."""
+    state = _state(state_dir)
+    try:
+        profile_id = profile or _detected()
+        get_profile(profile_id)
+        config = AgentConfig(device_id=device_id, profile=profile_id, broker=broker, cloud=cloud)
+        (state / "trust").mkdir(parents=True, exist_ok=True)
+        for key in trust:
+            shutil.copyfile(key, state / "trust" / key.name)
+        TrustStore.from_dir(state / "trust")
+        config.save(state)
+    except (EdgefedError, ProfileError, OSError, ValueError) as exc:
+        raise _fail(exc) from None
+    err.print(f"configured {device_id} ({profile_id}) in {state}")
+
+
+def _detected() -> str:
+    found = detect_profile(load_profiles())
+    if found is None:
+        raise ProfileError("<host>", "profile", "no profile matches this machine", "pass --profile ID")
+    return found.profile.id
+
+
+@app.command()
+def run(state_dir: StateDir = None,
+        log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO") -> None:  # fmt: skip
+    """Run the agent daemon until SIGTERM/SIGINT."""
+    from edge_agent.agent import Agent
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s agent %(levelname)s %(name)s: %(message)s")
+    state = _state(state_dir)
+    try:
+        agent = Agent(state, AgentConfig.load(state))
+    except (EdgefedError, ProfileError) as exc:
+        raise _fail(exc) from None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: agent.stop_event.set())
+    try:
+        agent.run()
+    except EdgefedError as exc:
+        raise _fail(exc) from None
+
+
+def _store_and_config(state_dir: Path | None) -> tuple[Path, ModelStore, AgentConfig]:
+    state = _state(state_dir)
+    return state, ModelStore(state / "models"), AgentConfig.load(state)
+
+
+@app.command()
+def install(path: Annotated[Path, typer.Argument(help="Artifact directory")], state_dir: StateDir = None) -> None:
+    """Verify and install a signed artifact from disk, then activate it (offline / air-gapped devices)."""
+    from edge_agent.agent import health_check
+
+    try:
+        state, store, config = _store_and_config(state_dir)
+        profile = get_profile(config.profile)
+        manifest = store.install(path, TrustStore.from_dir(state / "trust"), profile)
+        health_check(store.version_dir(manifest.name, manifest.version), manifest, profile)
+        store.activate(manifest.name, manifest.version)
+    except (EdgefedError, ProtocolError, ProfileError, OSError) as exc:
+        raise _fail(exc) from None
+    err.print(f"installed and activated {manifest.name}@{manifest.version} ({manifest.precision}, {manifest.artifact_id[:12]})")
+
+
+@app.command()
+def models(state_dir: StateDir = None, as_json: AsJson = False) -> None:
+    """Installed models and their active version."""
+    store = ModelStore(_state(state_dir) / "models")
+    rows: list[dict[str, Any]] = []
+    for name in store.names():
+        active = store.active(name)
+        for m in store.versions(name):
+            rows.append({"name": name, "version": m.version, "release": m.release, "precision": m.precision,
+                         "active": bool(active and active.version == m.version)})  # fmt: skip
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table("name", "version", "release", "precision", "active")
+    for row in rows:
+        table.add_row(row["name"], row["version"], str(row["release"]), row["precision"], "✓" if row["active"] else "")
+    Console().print(table)
+
+
+@app.command()
+def activate(model: Annotated[str, typer.Argument(help="NAME@VERSION")], state_dir: StateDir = None) -> None:
+    """Switch the active version of a model to another installed version."""
+    name, _, version = model.partition("@")
+    try:
+        record = ModelStore(_state(state_dir) / "models").activate(name, version)
+    except EdgefedError as exc:
+        raise _fail(exc) from None
+    err.print(f"{name}: active {record.version} (previous {record.previous})")
+
+
+@app.command()
+def rollback(name: Annotated[str, typer.Argument(help="Model name")], state_dir: StateDir = None) -> None:
+    """Switch a model back to its previous version."""
+    try:
+        record = ModelStore(_state(state_dir) / "models").rollback(name)
+    except EdgefedError as exc:
+        raise _fail(exc) from None
+    err.print(f"{name}: active {record.version}")
+
+
+@app.command()
+def status(state_dir: StateDir = None) -> None:
+    """Configuration, installed models and telemetry spool of this device."""
+    from edge_agent.telemetry import SPOOL_FILE, Spool
+
+    state = _state(state_dir)
+    try:
+        config = AgentConfig.load(state)
+    except EdgefedError as exc:
+        raise _fail(exc) from None
+    spool = Spool(state / SPOOL_FILE)
+    store = ModelStore(state / "models")
+    active = {n: (store.active(n).version if store.active(n) else None) for n in store.names()}  # type: ignore[union-attr]
+    print(json.dumps({"config": asdict(config), "active": active, "spooled_calls": spool.pending_calls(),
+                      "dropped": spool.counter("dropped")}, indent=2))  # fmt: skip
+
+
+def main() -> None:
+    app()

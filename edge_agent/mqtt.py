@@ -1,0 +1,92 @@
+"""A small paho-mqtt wrapper used by the hub and the agent: connect with a deadline, reconnect with
+jittered backoff (paho's own), and route messages to handlers so that a malformed message is counted
+and logged but never kills the network loop."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from edge_agent.config import parse_endpoint
+from edge_agent.errors import ConfigError
+
+log = logging.getLogger(__name__)
+Handler = Callable[[str, bytes], None]
+
+
+class MqttConnection:
+    def __init__(
+        self, url: str, client_id: str | None = None, *, on_connect: Callable[[], None] | None = None,
+        will: tuple[str, bytes] | None = None, clean_session: bool = True,
+    ) -> None:  # fmt: skip
+        self.host, self.port = parse_endpoint(url, "mqtt", "broker", 1883)
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or f"edgefed-{uuid.uuid4().hex[:10]}",
+            protocol=mqtt.MQTTv311, clean_session=clean_session,
+        )  # fmt: skip
+        self.client.max_inflight_messages_set(100)
+        self.client.max_queued_messages_set(10_000)
+        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
+        if will is not None:
+            self.client.will_set(will[0], will[1], qos=1, retain=True)
+        self.client.on_connect = self._connected
+        self.client.on_message = self._message
+        self._handlers: list[tuple[str, int, Handler]] = []
+        self._on_connect = on_connect
+        self._connected_event = threading.Event()
+        self.malformed = 0
+
+    def route(self, pattern: str, handler: Handler, qos: int = 1) -> None:
+        """Call ``handler(topic, payload)`` for messages matching ``pattern``; subscribes on (re)connect."""
+        self._handlers.append((pattern, qos, handler))
+        if self._connected_event.is_set():
+            self.client.subscribe(pattern, qos)
+
+    def unroute(self, pattern: str) -> None:
+        self._handlers = [h for h in self._handlers if h[0] != pattern]
+        self.client.unsubscribe(pattern)
+
+    def _connected(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if reason.is_failure:
+            log.warning("MQTT connection refused: %s", reason)
+            return
+        for pattern, qos, _ in self._handlers:
+            client.subscribe(pattern, qos)
+        self._connected_event.set()
+        if self._on_connect is not None:
+            self._on_connect()
+
+    def _message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        for pattern, _, handler in list(self._handlers):
+            if mqtt.topic_matches_sub(pattern, message.topic):
+                try:
+                    handler(message.topic, message.payload)
+                except Exception as exc:  # a bad message must never stop the loop
+                    self.malformed += 1
+                    log.warning("dropped message on %s: %s", message.topic, exc)
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        try:
+            self.client.connect(self.host, self.port, keepalive=30)
+        except OSError as exc:
+            raise ConfigError(f"cannot reach the MQTT broker at {self.host}:{self.port}: {exc}") from None
+        self.client.loop_start()
+        if not self._connected_event.wait(timeout_s):
+            self.stop()
+            raise ConfigError(f"no MQTT CONNACK from {self.host}:{self.port} within {timeout_s} s")
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> mqtt.MQTTMessageInfo:
+        return self.client.publish(topic, payload, qos=qos, retain=retain)
+
+    @property
+    def connected(self) -> bool:
+        return self.client.is_connected()
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
