@@ -186,6 +186,7 @@ def manifest_from_wire(data: Any) -> Manifest:
         inputs=tuple(_tensor(t) for t in _get(data, "inputs", list)),
         outputs=tuple(_tensor(t) for t in _get(data, "outputs", list)),
         files=files, chunk_size=chunk_size, source_sha256=_get(data, "source_sha256", str),
-        created_at=created, expires_at=expires, tools=_get(data, "tools", dict),
-        validation=_get(data, "validation", dict), latency_ms=_get(data, "latency_ms", dict),
+        created_at=created, expires_at=expires, tools=_get({"tools": {}, **data}, "tools", dict),
+        validation=_get({"validation": {}, **data}, "validation", dict),
+        latency_ms=_get({"latency_ms": {}, **data}, "latency_ms", dict),
     )  # fmt: skip
