@@ -36,8 +36,9 @@ class AdminClient:
                 message = exc.reason
             raise HubError(f"{method} {path}: {exc.code} {message}") from None
         except (urllib.error.URLError, OSError) as exc:
-            raise HubError(f"cannot reach the hub at {self.url} ({exc}); is 'cloud-hub serve' running? "
-                           f"Set --hub or {HUB_URL_ENV}") from None  # fmt: skip
+            raise HubError(
+                f"cannot reach the hub at {self.url} ({exc}); is 'cloud-hub serve' running? Set --hub or {HUB_URL_ENV}"
+            ) from None
 
     def add_artifact(self, directory: Path) -> Any:
         if not (directory / "manifest.json").is_file():

@@ -27,7 +27,10 @@ app.add_typer(devices_app, name="devices")
 err = Console(stderr=True)
 STATE_ENV = "EDGEFED_HUB_STATE_DIR"
 HubUrl = Annotated[str | None, typer.Option("--hub", envvar=HUB_URL_ENV, help="Admin API URL")]
-Token = Annotated[str | None, typer.Option("--token", envvar=HUB_TOKEN_ENV, help="Operator token (default: read from --state-dir)")]
+Token = Annotated[
+    str | None,
+    typer.Option("--token", envvar=HUB_TOKEN_ENV, help="Operator token (default: read from --state-dir)"),
+]
 StateDir = Annotated[Path, typer.Option("--state-dir", envvar=STATE_ENV, help="Hub state directory")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON for scripts")]
 
@@ -59,7 +62,9 @@ def _show(rows: list[dict[str, Any]], columns: list[str], as_json: bool, title: 
 @app.command("serve")
 def serve_command(
     state_dir: StateDir = Path("hub-state"),
-    broker: Annotated[str | None, typer.Option(help="External broker mqtt://host:port; default: embedded broker")] = None,
+    broker: Annotated[
+        str | None, typer.Option(help="External broker mqtt://host:port; default: embedded broker")
+    ] = None,
     broker_host: Annotated[str, typer.Option(help="Embedded broker bind address")] = "127.0.0.1",
     broker_port: Annotated[int, typer.Option(help="Embedded broker port")] = 1883,
     grpc_host: Annotated[str, typer.Option(help="Inference (OIP gRPC) bind address")] = "127.0.0.1",
@@ -75,15 +80,20 @@ def serve_command(
     (state_dir / "trust").mkdir(parents=True, exist_ok=True)
     for key in trust or []:
         (state_dir / "trust" / key.name).write_bytes(key.read_bytes())
-    config = HubConfig(state_dir, broker, broker_host, broker_port, grpc_host, grpc_port, admin_host, admin_port,
-                       topic_root)  # fmt: skip
+    config = HubConfig(
+        state_dir, broker, broker_host, broker_port, grpc_host, grpc_port, admin_host, admin_port, topic_root
+    )
     _run(lambda: serve(config))
 
 
 @models_app.command("add")
-def models_add(path: Annotated[list[Path], typer.Argument(help="Artifact directories from model-compiler")],
-               hub: HubUrl = None, token: Token = None, state_dir: StateDir = Path("hub-state"),
-               as_json: AsJson = False) -> None:  # fmt: skip
+def models_add(
+    path: Annotated[list[Path], typer.Argument(help="Artifact directories from model-compiler")],
+    hub: HubUrl = None,
+    token: Token = None,
+    state_dir: StateDir = Path("hub-state"),
+    as_json: AsJson = False,
+) -> None:
     """Upload signed artifacts to the hub (verified there before they are registered)."""
     client = _client(hub, token, state_dir)
     results = [_run(lambda p=p: client.add_artifact(p)) for p in path]
@@ -91,18 +101,23 @@ def models_add(path: Annotated[list[Path], typer.Argument(help="Artifact directo
 
 
 @models_app.command("list")
-def models_list(hub: HubUrl = None, token: Token = None, state_dir: StateDir = Path("hub-state"),
-                as_json: AsJson = False) -> None:  # fmt: skip
+def models_list(
+    hub: HubUrl = None, token: Token = None, state_dir: StateDir = Path("hub-state"), as_json: AsJson = False
+) -> None:
     """Registered artifacts, newest release first."""
     rows = _run(lambda: _client(hub, token, state_dir).request("GET", "/v1/models"))
     _show(rows, ["name", "version", "release", "profile", "precision", "size", "artifact_id"], as_json, "models")
 
 
 @app.command()
-def deploy(model: Annotated[str, typer.Argument(help="NAME@VERSION")],
-           to: Annotated[str, typer.Option("--to", help="Target: device:ID")],
-           hub: HubUrl = None, token: Token = None, state_dir: StateDir = Path("hub-state"),
-           as_json: AsJson = False) -> None:  # fmt: skip
+def deploy(
+    model: Annotated[str, typer.Argument(help="NAME@VERSION")],
+    to: Annotated[str, typer.Option("--to", help="Target: device:ID")],
+    hub: HubUrl = None,
+    token: Token = None,
+    state_dir: StateDir = Path("hub-state"),
+    as_json: AsJson = False,
+) -> None:
     """Deploy a model version: the hub publishes each targeted device's desired state."""
     name, sep, version = model.partition("@")
     if not sep or not name or not version:
@@ -114,8 +129,9 @@ def deploy(model: Annotated[str, typer.Argument(help="NAME@VERSION")],
 
 
 @devices_app.command("list")
-def devices_list(hub: HubUrl = None, token: Token = None, state_dir: StateDir = Path("hub-state"),
-                 as_json: AsJson = False) -> None:  # fmt: skip
+def devices_list(
+    hub: HubUrl = None, token: Token = None, state_dir: StateDir = Path("hub-state"), as_json: AsJson = False
+) -> None:
     """Devices the hub has heard from, with status and what they run."""
     rows = _run(lambda: _client(hub, token, state_dir).request("GET", "/v1/devices"))
     for row in rows:
@@ -125,22 +141,42 @@ def devices_list(hub: HubUrl = None, token: Token = None, state_dir: StateDir = 
 
 
 @app.command()
-def telemetry(device: Annotated[str | None, typer.Option(help="Only this device")] = None,
-              hub: HubUrl = None, token: Token = None, state_dir: StateDir = Path("hub-state"),
-              as_json: AsJson = False) -> None:  # fmt: skip
+def telemetry(
+    device: Annotated[str | None, typer.Option(help="Only this device")] = None,
+    hub: HubUrl = None,
+    token: Token = None,
+    state_dir: StateDir = Path("hub-state"),
+    as_json: AsJson = False,
+) -> None:
     """Telemetry windows the hub has stored."""
     query = f"?device={device}" if device else ""
     batches = _run(lambda: _client(hub, token, state_dir).request("GET", f"/v1/telemetry{query}"))
-    rows = [{"device": b["device_id"], "seq": b["seq"], "model": w["model"], "version": w["version"],
-             "route": w["route"], "calls": w["count"], "errors": w["errors"],
-             "mean ms": f"{w['latency_ms_sum'] / max(w['count'], 1):.3f}"}
-            for b in batches for w in b["windows"]]  # fmt: skip
-    _show(rows, ["device", "seq", "model", "version", "route", "calls", "errors", "mean ms"], as_json, "telemetry")
+    rows = [
+        {
+            "device": b["device_id"],
+            "seq": b["seq"],
+            "model": w["model"],
+            "version": w["version"],
+            "route": w["route"],
+            "calls": w["count"],
+            "errors": w["errors"],
+            "mean ms": f"{w['latency_ms_sum'] / max(w['count'], 1):.3f}",
+        }
+        for b in batches
+        for w in b["windows"]
+    ]
+    _show(
+        rows,
+        ["device", "seq", "model", "version", "route", "calls", "errors", "mean ms"],
+        as_json,
+        "telemetry",
+    )
 
 
 @app.command()
-def status(hub: HubUrl = None, token: Token = None, state_dir: StateDir = Path("hub-state"),
-           as_json: AsJson = False) -> None:  # fmt: skip
+def status(
+    hub: HubUrl = None, token: Token = None, state_dir: StateDir = Path("hub-state"), as_json: AsJson = False
+) -> None:
     """The running hub's endpoints and counters."""
     data = _run(lambda: _client(hub, token, state_dir).request("GET", "/v1/status"))
     _show([{"key": k, "value": v} for k, v in data.items()], ["key", "value"], as_json, "hub status")

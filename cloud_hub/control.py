@@ -19,9 +19,17 @@ from edge_agent.mqtt import MqttConnection
 from edge_agent.protocol.errors import ArtifactRejected
 from edge_agent.protocol.manifest import Manifest, format_time, manifest_from_wire
 from edge_agent.protocol.messages import (
-    Chunk, DesiredModel, DesiredState, FetchRequest, ReportedState, Status, TelemetryAck, TelemetryBatch, from_wire,
+    Chunk,
+    DesiredModel,
+    DesiredState,
+    FetchRequest,
+    ReportedState,
+    Status,
+    TelemetryAck,
+    TelemetryBatch,
+    from_wire,
     to_wire,
-)  # fmt: skip
+)
 from edge_agent.protocol.topics import Topics
 from edge_agent.store import check_compatible
 
@@ -67,7 +75,9 @@ class ControlPlane:
         state = from_wire(ReportedState, payload)
         if state.device_id != device_id:
             raise ValueError(f"reported state for {state.device_id} on {device_id}'s topic")
-        self.registry.upsert_device(device_id, profile=state.profile, reported=dataclasses.asdict(state), last_seen=time.time())
+        self.registry.upsert_device(
+            device_id, profile=state.profile, reported=dataclasses.asdict(state), last_seen=time.time()
+        )
 
     def _on_status(self, topic: str, payload: bytes) -> None:
         if payload:
@@ -151,16 +161,25 @@ class ControlPlane:
                 continue
             candidates.append((manifest.hardware.profile == profile.id, manifest.release, manifest.artifact_id))
         if not candidates:
-            raise Conflict(f"no artifact of {name}@{version} fits device {device['device_id']} (profile {profile.id}); "
-                           f"compile one with 'model-compiler compile ... --profile {profile.id}'")
+            raise Conflict(
+                f"no artifact of {name}@{version} fits device {device['device_id']} (profile {profile.id}); "
+                f"compile one with 'model-compiler compile ... --profile {profile.id}'"
+            )
         return max(candidates)[2]
 
     def publish_desired(self, device_id: str, deployment_id: str) -> None:
         models = []
         for row in self.registry.desired(device_id):
             artifact = self.registry.artifact(row["artifact_id"])
-            models.append(DesiredModel(row["model"], row["version"], row["artifact_id"], artifact["manifest"],
-                                       artifact["signature"]))  # fmt: skip
+            models.append(
+                DesiredModel(
+                    row["model"],
+                    row["version"],
+                    row["artifact_id"],
+                    artifact["manifest"],
+                    artifact["signature"],
+                )
+            )
         state = DesiredState(deployment_id, format_time_now(), tuple(models))
         self.mqtt.publish(self.topics.desired(device_id), to_wire(state), qos=1, retain=True)
 

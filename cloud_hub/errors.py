@@ -1,9 +1,9 @@
 """Hub errors. Operators see ``str(error)``; it names the cause and the fix.
 
-    HubError
-    ├── BrokerError       the embedded broker cannot start (port taken, ...) or the broker is unreachable
-    ├── NotFound          unknown model, version, device or deployment
-    └── Conflict          the request contradicts the registry (no artifact for a device's profile, ...)
+HubError
+├── BrokerError       the embedded broker cannot start (port taken, ...) or the broker is unreachable
+├── NotFound          unknown model, version, device or deployment
+└── Conflict          the request contradicts the registry (no artifact for a device's profile, ...)
 """
 
 

@@ -27,8 +27,17 @@ from edge_agent.runtime import OnnxRuntimeSession, validate_inputs
 log = logging.getLogger(__name__)
 SERVER_NAME = "edgefed-hub"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-_NUMPY_TO_OIP = {"float32": "FP32", "float16": "FP16", "float64": "FP64", "int64": "INT64", "int32": "INT32",
-                 "int8": "INT8", "uint8": "UINT8", "bool": "BOOL", "bytes": "BYTES"}  # fmt: skip
+_NUMPY_TO_OIP = {
+    "float32": "FP32",
+    "float16": "FP16",
+    "float64": "FP64",
+    "int64": "INT64",
+    "int32": "INT32",
+    "int8": "INT8",
+    "uint8": "UINT8",
+    "bool": "BOOL",
+    "bytes": "BYTES",
+}
 
 
 @dataclass
@@ -60,8 +69,11 @@ class ModelRepository:
             raise NotFound(f"model {name}{'@' + version if version else ''} is not registered")
         rows = [r for r in rows if r["release"] == rows[0]["release"]]  # newest release of that version
         manifests = [self.registry.artifact(r["artifact_id"])["manifest"] for r in rows]
-        ranked = sorted(manifests, key=lambda m: (m["hardware"]["accelerator"] == "nvidia-gpu",
-                                                  m["hardware"]["arch"] == self.arch), reverse=True)  # fmt: skip
+        ranked: list[dict[str, Any]] = sorted(
+            manifests,
+            key=lambda m: (m["hardware"]["accelerator"] == "nvidia-gpu", m["hardware"]["arch"] == self.arch),
+            reverse=True,
+        )
         return ranked[0]
 
     def get(self, name: str, version: str) -> _Served:
@@ -81,9 +93,14 @@ class ModelRepository:
 
 
 def _tensor_metadata(specs: Any) -> list[pb.ModelMetadataResponse.TensorMetadata]:
-    return [pb.ModelMetadataResponse.TensorMetadata(
-        name=s.name, datatype=_NUMPY_TO_OIP.get(s.dtype, s.dtype.upper()),
-        shape=[d if isinstance(d, int) else -1 for d in s.shape]) for s in specs]  # fmt: skip
+    return [
+        pb.ModelMetadataResponse.TensorMetadata(
+            name=s.name,
+            datatype=_NUMPY_TO_OIP.get(s.dtype, s.dtype.upper()),
+            shape=[d if isinstance(d, int) else -1 for d in s.shape],
+        )
+        for s in specs
+    ]
 
 
 def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
@@ -110,7 +127,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.ServicerContext) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=True)
 
-    def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.ServicerContext) -> pb.ServerMetadataResponse:
+    def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.ServicerContext
+    ) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=self.version, extensions=["model_statistics"])
 
     def _served(self, name: str, version: str, context: grpc.ServicerContext) -> _Served:
@@ -127,12 +146,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
 
-    def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.ServicerContext) -> pb.ModelMetadataResponse:
+    def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.ServicerContext
+    ) -> pb.ModelMetadataResponse:
         manifest = self._served(request.name, request.version, context).manifest
         versions = sorted({r["version"] for r in self.repository.registry.artifacts(request.name)})
-        return pb.ModelMetadataResponse(name=manifest.name, versions=versions, platform="onnxruntime_onnx",
-                                        inputs=_tensor_metadata(manifest.inputs),
-                                        outputs=_tensor_metadata(manifest.outputs))  # fmt: skip
+        return pb.ModelMetadataResponse(
+            name=manifest.name,
+            versions=versions,
+            platform="onnxruntime_onnx",
+            inputs=_tensor_metadata(manifest.inputs),
+            outputs=_tensor_metadata(manifest.outputs),
+        )
 
     def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.ServicerContext) -> pb.ModelInferResponse:
         served = self._served(request.model_name, request.model_version, context)
@@ -148,8 +173,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             log.exception("inference failed for %s@%s", served.manifest.name, served.manifest.version)
             context.abort(grpc.StatusCode.INTERNAL, "inference failed on the server")
         requested = [o.name for o in request.outputs] or list(outputs)
-        response = pb.ModelInferResponse(model_name=served.manifest.name, model_version=served.manifest.version,
-                                         id=request.id)  # fmt: skip
+        response = pb.ModelInferResponse(
+            model_name=served.manifest.name, model_version=served.manifest.version, id=request.id
+        )
         for name in requested:
             if name not in outputs:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown output {name!r}")
@@ -161,26 +187,36 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         served.stats.last_ms = int(time.time() * 1000)
         return response
 
-    def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: grpc.ServicerContext) -> pb.ModelStatisticsResponse:
+    def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
         response = pb.ModelStatisticsResponse()
         for served in self.repository.loaded():
             m, s = served.manifest, served.stats
-            if request.name and request.name != m.name or request.version and request.version != m.version:
+            if (request.name and request.name != m.name) or (request.version and request.version != m.version):
                 continue
-            stats = response.model_stats.add(name=m.name, version=m.version, last_inference=s.last_ms,
-                                             inference_count=s.success, execution_count=s.success)  # fmt: skip
+            stats = response.model_stats.add(
+                name=m.name,
+                version=m.version,
+                last_inference=s.last_ms,
+                inference_count=s.success,
+                execution_count=s.success,
+            )
             stats.inference_stats.success.count, stats.inference_stats.success.ns = s.success, s.success_ns
             stats.inference_stats.fail.count = s.fail
         return response
 
 
-def start_inference_server(repository: ModelRepository, host: str, port: int, version: str,
-                           workers: int = 16) -> tuple[grpc.Server, int]:  # fmt: skip
+def start_inference_server(
+    repository: ModelRepository, host: str, port: int, version: str, workers: int = 16
+) -> tuple[grpc.Server, int]:
     """Start the OIP gRPC server; returns it with the bound port (``port=0`` picks a free one)."""
-    options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-               ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]  # fmt: skip
+    options = [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(repository, version), server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(repository, version), server)  # type: ignore[no-untyped-call]
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot listen for gRPC on {host}:{port}; choose another with --grpc-port")

@@ -65,33 +65,68 @@ class SQLiteRegistry:
         self._create()
 
     def _create(self) -> None:
-        tables = {
-            "artifacts": ({"artifact_id": str, "name": str, "version": str, "release": int, "profile": str,
-                           "precision": str, "size": int, "manifest": str, "signature": str, "created": float},
-                          "artifact_id"),
-            "devices": ({"device_id": str, "profile": str, "status": str, "reported": str, "last_seen": float},
-                        "device_id"),
-            "deployments": ({"deployment_id": str, "name": str, "version": str, "target": str, "created": float,
-                             "devices": str}, "deployment_id"),
-            "device_models": ({"device_id": str, "model": str, "version": str, "artifact_id": str,
-                               "deployment_id": str}, ("device_id", "model")),
-            "telemetry": ({"device_id": str, "seq": int, "received": float, "dropped": int, "windows": str},
-                          ("device_id", "seq")),
+        tables: dict[str, tuple[dict[str, Any], Any]] = {
+            "artifacts": (
+                {
+                    "artifact_id": str,
+                    "name": str,
+                    "version": str,
+                    "release": int,
+                    "profile": str,
+                    "precision": str,
+                    "size": int,
+                    "manifest": str,
+                    "signature": str,
+                    "created": float,
+                },
+                "artifact_id",
+            ),
+            "devices": (
+                {"device_id": str, "profile": str, "status": str, "reported": str, "last_seen": float},
+                "device_id",
+            ),
+            "deployments": (
+                {
+                    "deployment_id": str,
+                    "name": str,
+                    "version": str,
+                    "target": str,
+                    "created": float,
+                    "devices": str,
+                },
+                "deployment_id",
+            ),
+            "device_models": (
+                {"device_id": str, "model": str, "version": str, "artifact_id": str, "deployment_id": str},
+                ("device_id", "model"),
+            ),
+            "telemetry": (
+                {"device_id": str, "seq": int, "received": float, "dropped": int, "windows": str},
+                ("device_id", "seq"),
+            ),
             "audit": ({"ts": float, "actor": str, "action": str, "detail": str}, None),
-        }  # fmt: skip
+        }
         with self._lock:
             for name, (columns, pk) in tables.items():
-                self.db[name].create(columns, pk=pk, if_not_exists=True)  # type: ignore[union-attr]
+                self.db.table(name).create(columns, pk=pk, if_not_exists=True)
 
     def add_artifact(self, manifest: Manifest, signature: dict[str, Any]) -> bool:
-        row = {"artifact_id": manifest.artifact_id, "name": manifest.name, "version": manifest.version,
-               "release": manifest.release, "profile": manifest.hardware.profile, "precision": manifest.precision,
-               "size": manifest.total_size, "manifest": json.dumps(manifest.to_wire()),
-               "signature": json.dumps(signature), "created": time.time()}  # fmt: skip
+        row = {
+            "artifact_id": manifest.artifact_id,
+            "name": manifest.name,
+            "version": manifest.version,
+            "release": manifest.release,
+            "profile": manifest.hardware.profile,
+            "precision": manifest.precision,
+            "size": manifest.total_size,
+            "manifest": json.dumps(manifest.to_wire()),
+            "signature": json.dumps(signature),
+            "created": time.time(),
+        }
         with self._lock:
             exists = self.db.execute("SELECT 1 FROM artifacts WHERE artifact_id = ?", [row["artifact_id"]]).fetchone()
             if not exists:
-                self.db["artifacts"].insert(row)  # type: ignore[union-attr]
+                self.db.table("artifacts").insert(row)
             return not exists
 
     def artifacts(self, name: str | None = None, version: str | None = None) -> list[dict[str, Any]]:
@@ -101,12 +136,12 @@ class SQLiteRegistry:
                 where.append(f"{column} = ?")
                 args.append(value)
         with self._lock:
-            rows = self.db["artifacts"].rows_where(" AND ".join(where) or None, args, order_by="release DESC")
+            rows = self.db.table("artifacts").rows_where(" AND ".join(where) or None, args, order_by="release DESC")
             return [{k: v for k, v in r.items() if k not in ("manifest", "signature")} for r in rows]
 
     def artifact(self, artifact_id: str) -> dict[str, Any]:
         with self._lock:
-            rows = list(self.db["artifacts"].rows_where("artifact_id = ?", [artifact_id]))
+            rows = list(self.db.table("artifacts").rows_where("artifact_id = ?", [artifact_id]))
         if not rows:
             raise NotFound(f"artifact {artifact_id} is not registered")
         row = rows[0]
@@ -116,15 +151,15 @@ class SQLiteRegistry:
         if "reported" in fields:
             fields["reported"] = json.dumps(fields["reported"])
         with self._lock:
-            self.db["devices"].upsert({"device_id": device_id, **fields}, pk="device_id")  # type: ignore[union-attr]
+            self.db.table("devices").upsert({"device_id": device_id, **fields}, pk="device_id")
 
     def devices(self) -> list[dict[str, Any]]:
         with self._lock:
-            return [self._device_row(r) for r in self.db["devices"].rows_where(order_by="device_id")]
+            return [self._device_row(r) for r in self.db.table("devices").rows_where(order_by="device_id")]
 
     def device(self, device_id: str) -> dict[str, Any]:
         with self._lock:
-            rows = list(self.db["devices"].rows_where("device_id = ?", [device_id]))
+            rows = list(self.db.table("devices").rows_where("device_id = ?", [device_id]))
         if not rows:
             raise NotFound(f"device {device_id!r} is unknown; list devices with 'cloud-hub devices list'")
         return self._device_row(rows[0])
@@ -136,31 +171,49 @@ class SQLiteRegistry:
     def create_deployment(self, name: str, version: str, target: str, assignments: dict[str, str]) -> str:
         deployment_id = uuid.uuid4().hex[:12]
         with self._lock, self.db.conn:
-            self.db["deployments"].insert({"deployment_id": deployment_id, "name": name, "version": version,  # type: ignore[union-attr]
-                                           "target": target, "created": time.time(),
-                                           "devices": json.dumps(sorted(assignments))})  # fmt: skip
+            self.db.table("deployments").insert(
+                {
+                    "deployment_id": deployment_id,
+                    "name": name,
+                    "version": version,
+                    "target": target,
+                    "created": time.time(),
+                    "devices": json.dumps(sorted(assignments)),
+                }
+            )
             for device_id, artifact_id in assignments.items():
-                self.db["device_models"].upsert(  # type: ignore[union-attr]
-                    {"device_id": device_id, "model": name, "version": version, "artifact_id": artifact_id,
-                     "deployment_id": deployment_id}, pk=("device_id", "model"),
-                )  # fmt: skip
+                self.db.table("device_models").upsert(
+                    {
+                        "device_id": device_id,
+                        "model": name,
+                        "version": version,
+                        "artifact_id": artifact_id,
+                        "deployment_id": deployment_id,
+                    },
+                    pk=("device_id", "model"),
+                )
         return deployment_id
 
     def deployments(self) -> list[dict[str, Any]]:
         with self._lock:
-            rows = self.db["deployments"].rows_where(order_by="created DESC")
+            rows = self.db.table("deployments").rows_where(order_by="created DESC")
             return [{**r, "devices": json.loads(r["devices"])} for r in rows]
 
     def desired(self, device_id: str) -> list[dict[str, Any]]:
         with self._lock:
-            return list(self.db["device_models"].rows_where("device_id = ?", [device_id], order_by="model"))
+            return list(self.db.table("device_models").rows_where("device_id = ?", [device_id], order_by="model"))
 
     def add_telemetry(self, batch: TelemetryBatch) -> bool:
-        row = {"device_id": batch.device_id, "seq": batch.seq, "received": time.time(), "dropped": batch.dropped,
-               "windows": json.dumps([w.__dict__ for w in batch.windows])}  # fmt: skip
+        row = {
+            "device_id": batch.device_id,
+            "seq": batch.seq,
+            "received": time.time(),
+            "dropped": batch.dropped,
+            "windows": json.dumps([w.__dict__ for w in batch.windows]),
+        }
         with self._lock:
             try:
-                self.db["telemetry"].insert(row)  # type: ignore[union-attr]
+                self.db.table("telemetry").insert(row)
             except sqlite3.IntegrityError:
                 return False
             return True
@@ -168,10 +221,16 @@ class SQLiteRegistry:
     def telemetry(self, device_id: str | None = None) -> list[dict[str, Any]]:
         where, args = ("device_id = ?", [device_id]) if device_id else (None, [])
         with self._lock:
-            rows = self.db["telemetry"].rows_where(where, args, order_by="device_id, seq")
+            rows = self.db.table("telemetry").rows_where(where, args, order_by="device_id, seq")
             return [{**r, "windows": json.loads(r["windows"])} for r in rows]
 
     def audit(self, actor: str, action: str, detail: dict[str, Any]) -> None:
         with self._lock:
-            self.db["audit"].insert({"ts": time.time(), "actor": actor, "action": action,  # type: ignore[union-attr]
-                                     "detail": json.dumps(detail)})  # fmt: skip
+            self.db.table("audit").insert(
+                {
+                    "ts": time.time(),
+                    "actor": actor,
+                    "action": action,
+                    "detail": json.dumps(detail),
+                }
+            )

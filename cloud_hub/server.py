@@ -83,10 +83,18 @@ class Hub:
         self.grpc_server, self.grpc_port = start_inference_server(
             self.repository, self.config.grpc_host, self.config.grpc_port, __version__
         )
-        self.admin = AdminApi(self, operator_token(self.config.state_dir), self.config.admin_host, self.config.admin_port)
+        self.admin = AdminApi(
+            self, operator_token(self.config.state_dir), self.config.admin_host, self.config.admin_port
+        )
         self.admin.start()
-        log.info("hub up: broker %s, gRPC %s:%d, admin http://%s:%d", self.broker_url, self.config.grpc_host,
-                 self.grpc_port, self.config.admin_host, self.admin.port)  # fmt: skip
+        log.info(
+            "hub up: broker %s, gRPC %s:%d, admin http://%s:%d",
+            self.broker_url,
+            self.config.grpc_host,
+            self.grpc_port,
+            self.config.admin_host,
+            self.admin.port,
+        )
 
     def stop(self) -> None:
         if self.admin is not None:
@@ -102,19 +110,30 @@ class Hub:
     def status(self) -> dict[str, Any]:
         control = self.control
         return {
-            "version": __version__, "broker": self.broker_url, "embedded_broker": self.broker is not None,
-            "grpc": f"grpc://{self.config.grpc_host}:{self.grpc_port}", "topic_root": self.config.topic_root,
-            "devices": len(self.registry.devices()), "artifacts": len(self.registry.artifacts()),
-            "chunks_sent": control.chunks_sent if control else 0, "malformed_messages": control.mqtt.malformed if control else 0,
-        }  # fmt: skip
+            "version": __version__,
+            "broker": self.broker_url,
+            "embedded_broker": self.broker is not None,
+            "grpc": f"grpc://{self.config.grpc_host}:{self.grpc_port}",
+            "topic_root": self.config.topic_root,
+            "devices": len(self.registry.devices()),
+            "artifacts": len(self.registry.artifacts()),
+            "chunks_sent": control.chunks_sent if control else 0,
+            "malformed_messages": control.mqtt.malformed if control else 0,
+        }
 
     def add_artifact(self, tar_path: Path) -> dict[str, Any]:
         manifest = self.store.add_tar(tar_path)
         signature = self._signature(manifest.artifact_id)
         new = self.registry.add_artifact(manifest, signature)
         self.registry.audit("operator", "models.add", {"artifact_id": manifest.artifact_id, "new": new})
-        return {"artifact_id": manifest.artifact_id, "name": manifest.name, "version": manifest.version,
-                "profile": manifest.hardware.profile, "precision": manifest.precision, "new": new}  # fmt: skip
+        return {
+            "artifact_id": manifest.artifact_id,
+            "name": manifest.name,
+            "version": manifest.version,
+            "profile": manifest.hardware.profile,
+            "precision": manifest.precision,
+            "new": new,
+        }
 
     def _signature(self, artifact_id: str) -> dict[str, Any]:
         data: dict[str, Any] = json.loads((self.store.path(artifact_id) / "signature").read_text())
@@ -134,7 +153,10 @@ def serve(config: HubConfig) -> None:
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
-    print(f"edgefed hub ready: broker {hub.broker_url} grpc://{config.grpc_host}:{hub.grpc_port} "
-          f"admin http://{config.admin_host}:{hub.admin.port if hub.admin else 0}", flush=True)  # fmt: skip
+    print(
+        f"edgefed hub ready: broker {hub.broker_url} grpc://{config.grpc_host}:{hub.grpc_port} "
+        f"admin http://{config.admin_host}:{hub.admin.port if hub.admin else 0}",
+        flush=True,
+    )
     done.wait()
     hub.stop()

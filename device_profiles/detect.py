@@ -58,8 +58,11 @@ def _nvidia_smi() -> tuple[str | None, str | None]:
     try:
         out = subprocess.run(
             [exe, "--query-gpu=name,compute_cap", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=10, check=True,
-        ).stdout  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None, None
     first = out.strip().splitlines()[0] if out.strip() else ""

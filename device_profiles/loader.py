@@ -93,7 +93,9 @@ def _optional_version(data: dict[str, Any], key: str, file: Path) -> str | None:
         return None
     value = data[key]
     if not isinstance(value, str) or not _VERSION_RE.match(value):
-        raise ProfileError(file, key, f"expected a dotted version string, got {value!r}", f'write it as "{key} = "8.7""')
+        raise ProfileError(
+            file, key, f"expected a dotted version string, got {value!r}", f'write it as "{key} = "8.7""'
+        )
     return value
 
 
@@ -107,7 +109,9 @@ def _choice(data: dict[str, Any], key: str, file: Path, allowed: tuple[str, ...]
 def _positive(data: dict[str, Any], key: str, file: Path, kind: type | tuple[type, ...], example: str) -> Any:
     value = _require(data, key, kind, file, f"add '{key} = {example}'")
     if value <= 0:
-        raise ProfileError(file, key, f"must be positive, got {value}", f"set it to a positive number such as {example}")
+        raise ProfileError(
+            file, key, f"must be positive, got {value}", f"set it to a positive number such as {example}"
+        )
     return value
 
 
@@ -120,15 +124,31 @@ def _detect_rules(data: dict[str, Any], file: Path) -> DetectRules:
         raise ProfileError(file, f"detect.{sorted(unknown)[0]}", "unknown field", "remove it or check the spelling")
     cores = raw.get("min_cpu_cores", 0)
     if isinstance(cores, bool) or not isinstance(cores, int) or cores < 0:
-        raise ProfileError(file, "detect.min_cpu_cores", f"expected a non-negative integer, got {cores!r}", "use e.g. 16")
+        raise ProfileError(
+            file, "detect.min_cpu_cores", f"expected a non-negative integer, got {cores!r}", "use e.g. 16"
+        )
     models = _str_list(raw, "device_tree_model", file, None, 'write e.g. device_tree_model = ["Raspberry Pi 5"]')
     return DetectRules(device_tree_model=models, min_cpu_cores=cores)
 
 
 _KNOWN_FIELDS = {
-    "id", "name", "arch", "cpu_cores", "cpu_flags", "memory_mb", "accelerator", "gpu_compute_capability",
-    "jetpack", "tensorrt", "cuda", "runtimes", "precisions", "latency_budget_ms", "max_artifact_mb", "detect",
-}  # fmt: skip
+    "id",
+    "name",
+    "arch",
+    "cpu_cores",
+    "cpu_flags",
+    "memory_mb",
+    "accelerator",
+    "gpu_compute_capability",
+    "jetpack",
+    "tensorrt",
+    "cuda",
+    "runtimes",
+    "precisions",
+    "latency_budget_ms",
+    "max_artifact_mb",
+    "detect",
+}
 
 
 def parse_profile(data: dict[str, Any], file: Path) -> DeviceProfile:

@@ -6,6 +6,7 @@ never stalls the network loop and a malformed message never stops the daemon.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -24,9 +25,17 @@ from edge_agent.protocol.artifact import check_freshness
 from edge_agent.protocol.errors import ArtifactRejected
 from edge_agent.protocol.manifest import Manifest, format_time, manifest_from_wire
 from edge_agent.protocol.messages import (
-    Chunk, DesiredModel, DesiredState, FetchRequest, ReportedModel, ReportedState, Status, TelemetryAck, from_wire,
+    Chunk,
+    DesiredModel,
+    DesiredState,
+    FetchRequest,
+    ReportedModel,
+    ReportedState,
+    Status,
+    TelemetryAck,
+    from_wire,
     to_wire,
-)  # fmt: skip
+)
 from edge_agent.protocol.signing import TrustStore, verify_document
 from edge_agent.protocol.topics import Topics
 from edge_agent.runtime import open_runtime
@@ -61,8 +70,13 @@ class Agent:
         self.topics = Topics(config.topic_root)
         self.device_id = config.device_id
         offline = to_wire(Status("offline", now_text()))
-        self.mqtt = MqttConnection(config.broker, client_id=f"edgefed-{config.device_id}", clean_session=False,
-                                   will=(self.topics.status(config.device_id), offline), on_connect=self._on_connect)  # fmt: skip
+        self.mqtt = MqttConnection(
+            config.broker,
+            client_id=f"edgefed-{config.device_id}",
+            clean_session=False,
+            will=(self.topics.status(config.device_id), offline),
+            on_connect=self._on_connect,
+        )
         self.mqtt.route(self.topics.desired(self.device_id), self._enqueue(self._on_desired))
         self.mqtt.route(self.topics.telemetry_ack(self.device_id), self._enqueue(self._on_ack))
         self.events: queue.Queue[Callable[[], None]] = queue.Queue(maxsize=1024)
@@ -78,7 +92,7 @@ class Agent:
         self.mqtt.publish(self.topics.status(self.device_id), to_wire(Status("online", now_text())), retain=True)
         self.events.put(self._publish_reported)
         for artifact_id in list(self.transfers):
-            self.events.put(lambda a=artifact_id: self._request_missing(a))
+            self.events.put(functools.partial(self._request_missing, artifact_id))
 
     # desired state -------------------------------------------------------------------------------
     def _on_desired(self, topic: str, payload: bytes) -> None:
@@ -106,8 +120,13 @@ class Agent:
         self.transfers[model.artifact_id] = (model, transfer, time.monotonic())
         self.reported[model.name] = ReportedModel(model.name, "downloading", model.version, model.artifact_id)
         self.mqtt.route(self.topics.chunks(model.artifact_id), self._enqueue(self._on_chunk))
-        log.info("fetching %s@%s: %d of %d chunks missing", model.name, model.version, len(transfer.missing),
-                 len(transfer.wanted))  # fmt: skip
+        log.info(
+            "fetching %s@%s: %d of %d chunks missing",
+            model.name,
+            model.version,
+            len(transfer.missing),
+            len(transfer.wanted),
+        )
         if transfer.complete:
             self._finish(model.artifact_id)
         else:

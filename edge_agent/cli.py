@@ -24,8 +24,14 @@ from edge_agent.store import ModelStore
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 err = Console(stderr=True)
-StateDir = Annotated[Path | None, typer.Option("--state-dir", envvar=STATE_DIR_ENV,
-                                               help="State directory (default /var/lib/edgefed or ~/.local/share/edgefed)")]  # fmt: skip
+StateDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--state-dir",
+        envvar=STATE_DIR_ENV,
+        help="State directory (default /var/lib/edgefed or ~/.local/share/edgefed)",
+    ),
+]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON for scripts")]
 
 
@@ -85,8 +91,9 @@ def _detected() -> str:
 
 
 @app.command()
-def run(state_dir: StateDir = None,
-        log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO") -> None:  # fmt: skip
+def run(
+    state_dir: StateDir = None, log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO"
+) -> None:
     """Run the agent daemon until SIGTERM/SIGINT."""
     from edge_agent.agent import Agent
 
@@ -122,7 +129,10 @@ def install(path: Annotated[Path, typer.Argument(help="Artifact directory")], st
         store.activate(manifest.name, manifest.version)
     except (EdgefedError, ProtocolError, ProfileError, OSError) as exc:
         raise _fail(exc) from None
-    err.print(f"installed and activated {manifest.name}@{manifest.version} ({manifest.precision}, {manifest.artifact_id[:12]})")
+    err.print(
+        f"installed and activated {manifest.name}@{manifest.version} "
+        f"({manifest.precision}, {manifest.artifact_id[:12]})"
+    )
 
 
 @app.command()
@@ -133,8 +143,15 @@ def models(state_dir: StateDir = None, as_json: AsJson = False) -> None:
     for name in store.names():
         active = store.active(name)
         for m in store.versions(name):
-            rows.append({"name": name, "version": m.version, "release": m.release, "precision": m.precision,
-                         "active": bool(active and active.version == m.version)})  # fmt: skip
+            rows.append(
+                {
+                    "name": name,
+                    "version": m.version,
+                    "release": m.release,
+                    "precision": m.precision,
+                    "active": bool(active and active.version == m.version),
+                }
+            )
     if as_json:
         print(json.dumps(rows, indent=2))
         return
@@ -178,8 +195,17 @@ def status(state_dir: StateDir = None) -> None:
     spool = Spool(state / SPOOL_FILE)
     store = ModelStore(state / "models")
     active = {n: (store.active(n).version if store.active(n) else None) for n in store.names()}  # type: ignore[union-attr]
-    print(json.dumps({"config": asdict(config), "active": active, "spooled_calls": spool.pending_calls(),
-                      "dropped": spool.counter("dropped")}, indent=2))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "config": asdict(config),
+                "active": active,
+                "spooled_calls": spool.pending_calls(),
+                "dropped": spool.counter("dropped"),
+            },
+            indent=2,
+        )
+    )
 
 
 def main() -> None:

@@ -55,9 +55,14 @@ class EdgeClient:
     """
 
     def __init__(
-        self, state_dir: str | Path | None = None, *, cloud: str | bool | None = None,
-        cloud_timeout_s: float = 2.0, telemetry: bool = True, allow_cast: bool = False,
-    ) -> None:  # fmt: skip
+        self,
+        state_dir: str | Path | None = None,
+        *,
+        cloud: str | bool | None = None,
+        cloud_timeout_s: float = 2.0,
+        telemetry: bool = True,
+        allow_cast: bool = False,
+    ) -> None:
         self.state_dir = Path(state_dir) if state_dir else default_state_dir()
         config = self._config()
         self.profile: DeviceProfile | None = get_profile(config.profile) if config else None
@@ -148,8 +153,9 @@ class EdgeClient:
             raise
         return self._done(model, version, "cloud", outputs, start, reason)
 
-    def _done(self, model: str, version: str, route: str, outputs: dict[str, np.ndarray], start: float,
-              reason: str) -> InferResult:  # fmt: skip
+    def _done(
+        self, model: str, version: str, route: str, outputs: dict[str, np.ndarray], start: float, reason: str
+    ) -> InferResult:
         latency_ms = self._record(model, version, route, start, ok=True)
         return InferResult(outputs, model, version, route, latency_ms, reason)
 

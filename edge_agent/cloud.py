@@ -19,10 +19,12 @@ class CloudClient:
     def __init__(self, endpoint: str, timeout_s: float = 2.0) -> None:
         host, port = parse_endpoint(endpoint, "grpc", "cloud", 8001)
         self.endpoint, self.timeout_s = endpoint, timeout_s
-        options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]  # fmt: skip
+        options = [
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ]
         self.channel = grpc.insecure_channel(f"{host}:{port}", options=options)
-        self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
+        self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)  # type: ignore[no-untyped-call]
 
     def infer(
         self, model: str, inputs: dict[str, np.ndarray], version: str = "", timeout_s: float | None = None

@@ -1,10 +1,10 @@
 """The device's state directory and the agent configuration stored in it.
 
-    STATE/agent.json              AgentConfig (mode 0640: it holds credentials)
-    STATE/trust/*.pub             Ed25519 keys whose signatures the agent accepts
-    STATE/models/                 the model store (see store.py)
-    STATE/downloads/{artifact}/   chunks of transfers in progress
-    STATE/telemetry.db            the telemetry spool (SQLite, WAL)
+STATE/agent.json              AgentConfig (mode 0640: it holds credentials)
+STATE/trust/*.pub             Ed25519 keys whose signatures the agent accepts
+STATE/models/                 the model store (see store.py)
+STATE/downloads/{artifact}/   chunks of transfers in progress
+STATE/telemetry.db            the telemetry spool (SQLite, WAL)
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """Errors an app or operator can act on.
 
-    EdgefedError
-    ├── ConfigError           bad or missing agent configuration / state directory (names the fix)
-    ├── ModelNotDeployed      no local version of the model and no cloud route to answer
-    ├── InputMismatch         inputs do not match the model's signature (names input, expected, got)
-    ├── InferenceFailed       the runtime raised while computing
-    ├── CloudUnavailable      the cloud route failed or timed out
-    └── StoreError            the model store cannot do what was asked (unknown version, ...)
-    ArtifactRejected          (from edge_agent.protocol.errors) an artifact failed verification
+EdgefedError
+├── ConfigError           bad or missing agent configuration / state directory (names the fix)
+├── ModelNotDeployed      no local version of the model and no cloud route to answer
+├── InputMismatch         inputs do not match the model's signature (names input, expected, got)
+├── InferenceFailed       the runtime raised while computing
+├── CloudUnavailable      the cloud route failed or timed out
+└── StoreError            the model store cannot do what was asked (unknown version, ...)
+ArtifactRejected          (from edge_agent.protocol.errors) an artifact failed verification
 """
 
 from __future__ import annotations

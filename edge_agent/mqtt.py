@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.config import parse_endpoint
 from edge_agent.errors import ConfigError
@@ -21,14 +22,21 @@ Handler = Callable[[str, bytes], None]
 
 class MqttConnection:
     def __init__(
-        self, url: str, client_id: str | None = None, *, on_connect: Callable[[], None] | None = None,
-        will: tuple[str, bytes] | None = None, clean_session: bool = True,
-    ) -> None:  # fmt: skip
+        self,
+        url: str,
+        client_id: str | None = None,
+        *,
+        on_connect: Callable[[], None] | None = None,
+        will: tuple[str, bytes] | None = None,
+        clean_session: bool = True,
+    ) -> None:
         self.host, self.port = parse_endpoint(url, "mqtt", "broker", 1883)
         self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or f"edgefed-{uuid.uuid4().hex[:10]}",
-            protocol=mqtt.MQTTv311, clean_session=clean_session,
-        )  # fmt: skip
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"edgefed-{uuid.uuid4().hex[:10]}",
+            protocol=mqtt.MQTTv311,
+            clean_session=clean_session,
+        )
         self.client.max_inflight_messages_set(100)
         self.client.max_queued_messages_set(10_000)
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
@@ -65,7 +73,7 @@ class MqttConnection:
         for pattern, _, handler in list(self._handlers):
             if mqtt.topic_matches_sub(pattern, message.topic):
                 try:
-                    handler(message.topic, message.payload)
+                    handler(message.topic, bytes(message.payload))
                 except Exception as exc:  # a bad message must never stop the loop
                     self.malformed += 1
                     log.warning("dropped message on %s: %s", message.topic, exc)

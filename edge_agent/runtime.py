@@ -34,7 +34,9 @@ def _expected(spec: TensorSpec) -> str:
     return f"{spec.dtype} {list(spec.shape)}"
 
 
-def validate_inputs(manifest: Manifest, inputs: dict[str, np.ndarray], allow_cast: bool = False) -> dict[str, np.ndarray]:
+def validate_inputs(
+    manifest: Manifest, inputs: dict[str, np.ndarray], allow_cast: bool = False
+) -> dict[str, np.ndarray]:
     """Check names, dtypes and shapes against the manifest; cast float64→float32 only when allowed."""
     checked: dict[str, np.ndarray] = {}
     names = {spec.name for spec in manifest.inputs}

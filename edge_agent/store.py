@@ -140,7 +140,9 @@ class ModelStore:
         with self.locked():
             manifest = self.manifest(name, version)
             current = self.active(name)
-            previous = current.version if current and current.version != version else (current and current.previous)
+            previous = current.previous if current else None
+            if current is not None and current.version != version:
+                previous = current.version
             record = ActiveRecord(version, manifest.artifact_id, manifest.release, previous)
             atomic_write_bytes(self.active_path(name), json.dumps(asdict(record)).encode())
             self._prune(name, keep={version, previous or ""})

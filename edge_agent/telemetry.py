@@ -141,11 +141,19 @@ def aggregate(rows: list[tuple[int, float, str, str, str, float, int]]) -> tuple
         hist = [0] * (len(LATENCY_EDGES_MS) + 1)
         for _, latency, _ in calls:
             hist[bisect.bisect_left(LATENCY_EDGES_MS, latency)] += 1
-        windows.append(TelemetryWindow(
-            model=model, version=version, route=route, start=min(c[0] for c in calls),
-            end=max(c[0] for c in calls), count=len(calls), errors=sum(1 for c in calls if not c[2]),
-            latency_ms_sum=round(sum(c[1] for c in calls), 6), latency_hist=tuple(hist),
-        ))  # fmt: skip
+        windows.append(
+            TelemetryWindow(
+                model=model,
+                version=version,
+                route=route,
+                start=min(c[0] for c in calls),
+                end=max(c[0] for c in calls),
+                count=len(calls),
+                errors=sum(1 for c in calls if not c[2]),
+                latency_ms_sum=round(sum(c[1] for c in calls), 6),
+                latency_hist=tuple(hist),
+            )
+        )
     return tuple(windows)
 
 

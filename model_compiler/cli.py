@@ -22,7 +22,9 @@ console = Console(stderr=True)
 
 
 @app.command()
-def keygen(out: Annotated[Path, typer.Option(help="Directory for signing.key (0600) and signing.pub")] = Path("keys")) -> None:
+def keygen(
+    out: Annotated[Path, typer.Option(help="Directory for signing.key (0600) and signing.pub")] = Path("keys"),
+) -> None:
     """Create an Ed25519 signing key pair. Give signing.pub to agents (`edge-agent init --trust`)."""
     key, pub = generate_keypair(out)
     console.print(f"wrote {key} (keep it secret) and {pub} (give it to agents)")
@@ -37,20 +39,38 @@ def compile_command(
     out: Annotated[Path, typer.Option(help="Output directory; one artifact directory per profile")],
     name: Annotated[str, typer.Option(help="Model name")],
     version: Annotated[str, typer.Option(help="Semantic version, e.g. 1.0.0")],
-    key: Annotated[Path, typer.Option(help="Ed25519 private key from `model-compiler keygen`")] = Path("keys/signing.key"),
+    key: Annotated[Path, typer.Option(help="Ed25519 private key from `model-compiler keygen`")] = Path(
+        "keys/signing.key"
+    ),
     release: Annotated[int, typer.Option(help="Release number; 0 = current Unix time (always increasing)")] = 0,
     metric: Annotated[str, typer.Option(help="Accuracy gate metric: top1, cosine or max_abs")] = "top1",
-    tolerance: Annotated[float | None, typer.Option(help="Allowed loss (top1/cosine: 1 - value; max_abs: value)")] = None,
+    tolerance: Annotated[
+        float | None, typer.Option(help="Allowed loss (top1/cosine: 1 - value; max_abs: value)")
+    ] = None,
     latency_batch: Annotated[int, typer.Option(help="Batch size used to time each variant")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout")] = False,
 ) -> None:
     """Export, quantize, gate against fp32, time, and write a signed artifact for each profile."""
-    options = CompileOptions(name=name, version=version, key_path=key, release=release, metric=metric,
-                             tolerance=tolerance, latency_batch=latency_batch)  # fmt: skip
+    options = CompileOptions(
+        name=name,
+        version=version,
+        key_path=key,
+        release=release,
+        metric=metric,
+        tolerance=tolerance,
+        latency_batch=latency_batch,
+    )
     try:
         with console.status("compiling") as status:
-            reports = compile_model(source, profile, load_npz(calib, "calib"), load_npz(val, "val"), out, options,
-                                    progress=lambda msg: status.update(msg))  # fmt: skip
+            reports = compile_model(
+                source,
+                profile,
+                load_npz(calib, "calib"),
+                load_npz(val, "val"),
+                out,
+                options,
+                progress=lambda msg: status.update(msg),
+            )
     except (CompileError, ProfileError, ValueError, OSError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
@@ -60,9 +80,14 @@ def compile_command(
     table = Table("profile", "precision", "gate", "size", "latency ms", "chosen")
     for report in reports:
         for attempt in report.variants:
-            table.add_row(report.profile, attempt["precision"], f"{attempt['metric']} {attempt['value']:.4f}",
-                          f"{attempt['size'] / 1024:.0f} KiB", f"{attempt['latency_ms']:.3f}",
-                          "✓" if attempt["precision"] == report.chosen else "")  # fmt: skip
+            table.add_row(
+                report.profile,
+                attempt["precision"],
+                f"{attempt['metric']} {attempt['value']:.4f}",
+                f"{attempt['size'] / 1024:.0f} KiB",
+                f"{attempt['latency_ms']:.3f}",
+                "✓" if attempt["precision"] == report.chosen else "",
+            )
     Console().print(table)
     for report in reports:
         Console().print(f"{report.profile}: {report.artifact} ({report.reason})")

@@ -65,14 +65,18 @@ def _onnx_runtime(profile: DeviceProfile) -> str:
     for runtime in profile.runtimes:
         if runtime.startswith("onnxruntime"):
             return runtime
-    raise CompileError(f"profile {profile.id} runs {list(profile.runtimes)}; this compiler emits ONNX Runtime "
-                       "artifacts only so far (TFLite and TensorRT build configs are tracked in issue 3)")
+    raise CompileError(
+        f"profile {profile.id} runs {list(profile.runtimes)}; this compiler emits ONNX Runtime "
+        "artifacts only so far (TFLite and TensorRT build configs are tracked in issue 3)"
+    )
 
 
 def _check_data(x: np.ndarray, example_shape: tuple[int, ...], role: str) -> None:
     if tuple(x.shape[1:]) != example_shape:
-        raise DataError(f"--{role}: samples are shaped {list(x.shape[1:])}, the model takes {list(example_shape)}; "
-                        "pass data with the same per-sample shape as the calibration data")
+        raise DataError(
+            f"--{role}: samples are shaped {list(x.shape[1:])}, the model takes {list(example_shape)}; "
+            "pass data with the same per-sample shape as the calibration data"
+        )
 
 
 def _choose(variants: list[Variant]) -> tuple[Variant, str]:
@@ -87,9 +91,14 @@ def _choose(variants: list[Variant]) -> tuple[Variant, str]:
 
 
 def compile_model(
-    source: str, profiles: list[str], calib: tuple[np.ndarray, Any], val: tuple[np.ndarray, Any],
-    out_dir: Path, options: CompileOptions, progress: Callable[[str], None] = lambda _: None,
-) -> list[ProfileReport]:  # fmt: skip
+    source: str,
+    profiles: list[str],
+    calib: tuple[np.ndarray, Any],
+    val: tuple[np.ndarray, Any],
+    out_dir: Path,
+    options: CompileOptions,
+    progress: Callable[[str], None] = lambda _: None,
+) -> list[ProfileReport]:
     """Export, quantize, gate, time, and write one signed artifact per profile into ``out_dir``."""
     resolved = [get_profile(p) for p in profiles]
     key = load_private_key(options.key_path)
@@ -108,19 +117,34 @@ def compile_model(
         built: dict[str, Variant] = {}
         reports = []
         for profile in resolved:
-            variants = [_variant(p, fp32, work, calib_x, val_x, reference, metric, tolerance, sample, built, progress)
-                        for p in ("fp32", "int8") if p in (*profile.precisions, "fp32")]  # fmt: skip
+            variants = [
+                _variant(p, fp32, work, calib_x, val_x, reference, metric, tolerance, sample, built, progress)
+                for p in ("fp32", "int8")
+                if p in (*profile.precisions, "fp32")
+            ]
             chosen, reason = _choose(variants)
             progress(f"{profile.id}: {reason}")
-            reports.append(_write_artifact(profile, chosen, reason, variants, fp32, val_x, reference, out_dir, options, key))
+            reports.append(
+                _write_artifact(profile, chosen, reason, variants, fp32, val_x, reference, out_dir, options, key)
+            )
         return reports
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _variant(precision: str, fp32: Path, work: Path, calib_x: np.ndarray, val_x: np.ndarray, reference: np.ndarray,
-             metric: str, tolerance: float, sample: np.ndarray, built: dict[str, Variant],
-             progress: Callable[[str], None]) -> Variant:  # fmt: skip
+def _variant(
+    precision: str,
+    fp32: Path,
+    work: Path,
+    calib_x: np.ndarray,
+    val_x: np.ndarray,
+    reference: np.ndarray,
+    metric: str,
+    tolerance: float,
+    sample: np.ndarray,
+    built: dict[str, Variant],
+    progress: Callable[[str], None],
+) -> Variant:
     if precision in built:
         return built[precision]
     path = fp32
@@ -135,9 +159,18 @@ def _variant(precision: str, fp32: Path, work: Path, calib_x: np.ndarray, val_x:
     return variant
 
 
-def _write_artifact(profile: DeviceProfile, chosen: Variant, reason: str, variants: list[Variant], fp32: Path,
-                    val_x: np.ndarray, reference: np.ndarray, out_dir: Path, options: CompileOptions,
-                    key: Any) -> ProfileReport:  # fmt: skip
+def _write_artifact(
+    profile: DeviceProfile,
+    chosen: Variant,
+    reason: str,
+    variants: list[Variant],
+    fp32: Path,
+    val_x: np.ndarray,
+    reference: np.ndarray,
+    out_dir: Path,
+    options: CompileOptions,
+    key: Any,
+) -> ProfileReport:
     final = out_dir / f"{options.name}-{options.version}-{profile.id}"
     if final.exists():
         raise CompileError(f"{final} already exists; remove it or compile a new --version")
@@ -147,23 +180,37 @@ def _write_artifact(profile: DeviceProfile, chosen: Variant, reason: str, varian
         shutil.copyfile(chosen.path, staging / "model.onnx")
         atomic_write_bytes(staging / "reference.json", canonical_json(reference_distribution(val_x, reference)))
         now = datetime.now(UTC)
-        attempts = [{"precision": v.precision, **asdict(v.gate), "size": v.size, "latency_ms": round(v.latency_ms, 4)}
-                    for v in variants]  # fmt: skip
+        attempts = [
+            {"precision": v.precision, **asdict(v.gate), "size": v.size, "latency_ms": round(v.latency_ms, 4)}
+            for v in variants
+        ]
         fields = {
-            "name": options.name, "version": options.version, "release": options.release or int(now.timestamp()),
-            "hardware": {"profile": profile.id, "arch": profile.arch, "accelerator": profile.accelerator,
-                         "gpu_compute_capability": profile.gpu_compute_capability,
-                         "tensorrt": profile.tensorrt, "jetpack": profile.jetpack},
-            "runtime": _onnx_runtime(profile), "precision": chosen.precision,
+            "name": options.name,
+            "version": options.version,
+            "release": options.release or int(now.timestamp()),
+            "hardware": {
+                "profile": profile.id,
+                "arch": profile.arch,
+                "accelerator": profile.accelerator,
+                "gpu_compute_capability": profile.gpu_compute_capability,
+                "tensorrt": profile.tensorrt,
+                "jetpack": profile.jetpack,
+            },
+            "runtime": _onnx_runtime(profile),
+            "precision": chosen.precision,
             "inputs": [{"name": INPUT_NAME, "dtype": str(val_x.dtype), "shape": ["batch", *val_x.shape[1:]]}],
             "outputs": [{"name": OUTPUT_NAME, "dtype": str(reference.dtype), "shape": ["batch", *reference.shape[1:]]}],
             "source_sha256": hashlib.sha256(fp32.read_bytes()).hexdigest(),
-            "created_at": format_time(now), "expires_at": format_time(now + timedelta(days=options.expires_days)),
+            "created_at": format_time(now),
+            "expires_at": format_time(now + timedelta(days=options.expires_days)),
             "tools": _tool_versions(),
             "validation": {**asdict(chosen.gate), "attempts": attempts, "reason": reason},
-            "latency_ms": {"median": round(chosen.latency_ms, 4), "batch": options.latency_batch,
-                           "host": platform.machine()},
-        }  # fmt: skip
+            "latency_ms": {
+                "median": round(chosen.latency_ms, 4),
+                "batch": options.latency_batch,
+                "host": platform.machine(),
+            },
+        }
         manifest = seal(staging, fields, key)
         publish_dir(staging, final)
     except BaseException:

@@ -1,9 +1,9 @@
 """Compiler errors, each naming the cause and the fix.
 
-    CompileError
-    ├── SourceError        the model cannot be loaded or exported
-    ├── DataError          calibration/validation data missing or of the wrong shape
-    └── GateFailed         no variant passed the accuracy gate for a profile
+CompileError
+├── SourceError        the model cannot be loaded or exported
+├── DataError          calibration/validation data missing or of the wrong shape
+└── GateFailed         no variant passed the accuracy gate for a profile
 """
 
 

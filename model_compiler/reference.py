@@ -20,9 +20,16 @@ def histogram(values: np.ndarray, bins: int = BINS) -> dict[str, Any]:
 
 def reference_distribution(x: np.ndarray, outputs: np.ndarray) -> dict[str, Any]:
     """Per-tensor histograms plus mean/std (a summary per tensor, not per feature, for now)."""
+
     def summary(values: np.ndarray) -> dict[str, Any]:
         return {"mean": float(values.mean()), "std": float(values.std()), "histogram": histogram(values)}
 
-    return {"schema": "edgefed.reference/1", "samples": len(x), "inputs": {"input": summary(x)},
-            "outputs": {"output": summary(outputs),
-                        "top1": [int(c) for c in np.bincount(outputs.reshape(len(outputs), -1).argmax(1))]}}  # fmt: skip
+    return {
+        "schema": "edgefed.reference/1",
+        "samples": len(x),
+        "inputs": {"input": summary(x)},
+        "outputs": {
+            "output": summary(outputs),
+            "top1": [int(c) for c in np.bincount(outputs.reshape(len(outputs), -1).argmax(1))],
+        },
+    }

@@ -47,11 +47,13 @@ def load_npz(path: str | Path, role: str) -> tuple[np.ndarray, np.ndarray | None
     except (OSError, ValueError) as exc:
         raise DataError(f"--{role} {path}: cannot read ({exc}); pass an .npz file with an array 'x'") from None
     if "x" not in data:
-        raise DataError(f"--{role} {path}: no array named 'x' (found {sorted(data.files)}); save it as np.savez(f, x=...)")
+        raise DataError(
+            f"--{role} {path}: no array named 'x' (found {sorted(data.files)}); save it as np.savez(f, x=...)"
+        )
     x = data["x"]
     if x.ndim < 1 or len(x) == 0:
         raise DataError(f"--{role} {path}: 'x' is empty")
-    return x.astype(np.float32) if x.dtype == np.float64 else x, (data["y"] if "y" in data else None)
+    return x.astype(np.float32) if x.dtype == np.float64 else x, data.get("y")
 
 
 def export_onnx(module: Any, example: np.ndarray, out: Path) -> None:
@@ -66,9 +68,17 @@ def export_onnx(module: Any, example: np.ndarray, out: Path) -> None:
     sample = torch.from_numpy(np.ascontiguousarray(example[:1]))
     try:
         torch.onnx.export(
-            module, (sample,), str(out), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=17, dynamo=False,
-        )  # fmt: skip
+            module,
+            (sample,),
+            str(out),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+        )
     except Exception as exc:
-        raise SourceError(f"ONNX export failed: {exc}. Check that the model runs on an input shaped like "
-                          f"{list(example.shape[1:])} and uses exportable operators") from exc
+        raise SourceError(
+            f"ONNX export failed: {exc}. Check that the model runs on an input shaped like "
+            f"{list(example.shape[1:])} and uses exportable operators"
+        ) from exc

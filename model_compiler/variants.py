@@ -51,9 +51,15 @@ def quantize_int8_static(fp32: Path, out: Path, calib: np.ndarray, per_channel: 
     prepared = out.with_suffix(".pre.onnx")
     quant_pre_process(str(fp32), str(prepared))
     quantize_static(
-        str(prepared), str(out), _Calibration(calib), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-    )  # fmt: skip
+        str(prepared),
+        str(out),
+        _Calibration(calib),
+        quant_format=QuantFormat.QDQ,
+        per_channel=per_channel,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+    )
     prepared.unlink(missing_ok=True)
 
 

@@ -63,31 +63,45 @@ def gemm_model(path: Path, seed: int = 0, features: int = 32, classes: int = 30)
     weight = numpy_helper.from_array(rng.standard_normal((features, classes)).astype(np.float32), "W")
     bias = numpy_helper.from_array(rng.standard_normal(classes).astype(np.float32), "B")
     graph = helper.make_graph(
-        [helper.make_node("Gemm", ["input", "W", "B"], ["output"])], "gemm",
+        [helper.make_node("Gemm", ["input", "W", "B"], ["output"])],
+        "gemm",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", features])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", classes])], [weight, bias],
-    )  # fmt: skip
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", classes])],
+        [weight, bias],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, str(path))
 
 
-def make_artifact(directory: Path, key_path: Path, *, version: str = "1.0.0", release: int = 1,
-                  profile: str = "x86-64-generic", expires_in: timedelta = timedelta(days=30),
-                  seed: int = 0, chunk_size: int = 1024) -> Path:  # fmt: skip
+def make_artifact(
+    directory: Path,
+    key_path: Path,
+    *,
+    version: str = "1.0.0",
+    release: int = 1,
+    profile: str = "x86-64-generic",
+    expires_in: timedelta = timedelta(days=30),
+    seed: int = 0,
+    chunk_size: int = 1024,
+) -> Path:
     """A signed Gemm artifact, small chunks so it has several."""
     directory.mkdir(parents=True)
     gemm_model(directory / "model.onnx", seed)
     now = datetime.now(UTC)
     fields = {
-        "name": "gemm", "version": version, "release": release,
+        "name": "gemm",
+        "version": version,
+        "release": release,
         "hardware": {"profile": profile, "arch": "x86_64", "accelerator": "none"},
-        "runtime": "onnxruntime", "precision": "fp32",
+        "runtime": "onnxruntime",
+        "precision": "fp32",
         "inputs": [{"name": "input", "dtype": "float32", "shape": ["batch", 32]}],
         "outputs": [{"name": "output", "dtype": "float32", "shape": ["batch", 30]}],
-        "source_sha256": "0" * 64, "created_at": format_time(now - timedelta(days=1)),
+        "source_sha256": "0" * 64,
+        "created_at": format_time(now - timedelta(days=1)),
         "expires_at": format_time(now + expires_in),
-    }  # fmt: skip
+    }
     seal(directory, fields, load_private_key(key_path), chunk_size=chunk_size)
     return directory
 
@@ -106,8 +120,14 @@ def digits_artifact(tmp_path_factory: pytest.TempPathFactory, keys: tuple[Path, 
     os.environ["DIGITS_WEIGHTS"] = str(work / "digits_cnn.pt")
     _, x_test, _, y_test = digits.digits_split()
     options = CompileOptions(name="digits-cnn", version="1.0.0", key_path=keys[0], release=1)
-    reports = compile_model(f"{ROOT / 'examples/quickstart/digits.py'}:trained", ["x86-64-generic"],
-                            (np.load(work / "calib.npz")["x"], None), (x_test, y_test), work / "out", options)  # fmt: skip
+    reports = compile_model(
+        f"{ROOT / 'examples/quickstart/digits.py'}:trained",
+        ["x86-64-generic"],
+        (np.load(work / "calib.npz")["x"], None),
+        (x_test, y_test),
+        work / "out",
+        options,
+    )
     return {"path": Path(reports[0].artifact), "report": reports[0], "x": x_test, "y": y_test}
 
 

@@ -39,7 +39,9 @@ def test_canonical_json_is_order_independent() -> None:
     assert canonical_json({"b": 1, "a": [1, 2]}) == canonical_json({"a": [1, 2], "b": 1}) == b'{"a":[1,2],"b":1}'
 
 
-def test_install_activate_and_infer(tmp_path: Path, keys: tuple[Path, Path], device: tuple[Path, ModelStore, TrustStore]) -> None:
+def test_install_activate_and_infer(
+    tmp_path: Path, keys: tuple[Path, Path], device: tuple[Path, ModelStore, TrustStore]
+) -> None:
     state, store, trust = device
     artifact = make_artifact(tmp_path / "a1", keys[0])
     manifest = store.install(artifact, trust, PROFILE)
@@ -50,7 +52,7 @@ def test_install_activate_and_infer(tmp_path: Path, keys: tuple[Path, Path], dev
         result = client.infer("gemm", {"input": x})
         assert result.route == "local" and result.version == "1.0.0"
         assert result.outputs["output"].shape == (3, 30)
-        with pytest.raises(InputMismatch, match="'input'.*float32.*float64"):
+        with pytest.raises(InputMismatch, match=r"'input'.*float32.*float64"):
             client.infer("gemm", {"input": x.astype(np.float64)})
         with pytest.raises(InputMismatch, match="32"):
             client.infer("gemm", {"input": np.ones((3, 31), np.float32)})
@@ -79,7 +81,11 @@ def _truncate(artifact: Path) -> None:
     ids=["tampered-manifest", "tampered-chunk", "truncated-file"],
 )
 def test_tampered_artifact_is_refused_and_store_unchanged(
-    tmp_path: Path, keys: tuple[Path, Path], device: tuple[Path, ModelStore, TrustStore], tamper: object, reason: str
+    tmp_path: Path,
+    keys: tuple[Path, Path],
+    device: tuple[Path, ModelStore, TrustStore],
+    tamper: object,
+    reason: str,
 ) -> None:
     state, store, trust = device
     first = store.install(make_artifact(tmp_path / "a1", keys[0]), trust, PROFILE)
@@ -103,7 +109,9 @@ def test_wrong_key_expired_and_downgrade_are_refused(
     other_key, _ = generate_keypair(tmp_path / "other")
     cases = {
         "signature": make_artifact(tmp_path / "wrong-key", other_key, version="6.0.0", release=6),
-        "expired": make_artifact(tmp_path / "expired", keys[0], version="7.0.0", release=7, expires_in=timedelta(seconds=-1)),
+        "expired": make_artifact(
+            tmp_path / "expired", keys[0], version="7.0.0", release=7, expires_in=timedelta(seconds=-1)
+        ),
         "downgrade": make_artifact(tmp_path / "older", keys[0], version="4.0.0", release=4),
         "profile": make_artifact(tmp_path / "jetson", keys[0], version="8.0.0", release=8, profile="jetson-agx-orin"),
     }
@@ -118,11 +126,16 @@ def test_wrong_key_expired_and_downgrade_are_refused(
     assert store.active("gemm").version == "5.0.0"  # type: ignore[union-attr]
 
 
-def test_rollback_and_retention(tmp_path: Path, keys: tuple[Path, Path], device: tuple[Path, ModelStore, TrustStore]) -> None:
+def test_rollback_and_retention(
+    tmp_path: Path, keys: tuple[Path, Path], device: tuple[Path, ModelStore, TrustStore]
+) -> None:
     _, store, trust = device
     for release in range(1, 6):
-        m = store.install(make_artifact(tmp_path / f"r{release}", keys[0], version=f"{release}.0.0", release=release,
-                                        seed=release), trust, PROFILE)  # fmt: skip
+        m = store.install(
+            make_artifact(tmp_path / f"r{release}", keys[0], version=f"{release}.0.0", release=release, seed=release),
+            trust,
+            PROFILE,
+        )
         store.activate(m.name, m.version)
     assert store.active("gemm").version == "5.0.0"  # type: ignore[union-attr]
     assert len(store.versions("gemm")) == 3
@@ -139,7 +152,7 @@ def test_chunk_and_message_decoding(tmp_path: Path, keys: tuple[Path, Path]) -> 
         verify_chunk(manifest, 0, 1, data)
     with pytest.raises(MessageError):
         Chunk.from_wire(b"junk")
-    with pytest.raises(MessageError, match="DesiredState.models"):
+    with pytest.raises(MessageError, match=r"DesiredState\.models"):
         from_wire(DesiredState, b'{"deployment_id": "d", "issued_at": "t", "models": 3}')
     with pytest.raises(MessageError):
         from_wire(DesiredState, b'{"deployment_id": "d", "deployment_id": "e", "issued_at": "t"}')

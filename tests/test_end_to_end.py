@@ -33,8 +33,9 @@ def hub(request: pytest.FixtureRequest, tmp_path: Path, keys: tuple[Path, Path])
     state = tmp_path / "hub"
     (state / "trust").mkdir(parents=True)
     shutil.copy(keys[1], state / "trust")
-    config = HubConfig(state, broker=external.url if external else None, broker_port=free_port(), grpc_port=0,
-                       admin_port=0)  # fmt: skip
+    config = HubConfig(
+        state, broker=external.url if external else None, broker_port=free_port(), grpc_port=0, admin_port=0
+    )
     hub = Hub(config)
     hub.start()
     yield hub
@@ -46,8 +47,13 @@ def hub(request: pytest.FixtureRequest, tmp_path: Path, keys: tuple[Path, Path])
 def start_agent(state: Path, hub: Hub, keys: tuple[Path, Path]) -> tuple[Agent, threading.Thread]:
     (state / "trust").mkdir(parents=True, exist_ok=True)
     shutil.copy(keys[1], state / "trust")
-    config = AgentConfig(device_id="dev-1", profile="x86-64-generic", broker=hub.broker_url,
-                         cloud=f"grpc://127.0.0.1:{hub.grpc_port}", telemetry_interval_s=0.2)  # fmt: skip
+    config = AgentConfig(
+        device_id="dev-1",
+        profile="x86-64-generic",
+        broker=hub.broker_url,
+        cloud=f"grpc://127.0.0.1:{hub.grpc_port}",
+        telemetry_interval_s=0.2,
+    )
     config.save(state)
     agent = Agent(state, config)
     thread = threading.Thread(target=agent.run, daemon=True)
@@ -66,7 +72,10 @@ def test_deploy_infer_locally_and_in_the_cloud_and_collect_telemetry(
     device_state = tmp_path / "device"
     agent, thread = start_agent(device_state, hub, keys)
     try:
-        wait_for("device online", lambda: [d for d in admin.request("GET", "/v1/devices") if d["status"] == "online"])
+        wait_for(
+            "device online",
+            lambda: [d for d in admin.request("GET", "/v1/devices") if d["status"] == "online"],
+        )
         x, y = digits_artifact["x"], digits_artifact["y"]
         with EdgeClient(device_state) as client:
             cloud = client.infer("digits-cnn", {"input": x[:8]})
@@ -100,7 +109,7 @@ def test_deploy_infer_locally_and_in_the_cloud_and_collect_telemetry(
 def test_operator_errors_are_clear(hub: Hub, tmp_path: Path) -> None:
     assert hub.admin is not None
     admin = AdminClient(f"http://127.0.0.1:{hub.admin.port}", operator_token(hub.config.state_dir))
-    with pytest.raises(HubError, match="404.*no artifact"):
+    with pytest.raises(HubError, match=r"404.*no artifact"):
         admin.deploy("nope", "1.0.0", "device:dev-1")
     with pytest.raises(HubError, match="401"):
         AdminClient(f"http://127.0.0.1:{hub.admin.port}", "wrong").request("GET", "/v1/status")
@@ -109,7 +118,10 @@ def test_operator_errors_are_clear(hub: Hub, tmp_path: Path) -> None:
 
 
 def test_sdk_without_local_model_or_cloud_says_so(tmp_path: Path) -> None:
-    with EdgeClient(tmp_path, telemetry=False) as client, pytest.raises(ModelNotDeployed, match="no cloud endpoint"):
+    with (
+        EdgeClient(tmp_path, telemetry=False) as client,
+        pytest.raises(ModelNotDeployed, match="no cloud endpoint"),
+    ):
         client.infer("digits-cnn", {"input": np.zeros((1, 1, 8, 8), np.float32)})
 
 

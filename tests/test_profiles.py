@@ -7,8 +7,17 @@ import pytest
 from device_profiles import ProfileError, builtin_profile_dir, get_profile, load_profile, load_profiles
 from device_profiles.detect import HostFacts, detect_profile
 
-REQUIRED = {"jetson-orin-nano-8gb", "jetson-agx-orin", "jetson-xavier-nx", "raspberry-pi-5", "raspberry-pi-4",
-            "x86-64-generic", "x86-64-avx512-vnni", "arm64-server", "cloud-gpu"}  # fmt: skip
+REQUIRED = {
+    "jetson-orin-nano-8gb",
+    "jetson-agx-orin",
+    "jetson-xavier-nx",
+    "raspberry-pi-5",
+    "raspberry-pi-4",
+    "x86-64-generic",
+    "x86-64-avx512-vnni",
+    "arm64-server",
+    "cloud-gpu",
+}
 VALID = Path(builtin_profile_dir() / "raspberry-pi-5.toml").read_text()
 
 
@@ -20,7 +29,7 @@ def test_every_profile_file_loads(path: Path) -> None:
 
 
 def test_required_device_classes_exist() -> None:
-    assert REQUIRED <= set(load_profiles())
+    assert set(load_profiles()) >= REQUIRED
     assert get_profile("jetson-orin-nano-8gb").gpu_compute_capability == "8.7"
     assert get_profile("jetson-xavier-nx").tensorrt == "8.5.2"
 
@@ -28,11 +37,11 @@ def test_required_device_classes_exist() -> None:
 @pytest.mark.parametrize(
     ("old", "new", "field"),
     [
-        ('cpu_cores = 4', 'cpu_cores = "four"', "cpu_cores"),
-        ('memory_mb = 8192\n', '', "memory_mb"),
+        ("cpu_cores = 4", 'cpu_cores = "four"', "cpu_cores"),
+        ("memory_mb = 8192\n", "", "memory_mb"),
         ('arch = "aarch64"', 'arch = "sparc"', "arch"),
         ('runtimes = ["tflite", "onnxruntime"]', 'runtimes = ["tflite", "caffe"]', "runtimes"),
-        ('latency_budget_ms = 50.0', 'latency_budget_ms = -1.0', "latency_budget_ms"),
+        ("latency_budget_ms = 50.0", "latency_budget_ms = -1.0", "latency_budget_ms"),
         ('accelerator = "none"', 'accelerator = "nvidia-gpu"', "gpu_compute_capability"),
     ],
 )
@@ -65,12 +74,27 @@ def test_detection_picks_the_most_specific_profile() -> None:
     assert found is not None and found.profile.id == "x86-64-generic"
     vnni = detect_profile(profiles, _host(cpu_flags=frozenset({"avx2", "avx512f", "avx512_vnni"})))
     assert vnni is not None and vnni.profile.id == "x86-64-avx512-vnni"
-    pi = detect_profile(profiles, _host(arch="aarch64", cpu_cores=4, cpu_flags=frozenset({"asimd"}),
-                                        device_tree_model="Raspberry Pi 5 Model B Rev 1.0"))  # fmt: skip
+    pi = detect_profile(
+        profiles,
+        _host(
+            arch="aarch64",
+            cpu_cores=4,
+            cpu_flags=frozenset({"asimd"}),
+            device_tree_model="Raspberry Pi 5 Model B Rev 1.0",
+        ),
+    )
     assert pi is not None and pi.profile.id == "raspberry-pi-5"
     assert any("device tree" in r for r in pi.reasons)
-    jetson = detect_profile(profiles, _host(arch="aarch64", cpu_cores=6, cpu_flags=frozenset({"asimd"}), is_jetson=True,
-                                            device_tree_model="NVIDIA Jetson Orin Nano Developer Kit"))  # fmt: skip
+    jetson = detect_profile(
+        profiles,
+        _host(
+            arch="aarch64",
+            cpu_cores=6,
+            cpu_flags=frozenset({"asimd"}),
+            is_jetson=True,
+            device_tree_model="NVIDIA Jetson Orin Nano Developer Kit",
+        ),
+    )
     assert jetson is not None and jetson.profile.id == "jetson-orin-nano-8gb"
     gpu = detect_profile(profiles, _host(gpu_compute_capability="9.0", gpu_name="NVIDIA H100"))
     assert gpu is not None and gpu.profile.id == "cloud-gpu"

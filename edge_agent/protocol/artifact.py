@@ -43,12 +43,17 @@ def describe_file(path: Path, chunk_size: int = DEFAULT_CHUNK_SIZE) -> FileEntry
     for block in iter_chunks(path, chunk_size):
         whole.update(block)
         chunks.append(sha256_hex(block))
-    return FileEntry(path=path.name, size=path.stat().st_size, sha256=whole.hexdigest(),
-                     chunks=tuple(chunks) or (sha256_hex(b""),))  # fmt: skip
+    return FileEntry(
+        path=path.name,
+        size=path.stat().st_size,
+        sha256=whole.hexdigest(),
+        chunks=tuple(chunks) or (sha256_hex(b""),),
+    )
 
 
-def seal(directory: Path, fields: dict[str, Any], key: Ed25519PrivateKey,
-         chunk_size: int = DEFAULT_CHUNK_SIZE) -> Manifest:  # fmt: skip
+def seal(
+    directory: Path, fields: dict[str, Any], key: Ed25519PrivateKey, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> Manifest:
     """Describe every payload file in ``directory``, then write a signed manifest next to them.
 
     ``fields`` holds every manifest field except ``files`` and ``chunk_size``.

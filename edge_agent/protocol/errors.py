@@ -1,10 +1,10 @@
 """Errors of the wire contract.
 
-    ProtocolError
-    ├── MessageError        a message on a topic is malformed (counted and logged, never fatal)
-    └── ArtifactRejected    an artifact failed verification; ``reason`` says which check:
-                            signature, manifest, expired, profile, downgrade, missing-file,
-                            size, sha256, chunk, too-large
+ProtocolError
+├── MessageError        a message on a topic is malformed (counted and logged, never fatal)
+└── ArtifactRejected    an artifact failed verification; ``reason`` says which check:
+                        signature, manifest, expired, profile, downgrade, missing-file,
+                        size, sha256, chunk, too-large
 """
 
 from __future__ import annotations

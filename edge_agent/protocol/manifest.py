@@ -114,7 +114,7 @@ def _bad(what: str) -> ArtifactRejected:
 
 def _get(data: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
     value = data.get(key)
-    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
         raise _bad(f"field '{key}' missing or not {getattr(kind, '__name__', kind)}")
     return value
 
@@ -154,9 +154,11 @@ def _hardware(data: Any) -> Hardware:
     if not all(v is None or isinstance(v, str) for v in optional.values()):
         raise _bad("hardware versions must be strings")
     return Hardware(
-        profile=_get(data, "profile", str), arch=_get(data, "arch", str),
-        accelerator=_get(data, "accelerator", str), **optional,
-    )  # fmt: skip
+        profile=_get(data, "profile", str),
+        arch=_get(data, "arch", str),
+        accelerator=_get(data, "accelerator", str),
+        **optional,
+    )
 
 
 def manifest_from_wire(data: Any) -> Manifest:
@@ -181,12 +183,20 @@ def manifest_from_wire(data: Any) -> Manifest:
     except ValueError as exc:
         raise _bad(str(exc)) from None
     return Manifest(
-        name=name, version=version, release=release, hardware=_hardware(data.get("hardware")),
-        runtime=_get(data, "runtime", str), precision=_get(data, "precision", str),
+        name=name,
+        version=version,
+        release=release,
+        hardware=_hardware(data.get("hardware")),
+        runtime=_get(data, "runtime", str),
+        precision=_get(data, "precision", str),
         inputs=tuple(_tensor(t) for t in _get(data, "inputs", list)),
         outputs=tuple(_tensor(t) for t in _get(data, "outputs", list)),
-        files=files, chunk_size=chunk_size, source_sha256=_get(data, "source_sha256", str),
-        created_at=created, expires_at=expires, tools=_get({"tools": {}, **data}, "tools", dict),
+        files=files,
+        chunk_size=chunk_size,
+        source_sha256=_get(data, "source_sha256", str),
+        created_at=created,
+        expires_at=expires,
+        tools=_get({"tools": {}, **data}, "tools", dict),
         validation=_get({"validation": {}, **data}, "validation", dict),
         latency_ms=_get({"latency_ms": {}, **data}, "latency_ms", dict),
-    )  # fmt: skip
+    )

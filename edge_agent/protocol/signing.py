@@ -71,7 +71,11 @@ class TrustStore:
 def sign_document(document: dict[str, Any], private_key: Ed25519PrivateKey) -> dict[str, str]:
     """The signature record over the canonical JSON of ``document``."""
     signature = private_key.sign(canonical_json(document))
-    return {"alg": ALGORITHM, "key_id": key_id(private_key.public_key()), "sig": base64.b64encode(signature).decode()}
+    return {
+        "alg": ALGORITHM,
+        "key_id": key_id(private_key.public_key()),
+        "sig": base64.b64encode(signature).decode(),
+    }
 
 
 def verify_document(document: dict[str, Any], signature: Any, trust: TrustStore) -> None:

@@ -26,10 +26,17 @@ DATATYPES: dict[str, tuple[Any, str]] = {
 }
 _BY_NUMPY = {np.dtype(v[0]): k for k, v in DATATYPES.items() if k != "BYTES"}
 ONNX_TYPES = {
-    "tensor(float)": "FP32", "tensor(float16)": "FP16", "tensor(double)": "FP64", "tensor(int64)": "INT64",
-    "tensor(int32)": "INT32", "tensor(int16)": "INT16", "tensor(int8)": "INT8", "tensor(uint8)": "UINT8",
-    "tensor(bool)": "BOOL", "tensor(string)": "BYTES",
-}  # fmt: skip
+    "tensor(float)": "FP32",
+    "tensor(float16)": "FP16",
+    "tensor(double)": "FP64",
+    "tensor(int64)": "INT64",
+    "tensor(int32)": "INT32",
+    "tensor(int16)": "INT16",
+    "tensor(int8)": "INT8",
+    "tensor(uint8)": "UINT8",
+    "tensor(bool)": "BOOL",
+    "tensor(string)": "BYTES",
+}
 
 
 class TensorError(ValueError):
@@ -79,7 +86,9 @@ def from_raw(raw: bytes, datatype: str, shape: list[int]) -> np.ndarray:
         return _decode_bytes(raw, count).reshape(shape)
     dtype = np.dtype(DATATYPES[datatype][0]).newbyteorder("<")
     if len(raw) != count * dtype.itemsize:
-        raise TensorError(f"raw contents hold {len(raw)} bytes, shape {shape} of {datatype} needs {count * dtype.itemsize}")
+        raise TensorError(
+            f"raw contents hold {len(raw)} bytes, shape {shape} of {datatype} needs {count * dtype.itemsize}"
+        )
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
@@ -97,5 +106,7 @@ def from_contents(contents: pb.InferTensorContents, datatype: str, shape: list[i
 def fill_contents(contents: pb.InferTensorContents, array: np.ndarray) -> None:
     _, field = DATATYPES[datatype_of(array)]
     flat = array.reshape(-1)
-    values = [v if isinstance(v, bytes) else str(v).encode() for v in flat] if field == "bytes_contents" else flat.tolist()
+    values = (
+        [v if isinstance(v, bytes) else str(v).encode() for v in flat] if field == "bytes_contents" else flat.tolist()
+    )
     getattr(contents, field).extend(values)
