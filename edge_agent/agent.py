@@ -223,5 +223,7 @@ class Agent:
                     self.send_telemetry()
                     next_telemetry = now + self.config.telemetry_interval_s
         finally:
-            self.mqtt.publish(self.topics.status(self.device_id), to_wire(Status("offline", now_text())), retain=True)
+            offline = to_wire(Status("offline", now_text()))
+            if self.mqtt.connected:
+                self.mqtt.publish(self.topics.status(self.device_id), offline, retain=True).wait_for_publish(timeout=2)
             self.mqtt.stop()

@@ -103,7 +103,7 @@ def test_deploy_infer_locally_and_in_the_cloud_and_collect_telemetry(
     finally:
         agent.stop_event.set()
         thread.join(timeout=10)
-    assert admin.request("GET", "/v1/devices")[0]["status"] == "offline"
+    wait_for("device offline", lambda: admin.request("GET", "/v1/devices")[0]["status"] == "offline")
 
 
 def test_operator_errors_are_clear(hub: Hub, tmp_path: Path) -> None:
