@@ -22,7 +22,8 @@ from edge_agent.errors import InputMismatch
 from edge_agent.protocol.manifest import Manifest, manifest_from_wire
 from edge_agent.protocol.oip import pb, pb_grpc
 from edge_agent.protocol.oip.tensors import TensorError, datatype_of, from_contents, from_raw, to_raw
-from edge_agent.runtime import OnnxRuntimeSession, validate_inputs
+from edge_agent.runtimes import validate_inputs
+from edge_agent.runtimes.onnxruntime import OnnxRuntimeSession
 
 log = logging.getLogger(__name__)
 SERVER_NAME = "edgefed-hub"

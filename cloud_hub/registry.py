@@ -101,7 +101,7 @@ class SQLiteRegistry:
                 ("device_id", "model"),
             ),
             "telemetry": (
-                {"device_id": str, "seq": int, "received": float, "dropped": int, "windows": str},
+                {"device_id": str, "seq": int, "received": float, "dropped": int, "windows": str, "histograms": str},
                 ("device_id", "seq"),
             ),
             "audit": ({"ts": float, "actor": str, "action": str, "detail": str}, None),
@@ -210,6 +210,7 @@ class SQLiteRegistry:
             "received": time.time(),
             "dropped": batch.dropped,
             "windows": json.dumps([w.__dict__ for w in batch.windows]),
+            "histograms": json.dumps([h.__dict__ for h in batch.histograms]),
         }
         with self._lock:
             try:
@@ -222,7 +223,10 @@ class SQLiteRegistry:
         where, args = ("device_id = ?", [device_id]) if device_id else (None, [])
         with self._lock:
             rows = self.db.table("telemetry").rows_where(where, args, order_by="device_id, seq")
-            return [{**r, "windows": json.loads(r["windows"])} for r in rows]
+            return [
+                {**r, "windows": json.loads(r["windows"]), "histograms": json.loads(r["histograms"] or "[]")}
+                for r in rows
+            ]
 
     def audit(self, actor: str, action: str, detail: dict[str, Any]) -> None:
         with self._lock:

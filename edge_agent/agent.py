@@ -38,7 +38,7 @@ from edge_agent.protocol.messages import (
 )
 from edge_agent.protocol.signing import TrustStore, verify_document
 from edge_agent.protocol.topics import Topics
-from edge_agent.runtime import open_runtime
+from edge_agent.runtimes import open_runtime
 from edge_agent.store import ModelStore, check_compatible
 from edge_agent.telemetry import SPOOL_FILE, Spool
 from edge_agent.transfer import Transfer

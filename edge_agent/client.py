@@ -1,10 +1,20 @@
-"""EdgeClient: the SDK edge apps call. Local inference first, cloud when no local model can answer."""
+"""EdgeClient: the SDK edge apps call. Local inference first, cloud when no local model can answer.
+
+The hot path does a dict lookup, a clock read, input validation compiled per model, the runtime call
+and one deque append for telemetry. The active pointer is stat()-ed at most every 5 ms per model; a
+new version is loaded and warmed in a background thread and swapped in atomically, while calls in
+flight finish on the session they started with.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -15,11 +25,14 @@ from device_profiles import DeviceProfile, get_profile
 from edge_agent.cloud import CloudClient
 from edge_agent.config import AgentConfig, default_state_dir
 from edge_agent.errors import ConfigError, InferenceFailed, InputMismatch, ModelNotDeployed
-from edge_agent.runtime import Runtime, open_runtime, validate_inputs
+from edge_agent.reference import ReferenceBins
+from edge_agent.runtimes import InputValidator, Runtime, open_runtime
 from edge_agent.store import ActiveRecord, ModelStore
-from edge_agent.telemetry import SPOOL_FILE, CallRecord, Spool, TelemetryRecorder
+from edge_agent.telemetry import SPOOL_FILE, Spool, TelemetryRecorder
 
+log = logging.getLogger(__name__)
 POINTER_CHECK_INTERVAL_S = 0.005
+Inputs = dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -30,6 +43,7 @@ class InferResult:
     route: str  # "local" or "cloud"
     latency_ms: float
     reason: str = ""  # why this route answered
+    cached: bool = False
 
 
 @dataclass(frozen=True)
@@ -39,12 +53,27 @@ class ModelInfo:
     versions: tuple[str, ...]
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Loaded:
     record: ActiveRecord
     runtime: Runtime
-    pointer_stamp: tuple[int, int]
-    checked_at: float = field(default=0.0)
+    validator: InputValidator
+    reference: ReferenceBins | None
+
+
+@dataclass
+class _Slot:
+    loaded: _Loaded | None = None
+    stamp: tuple[int, int] | None = None
+    checked_at: float = 0.0
+    loading: bool = False
+    swaps: int = field(default=0)
+
+
+def _warm_up(runtime: Runtime) -> None:
+    specs = runtime.manifest.inputs
+    if all(s.dtype != "bytes" for s in specs):
+        runtime.run({s.name: np.zeros([d if isinstance(d, int) else 1 for d in s.shape], s.dtype) for s in specs})
 
 
 class EdgeClient:
@@ -52,6 +81,7 @@ class EdgeClient:
 
     ``EdgeClient()`` reads the state directory the agent wrote (``EDGEFED_STATE_DIR`` or the default);
     ``cloud`` overrides the agent's cloud endpoint (``grpc://host:port``) and ``cloud=False`` disables it.
+    ``cache_size`` > 0 enables an LRU prediction cache keyed by the input bytes and the model version.
     """
 
     def __init__(
@@ -62,6 +92,7 @@ class EdgeClient:
         cloud_timeout_s: float = 2.0,
         telemetry: bool = True,
         allow_cast: bool = False,
+        cache_size: int = 0,
     ) -> None:
         self.state_dir = Path(state_dir) if state_dir else default_state_dir()
         config = self._config()
@@ -71,8 +102,13 @@ class EdgeClient:
         endpoint = cloud if isinstance(cloud, str) else (config.cloud if config and cloud is not False else None)
         self._cloud = CloudClient(endpoint, cloud_timeout_s) if endpoint else None
         self._recorder = TelemetryRecorder(Spool(self.state_dir / SPOOL_FILE)) if telemetry else None
-        self._loaded: dict[str, _Loaded] = {}
+        self._slots: dict[str, _Slot] = {}
         self._lock = threading.Lock()
+        self._cache: OrderedDict[tuple[str, str, bytes], dict[str, np.ndarray]] | None = (
+            OrderedDict() if cache_size > 0 else None
+        )
+        self._cache_size = cache_size
+        self._cache_lock = threading.Lock()
 
     def _config(self) -> AgentConfig | None:
         try:
@@ -82,6 +118,7 @@ class EdgeClient:
                 raise
             return None
 
+    # model loading and hot swap ---------------------------------------------------------------
     def _pointer_stamp(self, name: str) -> tuple[int, int] | None:
         try:
             st = os.stat(self.store.active_path(name))
@@ -90,81 +127,157 @@ class EdgeClient:
         return st.st_ino, st.st_mtime_ns
 
     def _local(self, name: str) -> _Loaded | None:
-        """The loaded runtime for the active version, re-checking the pointer at most every few ms."""
-        loaded, now = self._loaded.get(name), time.monotonic()
-        if loaded is not None and now - loaded.checked_at < POINTER_CHECK_INTERVAL_S:
-            return loaded
+        slot = self._slots.get(name)
+        now = time.monotonic()
+        if slot is not None and now - slot.checked_at < POINTER_CHECK_INTERVAL_S:
+            return slot.loaded
+        return self._refresh(name, now)
+
+    def _refresh(self, name: str, now: float) -> _Loaded | None:
         stamp = self._pointer_stamp(name)
-        if loaded is not None and stamp == loaded.pointer_stamp:
-            loaded.checked_at = now
-            return loaded
         with self._lock:
-            return self._load(name, stamp)
+            slot = self._slots.setdefault(name, _Slot())
+            slot.checked_at = now
+            if stamp == slot.stamp or slot.loading:
+                return slot.loaded
+            record = self.store.active(name) if stamp else None
+            if record is None:
+                slot.loaded, slot.stamp = None, stamp
+            elif slot.loaded is not None and slot.loaded.record == record:
+                slot.stamp = stamp
+            elif slot.loaded is None:
+                slot.loaded, slot.stamp = self._open(name, record), stamp
+            else:
+                slot.loading = True
+                threading.Thread(target=self._swap, args=(name, slot, record, stamp), daemon=True).start()
+            return slot.loaded
 
-    def _load(self, name: str, stamp: tuple[int, int] | None) -> _Loaded | None:
-        record = self.store.active(name) if stamp else None
-        if record is None:
-            self._loaded.pop(name, None)
-            return None
-        current = self._loaded.get(name)
-        if current is not None and current.record == record:
-            current.pointer_stamp, current.checked_at = stamp or (0, 0), time.monotonic()
-            return current
+    def _open(self, name: str, record: ActiveRecord) -> _Loaded:
         directory = self.store.version_dir(name, record.version)
-        runtime = open_runtime(directory, self.store.manifest(name, record.version), self.profile)
-        loaded = _Loaded(record, runtime, stamp or (0, 0), time.monotonic())
-        self._loaded[name] = loaded
-        return loaded
+        manifest = self.store.manifest(name, record.version)
+        runtime = open_runtime(directory, manifest, self.profile, self.state_dir / "engines")
+        return _Loaded(record, runtime, InputValidator(manifest), ReferenceBins.load(directory))
 
-    def infer(self, model: str, inputs: dict[str, np.ndarray] | np.ndarray) -> InferResult:
+    def _swap(self, name: str, slot: _Slot, record: ActiveRecord, stamp: tuple[int, int]) -> None:
+        """Load and warm the new version off the caller's path, then switch in one assignment."""
+        try:
+            loaded = self._open(name, record)
+            _warm_up(loaded.runtime)
+        except Exception:
+            log.exception("could not load %s@%s; staying on the current version", name, record.version)
+            loaded = None
+        with self._lock:
+            if loaded is not None:
+                slot.loaded = loaded
+                slot.swaps += 1
+            slot.stamp, slot.loading = stamp, False
+
+    # inference ---------------------------------------------------------------------------------
+    def infer(self, model: str, inputs: Inputs | np.ndarray) -> InferResult:
         """Run ``model`` locally when a version is active, else on the cloud route."""
         start = time.perf_counter()
         loaded = self._local(model)
-        if isinstance(inputs, np.ndarray):
-            inputs = self._single_input(model, inputs, loaded)
-        if loaded is not None:
-            try:
-                checked = validate_inputs(loaded.runtime.manifest, inputs, self.allow_cast)
-                outputs = loaded.runtime.run(checked)
-                return self._done(model, loaded.record.version, "local", outputs, start, "active locally")
-            except InputMismatch:
-                self._record(model, loaded.record.version, "local", start, ok=False)
-                raise
-            except Exception as exc:
-                self._record(model, loaded.record.version, "local", start, ok=False)
-                if self._cloud is None:
-                    raise InferenceFailed(f"{model}@{loaded.record.version}: {exc}") from exc
-                return self._cloud_infer(model, inputs, start, f"local runtime failed: {exc}")
-        if self._cloud is None:
-            raise ModelNotDeployed(f"{model} is not installed in {self.state_dir} and no cloud endpoint is set")
-        return self._cloud_infer(model, inputs, start, "no local version")
+        if type(inputs) is not dict:
+            inputs = self._single_input(model, inputs, loaded)  # type: ignore[arg-type]
+        if loaded is None:
+            if self._cloud is None:
+                raise ModelNotDeployed(f"{model} is not installed in {self.state_dir} and no cloud endpoint is set")
+            return self._cloud_infer(model, inputs, start, "no local version", "")
+        version = loaded.record.version
+        try:
+            checked = loaded.validator(inputs, self.allow_cast)
+        except InputMismatch:
+            self._record(model, version, "local", start, False)
+            raise
+        if self._cache is not None:
+            hit = self._cached(model, version, checked, start)
+            if hit is not None:
+                return hit
+        try:
+            outputs = loaded.runtime.run(checked)
+        except Exception as exc:
+            self._record(model, version, "local", start, False)
+            if self._cloud is None:
+                raise InferenceFailed(f"{model}@{version}: {exc}") from exc
+            return self._cloud_infer(model, checked, start, f"local runtime failed: {exc}", version)
+        latency_ms = (time.perf_counter() - start) * 1000
+        if self._recorder is not None:
+            self._recorder.record(model, version, "local", latency_ms, True, loaded.reference, checked, outputs)
+        if self._cache is not None:
+            self._remember(model, version, checked, outputs)
+        return InferResult(outputs, model, version, "local", latency_ms, "active locally")
 
-    def _single_input(self, model: str, array: np.ndarray, loaded: _Loaded | None) -> dict[str, np.ndarray]:
+    def infer_batch(self, model: str, items: list[Inputs]) -> list[InferResult]:
+        """Concatenate several inputs along axis 0, run once, and split the outputs back per item."""
+        if not items:
+            return []
+        names = list(items[0])
+        joined = {n: np.concatenate([np.asarray(item[n]) for item in items]) for n in names}
+        result = self.infer(model, joined)
+        sizes = np.cumsum([len(np.asarray(item[names[0]])) for item in items])[:-1]
+        parts = {n: np.split(v, sizes) for n, v in result.outputs.items()}
+        return [
+            InferResult({n: parts[n][i] for n in parts}, model, result.version, result.route, result.latency_ms,
+                        result.reason, result.cached)
+            for i in range(len(items))
+        ]  # fmt: skip
+
+    async def ainfer(self, model: str, inputs: Inputs | np.ndarray) -> InferResult:
+        """``infer`` for asyncio apps: runs in a worker thread, never blocks the event loop."""
+        return await asyncio.to_thread(self.infer, model, inputs)
+
+    def _single_input(self, model: str, array: np.ndarray, loaded: _Loaded | None) -> Inputs:
         if loaded is None or len(loaded.runtime.manifest.inputs) != 1:
             raise InputMismatch("-", f"a dict of named inputs for {model}", "a bare array")
         return {loaded.runtime.manifest.inputs[0].name: array}
 
-    def _cloud_infer(self, model: str, inputs: dict[str, np.ndarray], start: float, reason: str) -> InferResult:
+    def _cloud_infer(self, model: str, inputs: Inputs, start: float, reason: str, version: str) -> InferResult:
         assert self._cloud is not None
         try:
-            version, outputs = self._cloud.infer(model, inputs)
+            answered, outputs = self._cloud.infer(model, inputs, version)
         except Exception:
-            self._record(model, "", "cloud", start, ok=False)
+            self._record(model, version, "cloud", start, False)
             raise
-        return self._done(model, version, "cloud", outputs, start, reason)
-
-    def _done(
-        self, model: str, version: str, route: str, outputs: dict[str, np.ndarray], start: float, reason: str
-    ) -> InferResult:
-        latency_ms = self._record(model, version, route, start, ok=True)
-        return InferResult(outputs, model, version, route, latency_ms, reason)
+        latency_ms = self._record(model, answered, "cloud", start, True)
+        return InferResult(outputs, model, answered, "cloud", latency_ms, reason)
 
     def _record(self, model: str, version: str, route: str, start: float, ok: bool) -> float:
         latency_ms = (time.perf_counter() - start) * 1000
         if self._recorder is not None:
-            self._recorder.record(CallRecord(time.time(), model, version, route, latency_ms, ok))
+            self._recorder.record(model, version, route, latency_ms, ok)
         return latency_ms
 
+    # prediction cache --------------------------------------------------------------------------
+    @staticmethod
+    def _cache_key(model: str, version: str, inputs: Inputs) -> tuple[str, str, bytes]:
+        digest = hashlib.blake2b(digest_size=16)
+        for name in sorted(inputs):
+            array = np.ascontiguousarray(inputs[name])
+            digest.update(f"{name}|{array.dtype}|{array.shape}".encode())
+            digest.update(array.data)
+        return model, version, digest.digest()
+
+    def _cached(self, model: str, version: str, inputs: Inputs, start: float) -> InferResult | None:
+        assert self._cache is not None
+        key = self._cache_key(model, version, inputs)
+        with self._cache_lock:
+            outputs = self._cache.get(key)
+            if outputs is None:
+                return None
+            self._cache.move_to_end(key)
+        latency_ms = self._record(model, version, "cache", start, True)
+        return InferResult(outputs, model, version, "local", latency_ms, "prediction cache hit", cached=True)
+
+    def _remember(self, model: str, version: str, inputs: Inputs, outputs: dict[str, np.ndarray]) -> None:
+        assert self._cache is not None
+        for array in outputs.values():
+            array.flags.writeable = False  # shared with later hits
+        with self._cache_lock:
+            self._cache[self._cache_key(model, version, inputs)] = outputs
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+
+    # housekeeping ------------------------------------------------------------------------------
     def models(self) -> list[ModelInfo]:
         """Installed models with their active version."""
         infos = []

@@ -145,11 +145,23 @@ class TelemetryWindow:
 
 
 @dataclass(frozen=True)
+class TensorHistogram:
+    """Counts of one tensor's values on the reference bins of a model version (the drift feed)."""
+
+    model: str
+    version: str
+    tensor: str
+    edges: tuple[float, ...]
+    counts: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class TelemetryBatch:
     device_id: str
     seq: int
     windows: tuple[TelemetryWindow, ...] = ()
     dropped: int = 0
+    histograms: tuple[TensorHistogram, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,46 @@
+"""ONNX Runtime: CPU EP (verified), CUDA and TensorRT EPs requested when the artifact's runtime or the
+profile asks for them and this ONNX Runtime build offers them (unverified without a GPU)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from device_profiles import DeviceProfile
+from edge_agent.protocol.manifest import Manifest
+
+PROVIDERS = {
+    "onnxruntime-tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider"],
+    "onnxruntime-cuda": ["CUDAExecutionProvider"],
+    "onnxruntime": [],
+}
+
+
+def choose_providers(manifest: Manifest, profile: DeviceProfile | None, available: set[str]) -> list[str]:
+    """Providers in preference order, always ending with CPU."""
+    wanted = list(PROVIDERS.get(manifest.runtime, []))
+    for runtime in profile.runtimes if profile else ():
+        wanted += [p for p in PROVIDERS.get(runtime, []) if p not in wanted]
+    return [p for p in wanted if p in available] + ["CPUExecutionProvider"]
+
+
+class OnnxRuntimeSession:
+    """An ONNX Runtime session over an installed artifact's ``model.onnx`` (``run`` is thread-safe)."""
+
+    def __init__(self, directory: Path, manifest: Manifest, profile: DeviceProfile | None = None) -> None:
+        import onnxruntime as ort
+
+        self.manifest = manifest
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if profile is not None:
+            options.intra_op_num_threads = min(profile.cpu_cores, os.cpu_count() or 1)
+        providers = choose_providers(manifest, profile, set(ort.get_available_providers()))
+        self.session = ort.InferenceSession(str(directory / "model.onnx"), options, providers=providers)
+        self.providers = self.session.get_providers()
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.output_names, self.session.run(self.output_names, inputs), strict=True))
