@@ -103,6 +103,7 @@ class EdgeClient:
         self._cloud = CloudClient(endpoint, cloud_timeout_s) if endpoint else None
         self._recorder = TelemetryRecorder(Spool(self.state_dir / SPOOL_FILE)) if telemetry else None
         self._slots: dict[str, _Slot] = {}
+        self._loaders: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._cache: OrderedDict[tuple[str, str, bytes], dict[str, np.ndarray]] | None = (
             OrderedDict() if cache_size > 0 else None
@@ -137,34 +138,45 @@ class EdgeClient:
         stamp = self._pointer_stamp(name)
         with self._lock:
             slot = self._slots.setdefault(name, _Slot())
-            slot.checked_at = now
-            if stamp == slot.stamp or slot.loading:
-                return slot.loaded
-            record = self.store.active(name) if stamp else None
-            if record is None:
-                slot.loaded, slot.stamp = None, stamp
-            elif slot.loaded is not None and slot.loaded.record == record:
-                slot.stamp = stamp
-            elif slot.loaded is None:
-                slot.loaded, slot.stamp = self._open(name, record), stamp
-            else:
-                slot.loading = True
-                threading.Thread(target=self._swap, args=(name, slot, record, stamp), daemon=True).start()
+            if stamp != slot.stamp and not slot.loading:
+                self._follow(name, slot, stamp)
+            slot.checked_at = now  # last: the lock-free fast path trusts a fresh check only once resolved
             return slot.loaded
 
-    def _open(self, name: str, record: ActiveRecord) -> _Loaded:
-        directory = self.store.version_dir(name, record.version)
-        manifest = self.store.manifest(name, record.version)
-        runtime = open_runtime(directory, manifest, self.profile, self.state_dir / "engines")
+    def _follow(self, name: str, slot: _Slot, stamp: tuple[int, int] | None) -> None:
+        """React to a changed active pointer (called with the lock held)."""
+        record = self.store.active(name) if stamp else None
+        if record is None:
+            slot.loaded, slot.stamp = None, stamp
+        elif slot.loaded is not None and slot.loaded.record == record:
+            slot.stamp = stamp
+        elif slot.loaded is None:
+            slot.loaded, slot.stamp = self._open(name), stamp
+        else:
+            slot.loading = True
+            loader = threading.Thread(target=self._swap, args=(name, slot, stamp), daemon=True)
+            self._loaders = [t for t in self._loaders if t.is_alive()] + [loader]
+            loader.start()
+
+    def _open(self, name: str) -> _Loaded | None:
+        """Load the active version under the store's shared lock, so no process prunes it meanwhile."""
+        with self.store.locked(shared=True):
+            record = self.store.active(name)
+            if record is None:
+                return None
+            directory = self.store.version_dir(name, record.version)
+            manifest = self.store.manifest(name, record.version)
+            runtime = open_runtime(directory, manifest, self.profile, self.state_dir / "engines")
         return _Loaded(record, runtime, InputValidator(manifest), ReferenceBins.load(directory))
 
-    def _swap(self, name: str, slot: _Slot, record: ActiveRecord, stamp: tuple[int, int]) -> None:
+    def _swap(self, name: str, slot: _Slot, stamp: tuple[int, int]) -> None:
         """Load and warm the new version off the caller's path, then switch in one assignment."""
         try:
-            loaded = self._open(name, record)
-            _warm_up(loaded.runtime)
+            loaded = self._open(name)
+            if loaded is not None:
+                _warm_up(loaded.runtime)
         except Exception:
-            log.exception("could not load %s@%s; staying on the current version", name, record.version)
+            log.exception("could not load the new active version of %s; staying on the current one", name)
             loaded = None
         with self._lock:
             if loaded is not None:
@@ -288,6 +300,8 @@ class EdgeClient:
         return infos
 
     def close(self) -> None:
+        for loader in self._loaders:  # a runtime must not be torn down mid-construction at exit
+            loader.join(timeout=30)
         if self._recorder is not None:
             self._recorder.close()
         if self._cloud is not None:

@@ -2,7 +2,7 @@
 
     models/{name}/versions/{version}/   a verified artifact (manifest.json, signature, payload files)
     models/{name}/active.json           {"version", "artifact_id", "release", "previous"}
-    models/.lock                        flock held by writers (agent and CLI processes)
+    models/.lock                        flock: exclusive for writers, shared for readers loading a version
 
 Nothing is written before an artifact passes every check, a version directory appears only by an
 atomic rename of a complete staging directory, and the active pointer changes by write-fsync-rename,
@@ -57,9 +57,11 @@ class ModelStore:
         root.mkdir(parents=True, exist_ok=True)
 
     @contextmanager
-    def locked(self) -> Iterator[None]:
+    def locked(self, shared: bool = False) -> Iterator[None]:
+        """Exclusive for writers (install, activate, prune); ``shared`` for readers opening a version,
+        so retention never deletes a version while another process is loading it."""
         with open(self.root / ".lock", "a+") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+            fcntl.flock(handle, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             try:
                 yield
             finally:

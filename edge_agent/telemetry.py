@@ -1,15 +1,19 @@
-"""The telemetry spool: every SDK call leaves a record in SQLite (WAL) without blocking the caller.
+"""The telemetry spool: every SDK call leaves a compact record in SQLite (WAL) without blocking the caller.
 
-Apps enqueue records on a bounded in-memory queue that a writer thread drains in batches; a full queue
-or a full spool drops records, and every drop is counted and reported to the hub. The agent turns
-records into aggregated windows and moves them into an outbox in one transaction; an outbox entry is
-deleted only when the hub acknowledges its sequence number, so a crash loses nothing and a resent
-batch is deduplicated by the hub on (device, seq).
+The caller appends one tuple to a deque. A writer thread drains it every ``flush_interval_s``, packs
+the calls of each (model, version, route) into one row of numpy arrays (timestamp f8, latency f4,
+ok u1: 13 bytes a call), computes input/output histograms on the model's reference bins, and writes
+it all in one transaction. (A row per call cost ≈ 10 µs of CPU per call on 2 cores, which the
+inference threads felt; packed rows cost well under 1 µs.) A full queue or a full spool drops
+records, and every drop is counted and reported to the hub.
+
+The agent aggregates the packed calls into windows and moves them into an outbox in one transaction;
+an outbox entry is deleted only when the hub acknowledges its sequence number, so a crash loses
+nothing and a resent batch is deduplicated by the hub on (device, seq).
 """
 
 from __future__ import annotations
 
-import bisect
 import json
 import sqlite3
 import threading
@@ -27,12 +31,14 @@ from edge_agent.protocol.messages import LATENCY_EDGES_MS, TelemetryBatch, Telem
 from edge_agent.reference import ReferenceBins, bin_counts
 
 SPOOL_FILE = "telemetry.db"
-MAX_SPOOL_ROWS = 200_000
-QUEUE_SIZE = 10_000
-MAX_SUMMARY_BYTES = 64 * 1024  # larger inputs are not copied for summaries; outputs always are summarised
+MAX_SPOOL_CALLS = 1_000_000
+QUEUE_SIZE = 100_000
+FLUSH_INTERVAL_S = 0.25
+MAX_SUMMARY_BYTES = 64 * 1024  # larger inputs are not copied for summaries; outputs always are
+_EDGES = np.asarray(LATENCY_EDGES_MS)
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS calls (id INTEGER PRIMARY KEY, ts REAL, model TEXT, version TEXT, route TEXT,
-                                  latency_ms REAL, ok INTEGER);
+CREATE TABLE IF NOT EXISTS calls (id INTEGER PRIMARY KEY, model TEXT, version TEXT, route TEXT, n INTEGER,
+                                  ts BLOB, latency_ms BLOB, ok BLOB);
 CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, payload TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS histograms (model TEXT, version TEXT, tensor TEXT, edges TEXT, counts TEXT,
@@ -41,20 +47,32 @@ CREATE TABLE IF NOT EXISTS histograms (model TEXT, version TEXT, tensor TEXT, ed
 
 
 @dataclass(frozen=True)
-class CallRecord:
-    ts: float
+class CallBlock:
+    """The calls of one (model, version, route), packed."""
+
     model: str
     version: str
     route: str
-    latency_ms: float
-    ok: bool
+    ts: np.ndarray  # float64 Unix seconds
+    latency_ms: np.ndarray  # float32
+    ok: np.ndarray  # uint8
+
+    def row(self) -> tuple[Any, ...]:
+        return (self.model, self.version, self.route, len(self.ts), self.ts.astype("<f8").tobytes(),
+                self.latency_ms.astype("<f4").tobytes(), self.ok.astype(np.uint8).tobytes())  # fmt: skip
+
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...]) -> CallBlock:
+        model, version, route, _, ts, latency, ok = row
+        return cls(model, version, route, np.frombuffer(ts, "<f8"), np.frombuffer(latency, "<f4"),
+                   np.frombuffer(ok, np.uint8))  # fmt: skip
 
 
 class Spool:
     """SQLite spool shared by the app processes (writers) and the agent (reader and uploader)."""
 
-    def __init__(self, path: Path, max_rows: int = MAX_SPOOL_ROWS) -> None:
-        self.path, self.max_rows = path, max_rows
+    def __init__(self, path: Path, max_calls: int = MAX_SPOOL_CALLS) -> None:
+        self.path, self.max_calls = path, max_calls
         with self._connect() as db:
             db.executescript(_SCHEMA)
 
@@ -75,23 +93,30 @@ class Spool:
             (name, by),
         )
 
-    def append(self, records: list[CallRecord], dropped: int = 0, histograms: Histograms | None = None) -> None:
-        """Store records and histogram counts; beyond ``max_rows`` the oldest records are dropped and counted."""
+    def append(self, blocks: list[CallBlock], dropped: int = 0, histograms: Histograms | None = None) -> None:
+        """Store packed calls and histogram counts; past ``max_calls`` the oldest rows go and are counted."""
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
+            db.executemany(
+                "INSERT INTO calls (model, version, route, n, ts, latency_ms, ok) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [b.row() for b in blocks],
+            )
             for (model, version, tensor), (edges, counts) in histograms.counts.items() if histograms else ():
                 self._merge_histogram(db, model, version, tensor, edges, counts)
-            db.executemany(
-                "INSERT INTO calls (ts, model, version, route, latency_ms, ok) VALUES (?, ?, ?, ?, ?, ?)",
-                [(r.ts, r.model, r.version, r.route, r.latency_ms, int(r.ok)) for r in records],
-            )
-            (count,) = db.execute("SELECT COUNT(*) FROM calls").fetchone()
-            overflow = max(0, count - self.max_rows)
-            if overflow:
-                db.execute("DELETE FROM calls WHERE id IN (SELECT id FROM calls ORDER BY id LIMIT ?)", (overflow,))
-            if overflow + dropped:
-                self._bump(db, "dropped", overflow + dropped)
+            dropped += self._enforce_cap(db)
+            if dropped:
+                self._bump(db, "dropped", dropped)
             db.execute("COMMIT")
+
+    def _enforce_cap(self, db: sqlite3.Connection) -> int:
+        total = db.execute("SELECT COALESCE(SUM(n), 0) FROM calls").fetchone()[0]
+        removed = 0
+        for row_id, n in db.execute("SELECT id, n FROM calls ORDER BY id").fetchall():
+            if total - removed <= self.max_calls:
+                break
+            db.execute("DELETE FROM calls WHERE id = ?", (row_id,))
+            removed += n
+        return int(removed)
 
     @staticmethod
     def _merge_histogram(db: sqlite3.Connection, model: str, version: str, tensor: str, edges: np.ndarray,
@@ -111,87 +136,99 @@ class Spool:
 
     def pending_calls(self) -> int:
         with self._connect() as db:
-            return int(db.execute("SELECT COUNT(*) FROM calls").fetchone()[0])
+            return int(db.execute("SELECT COALESCE(SUM(n), 0) FROM calls").fetchone()[0])
 
-    def next_batch(self, device_id: str, limit: int = 50_000) -> TelemetryBatch | None:
+    def next_batch(self, device_id: str, limit_rows: int = 10_000) -> TelemetryBatch | None:
         """The oldest unacknowledged batch; aggregates new calls into one when the outbox is empty."""
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
             row = db.execute("SELECT payload FROM outbox ORDER BY seq LIMIT 1").fetchone()
-            if row is None:
-                row = self._build_batch(db, device_id, limit)
+            payload = row[0] if row else self._build_batch(db, device_id, limit_rows)
             db.execute("COMMIT")
-        if row is None:
-            return None
-        return from_wire(TelemetryBatch, row[0].encode())
+        return None if payload is None else from_wire(TelemetryBatch, payload.encode())
 
-    def _build_batch(self, db: sqlite3.Connection, device_id: str, limit: int) -> tuple[str] | None:
+    def _build_batch(self, db: sqlite3.Connection, device_id: str, limit_rows: int) -> str | None:
         rows = db.execute(
-            "SELECT id, ts, model, version, route, latency_ms, ok FROM calls ORDER BY id LIMIT ?", (limit,)
+            "SELECT id, model, version, route, n, ts, latency_ms, ok FROM calls ORDER BY id LIMIT ?", (limit_rows,)
         ).fetchall()
-        dropped_row = db.execute("SELECT value FROM counters WHERE name = 'dropped'").fetchone()
-        reported_row = db.execute("SELECT value FROM counters WHERE name = 'dropped_reported'").fetchone()
-        new_drops = (dropped_row[0] if dropped_row else 0) - (reported_row[0] if reported_row else 0)
+        dropped = self._counter_in(db, "dropped") - self._counter_in(db, "dropped_reported")
         histograms = tuple(
             TensorHistogram(model, version, tensor, tuple(json.loads(edges)), tuple(json.loads(counts)))
             for model, version, tensor, edges, counts in db.execute("SELECT * FROM histograms ORDER BY 1, 2, 3")
         )
-        if not rows and not new_drops and not histograms:
+        if not rows and not dropped and not histograms:
             return None
         self._bump(db, "seq", 1)
-        seq = db.execute("SELECT value FROM counters WHERE name = 'seq'").fetchone()[0]
-        batch = TelemetryBatch(device_id, seq, aggregate(rows), new_drops, histograms)
-        db.execute("DELETE FROM histograms")
+        seq = self._counter_in(db, "seq")
+        batch = TelemetryBatch(
+            device_id, seq, aggregate([CallBlock.from_row(r[1:]) for r in rows]), dropped, histograms
+        )
         payload = json.dumps(asdict(batch))
         db.execute("INSERT INTO outbox VALUES (?, ?)", (seq, payload))
         if rows:
             db.execute("DELETE FROM calls WHERE id <= ?", (rows[-1][0],))
-        if new_drops:
-            self._bump(db, "dropped_reported", new_drops)
-        return (payload,)
+        db.execute("DELETE FROM histograms")
+        if dropped:
+            self._bump(db, "dropped_reported", dropped)
+        return payload
+
+    @staticmethod
+    def _counter_in(db: sqlite3.Connection, name: str) -> int:
+        row = db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
+        return int(row[0]) if row else 0
 
     def acknowledge(self, seq: int) -> None:
         with self._connect() as db:
             db.execute("DELETE FROM outbox WHERE seq <= ?", (seq,))
 
 
-def aggregate(rows: list[tuple[int, float, str, str, str, float, int]]) -> tuple[TelemetryWindow, ...]:
+def aggregate(blocks: list[CallBlock]) -> tuple[TelemetryWindow, ...]:
     """One window per (model, version, route): counts, errors, latency sum and histogram."""
-    groups: dict[tuple[str, str, str], list[tuple[float, float, int]]] = {}
-    for _, ts, model, version, route, latency, ok in rows:
-        groups.setdefault((model, version, route), []).append((ts, latency, ok))
+    groups: dict[tuple[str, str, str], list[CallBlock]] = {}
+    for block in blocks:
+        groups.setdefault((block.model, block.version, block.route), []).append(block)
     windows = []
-    for (model, version, route), calls in sorted(groups.items()):
-        hist = [0] * (len(LATENCY_EDGES_MS) + 1)
-        for _, latency, _ in calls:
-            hist[bisect.bisect_left(LATENCY_EDGES_MS, latency)] += 1
-        windows.append(
-            TelemetryWindow(
-                model=model,
-                version=version,
-                route=route,
-                start=min(c[0] for c in calls),
-                end=max(c[0] for c in calls),
-                count=len(calls),
-                errors=sum(1 for c in calls if not c[2]),
-                latency_ms_sum=round(sum(c[1] for c in calls), 6),
-                latency_hist=tuple(hist),
-            )
-        )
+    for (model, version, route), parts in sorted(groups.items()):
+        ts = np.concatenate([p.ts for p in parts])
+        latency = np.concatenate([p.latency_ms for p in parts]).astype(np.float64)
+        ok = np.concatenate([p.ok for p in parts])
+        hist = np.bincount(np.searchsorted(_EDGES, latency, side="left"), minlength=len(_EDGES) + 1)
+        windows.append(TelemetryWindow(
+            model=model, version=version, route=route, start=float(ts.min()), end=float(ts.max()),
+            count=len(ts), errors=int(len(ok) - ok.sum()), latency_ms_sum=round(float(latency.sum()), 6),
+            latency_hist=tuple(int(c) for c in hist),
+        ))  # fmt: skip
     return tuple(windows)
+
+
+class Histograms:
+    """Values per (model, version, tensor) collected over a flush, binned once on the reference edges."""
+
+    def __init__(self) -> None:
+        self.values: dict[tuple[str, str, str], tuple[np.ndarray, list[np.ndarray]]] = {}
+
+    def add(self, model: str, version: str, reference: ReferenceBins, *tensors: dict[str, np.ndarray]) -> None:
+        for group in tensors:
+            for name, values in group.items():
+                edges = reference.edges.get(name)
+                if edges is not None and values.dtype.kind in "biuf":
+                    self.values.setdefault((model, version, name), (edges, []))[1].append(values.ravel())
+
+    @property
+    def counts(self) -> dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]]:
+        return {key: (edges, bin_counts(np.concatenate(parts), edges)) for key, (edges, parts) in self.values.items()}
 
 
 class TelemetryRecorder:
     """Non-blocking front of the spool for app processes: ``record`` is one deque append.
 
-    A writer thread drains the deque every ``flush_interval_s``, computes the input/output histograms on
-    the model's reference bins off the caller's path, and writes everything to the spool in one
-    transaction. Beyond ``QUEUE_SIZE`` pending records new ones are dropped and counted.
+    Beyond ``QUEUE_SIZE`` pending records new ones are dropped and counted (never silently).
     """
 
-    def __init__(self, spool: Spool, flush_interval_s: float = 0.05) -> None:
-        self.spool, self.flush_interval_s = spool, flush_interval_s
+    def __init__(self, spool: Spool, flush_interval_s: float | None = None) -> None:
+        self.spool, self.flush_interval_s = spool, flush_interval_s or FLUSH_INTERVAL_S
         self._pending: deque[tuple[Any, ...]] = deque()
+        self.queue_size = QUEUE_SIZE
         self._overflow = 0
         self._flush_lock = threading.Lock()
         self._stop = threading.Event()
@@ -203,7 +240,7 @@ class TelemetryRecorder:
         reference: ReferenceBins | None = None, inputs: dict[str, np.ndarray] | None = None,
         outputs: dict[str, np.ndarray] | None = None,
     ) -> None:  # fmt: skip
-        if len(self._pending) >= QUEUE_SIZE:
+        if len(self._pending) >= self.queue_size:
             self._overflow += 1
             return
         if reference is not None and inputs is not None:
@@ -216,37 +253,25 @@ class TelemetryRecorder:
         self.flush()
 
     def flush(self) -> None:
+        """Write everything recorded so far to the spool."""
         with self._flush_lock:
             while self._pending or self._overflow:
-                records: list[CallRecord] = []
+                groups: dict[tuple[str, str, str], list[tuple[float, float, bool]]] = {}
                 histograms = Histograms()
-                while self._pending and len(records) < 4096:
+                for _ in range(min(len(self._pending), 50_000)):
                     ts, model, version, route, latency, ok, reference, inputs, outputs = self._pending.popleft()
-                    records.append(CallRecord(ts, model, version, route, latency, ok))
+                    groups.setdefault((model, version, route), []).append((ts, latency, ok))
                     if reference is not None:
                         histograms.add(model, version, reference, inputs or {}, outputs or {})
+                blocks = [self._pack(key, calls) for key, calls in groups.items()]
                 dropped, self._overflow = self._overflow, 0
-                self.spool.append(records, dropped, histograms)
+                self.spool.append(blocks, dropped, histograms)
+
+    @staticmethod
+    def _pack(key: tuple[str, str, str], calls: list[tuple[float, float, bool]]) -> CallBlock:
+        ts, latency, ok = zip(*calls, strict=True)
+        return CallBlock(*key, np.array(ts, np.float64), np.array(latency, np.float32), np.array(ok, np.uint8))
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-
-
-class Histograms:
-    """Counts per (model, version, tensor) on the reference bins, summed over a flush."""
-
-    def __init__(self) -> None:
-        self.counts: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]] = {}
-
-    def add(self, model: str, version: str, reference: ReferenceBins, *tensors: dict[str, np.ndarray]) -> None:
-        for group in tensors:
-            for name, values in group.items():
-                edges = reference.edges.get(name)
-                if edges is None or values.dtype.kind not in "biuf":
-                    continue
-                key = (model, version, name)
-                counts = bin_counts(values, edges)
-                if key in self.counts:
-                    counts = counts + self.counts[key][1]
-                self.counts[key] = (edges, counts)
