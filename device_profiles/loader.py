@@ -15,6 +15,7 @@ ARCHES = ("x86_64", "aarch64", "armv7l")
 ACCELERATORS = ("none", "nvidia-gpu", "nvidia-jetson")
 RUNTIMES = ("onnxruntime", "onnxruntime-cuda", "onnxruntime-tensorrt", "tensorrt", "tflite")
 PRECISIONS = ("fp32", "fp16", "int8")
+GRAPH_OPTIMIZATIONS = ("disabled", "basic", "extended", "all")
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
 _VERSION_RE = re.compile(r"^\d+(\.\d+)*$")
 
@@ -55,6 +56,8 @@ class DeviceProfile:
     tensorrt: str | None = None
     cuda: str | None = None
     detect: DetectRules = field(default_factory=DetectRules)
+    intra_op_threads: int = 0  # 0: min(cpu_cores, the CPUs this process may use)
+    graph_optimization: str = "all"
     source: str = ""
 
     @property
@@ -115,6 +118,15 @@ def _positive(data: dict[str, Any], key: str, file: Path, kind: type | tuple[typ
     return value
 
 
+def _threads(data: dict[str, Any], file: Path) -> int:
+    value = data.get("intra_op_threads", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ProfileError(
+            file, "intra_op_threads", f"expected a non-negative integer, got {value!r}", "use 0 for auto"
+        )
+    return value
+
+
 def _detect_rules(data: dict[str, Any], file: Path) -> DetectRules:
     raw = data.get("detect", {})
     if not isinstance(raw, dict):
@@ -148,6 +160,8 @@ _KNOWN_FIELDS = {
     "latency_budget_ms",
     "max_artifact_mb",
     "detect",
+    "intra_op_threads",
+    "graph_optimization",
 }
 
 
@@ -186,6 +200,10 @@ def parse_profile(data: dict[str, Any], file: Path) -> DeviceProfile:
         latency_budget_ms=float(_positive(data, "latency_budget_ms", file, (int, float), "20.0")),
         max_artifact_mb=_positive(data, "max_artifact_mb", file, int, "512"),
         detect=_detect_rules(data, file),
+        intra_op_threads=_threads(data, file),
+        graph_optimization=_choice(
+            {"graph_optimization": "all", **data}, "graph_optimization", file, GRAPH_OPTIMIZATIONS
+        ),
         source=str(file),
     )
 

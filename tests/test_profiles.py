@@ -43,6 +43,8 @@ def test_required_device_classes_exist() -> None:
         ('runtimes = ["tflite", "onnxruntime"]', 'runtimes = ["tflite", "caffe"]', "runtimes"),
         ("latency_budget_ms = 50.0", "latency_budget_ms = -1.0", "latency_budget_ms"),
         ('accelerator = "none"', 'accelerator = "nvidia-gpu"', "gpu_compute_capability"),
+        ("max_artifact_mb = 256", "max_artifact_mb = 256\nintra_op_threads = -2", "intra_op_threads"),
+        ("max_artifact_mb = 256", 'max_artifact_mb = 256\ngraph_optimization = "max"', "graph_optimization"),
     ],
 )
 def test_bad_profile_names_file_and_field(tmp_path: Path, old: str, new: str, field: str) -> None:

@@ -11,6 +11,13 @@ import numpy as np
 from device_profiles import DeviceProfile
 from edge_agent.protocol.manifest import Manifest
 
+GRAPH_LEVELS = {
+    "disabled": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
+
 PROVIDERS = {
     "onnxruntime-tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider"],
     "onnxruntime-cuda": ["CUDAExecutionProvider"],
@@ -34,9 +41,13 @@ class OnnxRuntimeSession:
 
         self.manifest = manifest
         options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.graph_optimization_level = getattr(
+            ort.GraphOptimizationLevel, GRAPH_LEVELS[profile.graph_optimization if profile else "all"]
+        )
         if profile is not None:
-            options.intra_op_num_threads = min(profile.cpu_cores, os.cpu_count() or 1)
+            options.intra_op_num_threads = profile.intra_op_threads or min(
+                profile.cpu_cores, len(os.sched_getaffinity(0))
+            )
         providers = choose_providers(manifest, profile, set(ort.get_available_providers()))
         self.session = ort.InferenceSession(str(directory / "model.onnx"), options, providers=providers)
         self.providers = self.session.get_providers()
