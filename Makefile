@@ -36,12 +36,11 @@ pytest: $(STAMP) system-deps
 
 test: lint typecheck pytest
 
-proto: $(STAMP)
-	$(BIN)/python -m grpc_tools.protoc -I edge_agent/protocol/oip --python_out=edge_agent/protocol/oip \
-	  --pyi_out=edge_agent/protocol/oip --grpc_python_out=edge_agent/protocol/oip \
-	  edge_agent/protocol/oip/grpc_predict_v2.proto
-	sed -i 's/^import grpc_predict_v2_pb2 as/from edge_agent.protocol.oip import grpc_predict_v2_pb2 as/' \
-	  edge_agent/protocol/oip/grpc_predict_v2_pb2_grpc.py
+# grpcio-tools lives in its own venv: it pins a protobuf newer than tritonclient allows.
+proto:
+	$(PYTHON) -m venv .protoc-venv && .protoc-venv/bin/pip install --quiet grpcio-tools
+	.protoc-venv/bin/python -m grpc_tools.protoc -I edge_agent/protocol/oip \
+	  --descriptor_set_out=edge_agent/protocol/oip/grpc_predict_v2.desc edge_agent/protocol/oip/grpc_predict_v2.proto
 
 clean:
 	rm -rf $(VENV) demo-work .mypy_cache .ruff_cache .pytest_cache

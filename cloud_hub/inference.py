@@ -20,7 +20,7 @@ from cloud_hub.errors import NotFound
 from cloud_hub.registry import Registry
 from edge_agent.errors import InputMismatch
 from edge_agent.protocol.manifest import Manifest, manifest_from_wire
-from edge_agent.protocol.oip import pb, pb_grpc
+from edge_agent.protocol.oip import add_servicer, pb
 from edge_agent.protocol.oip.tensors import TensorError, datatype_of, from_contents, from_raw, to_raw
 from edge_agent.runtimes import validate_inputs
 from edge_agent.runtimes.onnxruntime import OnnxRuntimeSession
@@ -93,7 +93,7 @@ class ModelRepository:
         return list(self._served.values())
 
 
-def _tensor_metadata(specs: Any) -> list[pb.ModelMetadataResponse.TensorMetadata]:
+def _tensor_metadata(specs: Any) -> list[Any]:
     return [
         pb.ModelMetadataResponse.TensorMetadata(
             name=s.name,
@@ -104,7 +104,7 @@ def _tensor_metadata(specs: Any) -> list[pb.ModelMetadataResponse.TensorMetadata
     ]
 
 
-def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
+def decode_inputs(request: Any) -> dict[str, np.ndarray]:
     inputs = {}
     use_raw = len(request.raw_input_contents) > 0
     if use_raw and len(request.raw_input_contents) != len(request.inputs):
@@ -118,19 +118,17 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
     return inputs
 
 
-class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+class InferenceServicer:
     def __init__(self, repository: ModelRepository, version: str) -> None:
         self.repository, self.version = repository, version
 
-    def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.ServicerContext) -> pb.ServerLiveResponse:
+    def ServerLive(self, request: Any, context: grpc.ServicerContext) -> Any:
         return pb.ServerLiveResponse(live=True)
 
-    def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.ServicerContext) -> pb.ServerReadyResponse:
+    def ServerReady(self, request: Any, context: grpc.ServicerContext) -> Any:
         return pb.ServerReadyResponse(ready=True)
 
-    def ServerMetadata(
-        self, request: pb.ServerMetadataRequest, context: grpc.ServicerContext
-    ) -> pb.ServerMetadataResponse:
+    def ServerMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=self.version, extensions=["model_statistics"])
 
     def _served(self, name: str, version: str, context: grpc.ServicerContext) -> _Served:
@@ -140,16 +138,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         raise AssertionError("unreachable")
 
-    def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.ServicerContext) -> pb.ModelReadyResponse:
+    def ModelReady(self, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             self.repository.get(request.name, request.version)
         except NotFound:
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
 
-    def ModelMetadata(
-        self, request: pb.ModelMetadataRequest, context: grpc.ServicerContext
-    ) -> pb.ModelMetadataResponse:
+    def ModelMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
         manifest = self._served(request.name, request.version, context).manifest
         versions = sorted({r["version"] for r in self.repository.registry.artifacts(request.name)})
         return pb.ModelMetadataResponse(
@@ -160,7 +156,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             outputs=_tensor_metadata(manifest.outputs),
         )
 
-    def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.ServicerContext) -> pb.ModelInferResponse:
+    def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> Any:
         served = self._served(request.model_name, request.model_version, context)
         start = time.perf_counter_ns()
         try:
@@ -188,9 +184,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         served.stats.last_ms = int(time.time() * 1000)
         return response
 
-    def ModelStatistics(
-        self, request: pb.ModelStatisticsRequest, context: grpc.ServicerContext
-    ) -> pb.ModelStatisticsResponse:
+    def ModelStatistics(self, request: Any, context: grpc.ServicerContext) -> Any:
         response = pb.ModelStatisticsResponse()
         for served in self.repository.loaded():
             m, s = served.manifest, served.stats
@@ -217,7 +211,7 @@ def start_inference_server(
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(repository, version), server)  # type: ignore[no-untyped-call]
+    add_servicer(InferenceServicer(repository, version), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot listen for gRPC on {host}:{port}; choose another with --grpc-port")

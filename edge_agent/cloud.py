@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 import numpy as np
 
 from edge_agent.config import parse_endpoint
 from edge_agent.errors import CloudUnavailable, InputMismatch, ModelNotDeployed
-from edge_agent.protocol.oip import pb, pb_grpc
+from edge_agent.protocol.oip import InferenceStub, pb
 from edge_agent.protocol.oip.tensors import datatype_of, from_contents, from_raw, to_raw
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -24,7 +26,7 @@ class CloudClient:
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ]
         self.channel = grpc.insecure_channel(f"{host}:{port}", options=options)
-        self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)  # type: ignore[no-untyped-call]
+        self.stub: Any = InferenceStub(self.channel)
 
     def infer(
         self, model: str, inputs: dict[str, np.ndarray], version: str = "", timeout_s: float | None = None
@@ -50,7 +52,7 @@ class CloudClient:
         self.channel.close()
 
 
-def decode_outputs(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
+def decode_outputs(response: Any) -> dict[str, np.ndarray]:
     outputs = {}
     for index, tensor in enumerate(response.outputs):
         shape = list(tensor.shape)

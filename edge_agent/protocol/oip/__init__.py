@@ -1,6 +1,92 @@
-"""Open Inference Protocol (KServe v2) gRPC stubs, generated from grpc_predict_v2.proto (`make proto`)."""
+"""Open Inference Protocol (KServe v2) gRPC: message classes and the service glue.
 
-from edge_agent.protocol.oip import grpc_predict_v2_pb2 as pb
-from edge_agent.protocol.oip import grpc_predict_v2_pb2_grpc as pb_grpc
+The message classes are built at import from ``grpc_predict_v2.desc``, the descriptor set that
+grpcio-tools' protoc produces from ``grpc_predict_v2.proto`` (``make proto``), into a descriptor pool
+of our own. Not using the default pool (as generated ``*_pb2.py`` modules do) is deliberate: Triton's
+and KServe's Python clients register the very same ``inference.*`` names there, which makes two
+generated modules refuse to load in one process, and generated modules also pin the protobuf runtime
+to the generator's version (tritonclient needs protobuf < 7). Built this way the SDK and the hub work
+next to ``tritonclient`` on any protobuf from 4.21 on, and stay wire-compatible: same package, service,
+method names and field numbers.
+"""
 
-__all__ = ["pb", "pb_grpc"]
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+SERVICE = "inference.GRPCInferenceService"
+METHODS = (
+    "ServerLive",
+    "ServerReady",
+    "ModelReady",
+    "ServerMetadata",
+    "ModelMetadata",
+    "ModelInfer",
+    "ModelStatistics",
+)
+
+_pool = descriptor_pool.DescriptorPool()
+for _file in descriptor_pb2.FileDescriptorSet.FromString(
+    (Path(__file__).with_name("grpc_predict_v2.desc")).read_bytes()
+).file:
+    _pool.Add(_file)
+
+
+def _message(name: str) -> Any:
+    return message_factory.GetMessageClass(_pool.FindMessageTypeByName(f"inference.{name}"))
+
+
+pb = SimpleNamespace(
+    **{
+        name: _message(name)
+        for name in (
+            "ServerLiveRequest", "ServerLiveResponse", "ServerReadyRequest", "ServerReadyResponse",
+            "ModelReadyRequest", "ModelReadyResponse", "ServerMetadataRequest", "ServerMetadataResponse",
+            "ModelMetadataRequest", "ModelMetadataResponse", "ModelInferRequest", "ModelInferResponse",
+            "InferParameter", "InferTensorContents", "ModelStatisticsRequest", "ModelStatisticsResponse",
+            "ModelStatistics", "InferStatistics", "StatisticDuration",
+        )
+    }
+)  # fmt: skip
+
+
+def _types(method: str) -> tuple[Any, Any]:
+    service = _pool.FindServiceByName(SERVICE)
+    rpc = service.methods_by_name[method]
+    return (message_factory.GetMessageClass(rpc.input_type), message_factory.GetMessageClass(rpc.output_type))
+
+
+class InferenceStub:
+    """Client side: one callable per RPC, e.g. ``stub.ModelInfer(request, timeout=1.0)``."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        for method in METHODS:
+            request, response = _types(method)
+            setattr(self, method, channel.unary_unary(
+                f"/{SERVICE}/{method}", request_serializer=request.SerializeToString,
+                response_deserializer=response.FromString,
+            ))  # fmt: skip
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        raise AttributeError(name)
+
+
+def add_servicer(servicer: object, server: grpc.Server) -> None:
+    """Serve every RPC the servicer implements (a method named like the RPC, ``(request, context)``)."""
+    handlers = {}
+    for method in METHODS:
+        request, response = _types(method)
+        handlers[method] = grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method), request_deserializer=request.FromString,
+            response_serializer=response.SerializeToString,
+        )  # fmt: skip
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+
+
+__all__ = ["METHODS", "SERVICE", "InferenceStub", "add_servicer", "pb"]

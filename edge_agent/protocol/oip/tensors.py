@@ -6,8 +6,6 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.protocol.oip import pb
-
 # datatype name → (numpy dtype, InferTensorContents field)
 DATATYPES: dict[str, tuple[Any, str]] = {
     "BOOL": (np.bool_, "bool_contents"),
@@ -92,7 +90,7 @@ def from_raw(raw: bytes, datatype: str, shape: list[int]) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
-def from_contents(contents: pb.InferTensorContents, datatype: str, shape: list[int]) -> np.ndarray:
+def from_contents(contents: Any, datatype: str, shape: list[int]) -> np.ndarray:
     if datatype not in DATATYPES:
         raise TensorError(f"unknown datatype {datatype!r}")
     dtype, field = DATATYPES[datatype]
@@ -103,7 +101,7 @@ def from_contents(contents: pb.InferTensorContents, datatype: str, shape: list[i
     return np.array(values, dtype=dtype).reshape(shape)
 
 
-def fill_contents(contents: pb.InferTensorContents, array: np.ndarray) -> None:
+def fill_contents(contents: Any, array: np.ndarray) -> None:
     _, field = DATATYPES[datatype_of(array)]
     flat = array.reshape(-1)
     values = (
