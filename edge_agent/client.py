@@ -24,8 +24,16 @@ import numpy as np
 from device_profiles import DeviceProfile, get_profile
 from edge_agent.cloud import CloudClient
 from edge_agent.config import AgentConfig, default_state_dir
-from edge_agent.errors import ConfigError, InferenceFailed, InputMismatch, ModelNotDeployed
+from edge_agent.errors import (
+    CloudThrottled,
+    CloudUnavailable,
+    ConfigError,
+    InferenceFailed,
+    InputMismatch,
+    ModelNotDeployed,
+)
 from edge_agent.reference import ReferenceBins
+from edge_agent.routing import POLICIES, CircuitBreaker, Confidence, RateBudget, confidence
 from edge_agent.runtimes import InputValidator, Runtime, open_runtime
 from edge_agent.store import ActiveRecord, ModelStore
 from edge_agent.telemetry import SPOOL_FILE, Spool, TelemetryRecorder
@@ -93,14 +101,43 @@ class EdgeClient:
         telemetry: bool = True,
         allow_cast: bool = False,
         cache_size: int = 0,
+        policy: str = "local_first",
+        latency_budget_ms: float | None = None,
+        cascade_threshold: float = 0.6,
+        cascade_model: str | None = None,
+        confidence_measure: Confidence = "max_softmax",
+        cloud_budget_per_minute: float | None = None,
+        cloud_retries: int = 2,
     ) -> None:
         self.state_dir = Path(state_dir) if state_dir else default_state_dir()
         config = self._config()
         self.profile: DeviceProfile | None = get_profile(config.profile) if config else None
         self.store = ModelStore(self.state_dir / "models")
         self.allow_cast = allow_cast
+        if policy not in POLICIES:
+            raise ConfigError(f"policy: {policy!r} is not one of {', '.join(POLICIES)}")
         endpoint = cloud if isinstance(cloud, str) else (config.cloud if config and cloud is not False else None)
-        self._cloud = CloudClient(endpoint, cloud_timeout_s) if endpoint else None
+        if endpoint is None and policy in ("cloud_only", "cloud_first", "cascade"):
+            raise ConfigError(
+                f"policy {policy} needs a cloud endpoint: pass cloud='grpc://host:port' or set it in agent.json"
+            )
+        self._cloud = (
+            CloudClient(
+                endpoint, cloud_timeout_s, device_id=config.device_id if config else None,
+                token=config.cloud_token if config else None, ca_file=config.cloud_ca if config else None,
+            )
+            if endpoint
+            else None
+        )  # fmt: skip
+        self.policy = policy
+        budget_ms = latency_budget_ms or (self.profile.latency_budget_ms if self.profile else 50.0)
+        self.latency_budget_s = budget_ms / 1000
+        self.cascade_threshold, self.cascade_model = cascade_threshold, cascade_model
+        self.confidence_measure: Confidence = confidence_measure
+        self.cloud_timeout_s, self.cloud_retries = cloud_timeout_s, cloud_retries
+        self.cloud_breaker = CircuitBreaker(failure_threshold=3, reset_timeout_s=1.0)
+        self._local_breakers: dict[str, CircuitBreaker] = {}
+        self._budget = RateBudget(cloud_budget_per_minute) if cloud_budget_per_minute else None
         self._recorder = TelemetryRecorder(Spool(self.state_dir / SPOOL_FILE)) if telemetry else None
         self._slots: dict[str, _Slot] = {}
         self._loaders: list[threading.Thread] = []
@@ -186,16 +223,35 @@ class EdgeClient:
 
     # inference ---------------------------------------------------------------------------------
     def infer(self, model: str, inputs: Inputs | np.ndarray) -> InferResult:
-        """Run ``model`` locally when a version is active, else on the cloud route."""
+        """Answer with the route the policy picks; the result says which route answered and why."""
         start = time.perf_counter()
         loaded = self._local(model)
         if type(inputs) is not dict:
             inputs = self._single_input(model, inputs, loaded)  # type: ignore[arg-type]
+        policy = self.policy
+        if policy == "cloud_only":
+            return self._cloud_infer(model, inputs, start, "policy cloud_only", "")
+        reason = ""
+        if policy == "cloud_first":
+            try:
+                return self._cloud_infer(model, inputs, start, "policy cloud_first", "")
+            except CloudUnavailable as exc:
+                if loaded is None:
+                    raise
+                reason = f"cloud failed ({exc}); "
         if loaded is None:
-            if self._cloud is None:
-                raise ModelNotDeployed(f"{model} is not installed in {self.state_dir} and no cloud endpoint is set")
+            if self._cloud is None or policy == "local_only":
+                why = "the policy is local_only" if self._cloud else "no cloud endpoint is set"
+                raise ModelNotDeployed(f"{model} is not installed in {self.state_dir} and {why}")  # fmt: skip
             return self._cloud_infer(model, inputs, start, "no local version", "")
+        return self._local_infer(model, inputs, loaded, start, reason)
+
+    def _local_infer(self, model: str, inputs: Inputs, loaded: _Loaded, start: float, reason: str) -> InferResult:
         version = loaded.record.version
+        breaker = self._local_breakers.get(model) or self._local_breakers.setdefault(model, CircuitBreaker(3, 5.0))
+        can_fall_back = self._cloud is not None and self.policy in ("local_first", "cascade")
+        if can_fall_back and not breaker.allow():
+            return self._cloud_infer(model, inputs, start, "local breaker open (recent errors or slow calls)", version)
         try:
             checked = loaded.validator(inputs, self.allow_cast)
         except InputMismatch:
@@ -208,16 +264,79 @@ class EdgeClient:
         try:
             outputs = loaded.runtime.run(checked)
         except Exception as exc:
+            breaker.failure()
             self._record(model, version, "local", start, False)
-            if self._cloud is None:
+            if not can_fall_back and self.policy != "cloud_first":
                 raise InferenceFailed(f"{model}@{version}: {exc}") from exc
+            if not can_fall_back:
+                raise InferenceFailed(f"{model}@{version}: {exc} ({reason.strip('; ')})") from exc
             return self._cloud_infer(model, checked, start, f"local runtime failed: {exc}", version)
-        latency_ms = (time.perf_counter() - start) * 1000
+        elapsed = time.perf_counter() - start
+        if elapsed > self.latency_budget_s:
+            breaker.failure()  # too slow counts against the local route
+            reason += f"over the {self.latency_budget_s * 1000:.0f} ms budget; "
+        else:
+            breaker.success()
+        if self.policy == "cascade":
+            escalated = self._escalate(model, checked, outputs, start, version)
+            if escalated is not None:
+                return escalated
+        latency_ms = elapsed * 1000
         if self._recorder is not None:
             self._recorder.record(model, version, "local", latency_ms, True, loaded.reference, checked, outputs)
         if self._cache is not None:
             self._remember(model, version, checked, outputs)
-        return InferResult(outputs, model, version, "local", latency_ms, "active locally")
+        return InferResult(outputs, model, version, "local", latency_ms, reason + "active locally")
+
+    def _escalate(self, model: str, inputs: Inputs, outputs: dict[str, np.ndarray], start: float,
+                  version: str) -> InferResult | None:  # fmt: skip
+        """Cascade: ask the cloud when the local answer is not confident enough and time remains."""
+        score = confidence(next(iter(outputs.values())), self.confidence_measure)
+        if score >= self.cascade_threshold:
+            return None
+        remaining = self.latency_budget_s - (time.perf_counter() - start)
+        if remaining <= 0.001:
+            return None
+        target = self.cascade_model or model
+        why = f"{self.confidence_measure} {score:.2f} < {self.cascade_threshold}"
+        try:
+            return self._cloud_infer(target, inputs, start, why, "" if self.cascade_model else version, remaining)
+        except (CloudUnavailable, ModelNotDeployed):
+            return None
+
+    def _cloud_infer(self, model: str, inputs: Inputs, start: float, reason: str, version: str,
+                     deadline_s: float | None = None) -> InferResult:  # fmt: skip
+        """One cloud answer within one overall deadline: breaker, budget, and retries only for calls the
+        server never processed (unreachable, overloaded)."""
+        if self._cloud is None:
+            raise CloudUnavailable("no cloud endpoint is configured")
+        deadline = start + (deadline_s if deadline_s is not None else self.cloud_timeout_s)
+        for attempt in range(self.cloud_retries + 1):
+            if not self.cloud_breaker.allow():
+                self._record(model, version, "cloud", start, False)
+                raise CloudUnavailable("cloud breaker open: the cloud failed recently; retrying after 1 s")
+            if self._budget is not None and not self._budget.take():
+                self._record(model, version, "throttled", start, False)
+                raise CloudThrottled("cloud budget (calls per minute) spent for this device")
+            remaining = deadline - time.perf_counter()
+            try:
+                answered, outputs = self._cloud.infer(model, inputs, version, max(remaining, 0.001))
+            except CloudUnavailable as exc:
+                self.cloud_breaker.failure()
+                backoff = 0.01 * (2**attempt)
+                if not exc.retryable or attempt == self.cloud_retries or deadline - time.perf_counter() < backoff:
+                    self._record(model, version, "cloud", start, False)
+                    raise
+                time.sleep(backoff)
+                continue
+            except Exception:
+                self.cloud_breaker.success()  # the server answered (e.g. unknown model): the route is healthy
+                self._record(model, version, "cloud", start, False)
+                raise
+            self.cloud_breaker.success()
+            latency_ms = self._record(model, answered, "cloud", start, True)
+            return InferResult(outputs, model, answered, "cloud", latency_ms, reason)
+        raise AssertionError("unreachable")
 
     def infer_batch(self, model: str, items: list[Inputs]) -> list[InferResult]:
         """Concatenate several inputs along axis 0, run once, and split the outputs back per item."""
@@ -242,16 +361,6 @@ class EdgeClient:
         if loaded is None or len(loaded.runtime.manifest.inputs) != 1:
             raise InputMismatch("-", f"a dict of named inputs for {model}", "a bare array")
         return {loaded.runtime.manifest.inputs[0].name: array}
-
-    def _cloud_infer(self, model: str, inputs: Inputs, start: float, reason: str, version: str) -> InferResult:
-        assert self._cloud is not None
-        try:
-            answered, outputs = self._cloud.infer(model, inputs, version)
-        except Exception:
-            self._record(model, version, "cloud", start, False)
-            raise
-        latency_ms = self._record(model, answered, "cloud", start, True)
-        return InferResult(outputs, model, answered, "cloud", latency_ms, reason)
 
     def _record(self, model: str, version: str, route: str, start: float, ok: bool) -> float:
         latency_ms = (time.perf_counter() - start) * 1000

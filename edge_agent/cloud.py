@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -15,18 +16,36 @@ from edge_agent.protocol.oip.tensors import datatype_of, from_contents, from_raw
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
-class CloudClient:
-    """A thread-safe client over one gRPC channel; every call carries a deadline."""
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
-    def __init__(self, endpoint: str, timeout_s: float = 2.0) -> None:
-        host, port = parse_endpoint(endpoint, "grpc", "cloud", 8001)
+
+class CloudClient:
+    """A thread-safe client over one gRPC channel; every call carries a deadline.
+
+    ``grpc://host:port`` is plaintext, ``grpcs://host:port`` TLS (``ca_file`` or the system roots).
+    ``device_id`` and ``token`` travel as ``x-edgefed-device`` and ``authorization: Bearer`` metadata.
+    """
+
+    def __init__(
+        self, endpoint: str, timeout_s: float = 2.0, *, device_id: str | None = None, token: str | None = None,
+        ca_file: str | None = None,
+    ) -> None:  # fmt: skip
+        secure = endpoint.startswith("grpcs://")
+        host, port = parse_endpoint(endpoint.replace("grpcs://", "grpc://", 1), "grpc", "cloud", 8001)
         self.endpoint, self.timeout_s = endpoint, timeout_s
         options = [
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ]
-        self.channel = grpc.insecure_channel(f"{host}:{port}", options=options)
+        if secure:
+            roots = Path(ca_file).read_bytes() if ca_file else None
+            self.channel = grpc.secure_channel(f"{host}:{port}", grpc.ssl_channel_credentials(roots), options=options)
+        else:
+            self.channel = grpc.insecure_channel(f"{host}:{port}", options=options)
         self.stub: Any = InferenceStub(self.channel)
+        self.metadata = tuple(
+            (k, v) for k, v in (("x-edgefed-device", device_id), ("authorization", token and f"Bearer {token}")) if v
+        )
 
     def infer(
         self, model: str, inputs: dict[str, np.ndarray], version: str = "", timeout_s: float | None = None
@@ -38,14 +57,14 @@ class CloudClient:
             request.inputs.add(name=name, datatype=datatype_of(array), shape=list(array.shape))
             request.raw_input_contents.append(to_raw(array))
         try:
-            response = self.stub.ModelInfer(request, timeout=timeout_s or self.timeout_s)
+            response = self.stub.ModelInfer(request, timeout=timeout_s or self.timeout_s, metadata=self.metadata)
         except grpc.RpcError as exc:
             code, details = exc.code(), exc.details()
             if code == grpc.StatusCode.NOT_FOUND:
                 raise ModelNotDeployed(f"cloud {self.endpoint}: {details}") from None
             if code == grpc.StatusCode.INVALID_ARGUMENT:
                 raise InputMismatch("-", "inputs the cloud model accepts", details or "rejected") from None
-            raise CloudUnavailable(f"cloud {self.endpoint}: {code.name} {details}") from None
+            raise CloudUnavailable(f"cloud {self.endpoint}: {code.name} {details}", code in RETRYABLE) from None
         return response.model_version, decode_outputs(response)
 
     def close(self) -> None:

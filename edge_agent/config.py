@@ -50,6 +50,8 @@ class AgentConfig:
     profile: str
     broker: str = "mqtt://127.0.0.1:1883"
     cloud: str | None = None
+    cloud_token: str | None = None  # bearer token for the cloud route (per device)
+    cloud_ca: str | None = None  # CA bundle for grpcs:// endpoints
     topic_root: str = DEFAULT_ROOT
     telemetry_interval_s: float = 5.0
 
@@ -58,7 +60,7 @@ class AgentConfig:
             raise ConfigError(f"device_id: {self.device_id!r} is invalid; use letters, digits, '.', '_' and '-'")
         parse_endpoint(self.broker, "mqtt", "broker", 1883)
         if self.cloud is not None:
-            parse_endpoint(self.cloud, "grpc", "cloud", 8001)
+            parse_endpoint(self.cloud.replace("grpcs://", "grpc://", 1), "grpc", "cloud", 8001)
         if self.telemetry_interval_s <= 0:
             raise ConfigError("telemetry_interval_s: must be positive")
 

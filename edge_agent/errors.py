@@ -5,7 +5,8 @@ EdgefedError
 ├── ModelNotDeployed      no local version of the model and no cloud route to answer
 ├── InputMismatch         inputs do not match the model's signature (names input, expected, got)
 ├── InferenceFailed       the runtime raised while computing
-├── CloudUnavailable      the cloud route failed or timed out
+├── CloudUnavailable      the cloud route failed or timed out (``retryable``: never processed)
+│   └── CloudThrottled    the device's cloud budget (calls per minute) is spent
 └── StoreError            the model store cannot do what was asked (unknown version, ...)
 ArtifactRejected          (from edge_agent.protocol.errors) an artifact failed verification
 """
@@ -38,7 +39,15 @@ class InferenceFailed(EdgefedError):
 
 
 class CloudUnavailable(EdgefedError):
-    pass
+    """``retryable``: the server did not process the call (unreachable, overloaded), so a retry is safe."""
+
+    def __init__(self, message: str, retryable: bool = False) -> None:
+        self.retryable = retryable
+        super().__init__(message)
+
+
+class CloudThrottled(CloudUnavailable):
+    """The device's cloud budget (calls per minute) is spent; the call was not sent."""
 
 
 class StoreError(EdgefedError):
@@ -47,6 +56,7 @@ class StoreError(EdgefedError):
 
 __all__ = [
     "ArtifactRejected",
+    "CloudThrottled",
     "CloudUnavailable",
     "ConfigError",
     "EdgefedError",
