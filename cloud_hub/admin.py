@@ -7,6 +7,8 @@
     GET  /v1/deployments                 deployments, newest first
     POST /v1/deployments                 {"model", "version", "target": "device:ID"}
     GET  /v1/telemetry[?device=ID]       stored telemetry batches
+    POST /v1/devices/{id}/token          issue a bearer token for the device's cloud calls (shown once)
+    GET  /v1/usage                       cloud calls per device and model
 
 Errors are JSON ``{"error": message}`` with 400 (bad input), 401, 404 (unknown), 409 (conflict).
 """
@@ -71,6 +73,7 @@ class AdminApi:
             ("GET", "/v1/deployments"): lambda r, q: hub.registry.deployments(),
             ("POST", "/v1/deployments"): lambda r, q: self._deploy(r),
             ("GET", "/v1/telemetry"): lambda r, q: hub.registry.telemetry(q.get("device", [None])[0]),
+            ("GET", "/v1/usage"): lambda r, q: (hub.flush_usage(), hub.registry.usage())[1],
         }
 
     def handle(self, request: BaseHTTPRequestHandler, method: str) -> None:
@@ -79,6 +82,15 @@ class AdminApi:
         if not hmac.compare_digest(supplied.encode(), self.token.encode()):
             return self._reply(request, HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong operator token"})
         route = self._routes().get((method, url.path))
+        parts = url.path.strip("/").split("/")
+        if (
+            route is None
+            and method == "POST"
+            and len(parts) == 4
+            and parts[:2] == ["v1", "devices"]
+            and parts[3] == "token"
+        ):
+            route = lambda r, q: self.hub.issue_token(parts[2])  # noqa: E731
         if route is None:
             return self._reply(request, HTTPStatus.NOT_FOUND, {"error": f"no route {method} {url.path}"})
         try:

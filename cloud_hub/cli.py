@@ -17,6 +17,7 @@ from rich.table import Table
 
 from cloud_hub.api_client import HUB_TOKEN_ENV, HUB_URL_ENV, AdminClient
 from cloud_hub.errors import HubError
+from cloud_hub.inference import InferenceOptions
 from cloud_hub.server import TOKEN_FILE, HubConfig, serve
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
@@ -73,6 +74,12 @@ def serve_command(
     admin_port: Annotated[int, typer.Option(help="Admin API port; 0 picks a free one")] = 8080,
     trust: Annotated[list[Path] | None, typer.Option(help="Public key (.pub) to trust for uploads; repeatable")] = None,
     topic_root: Annotated[str, typer.Option(help="MQTT topic root")] = "edgefed/v1",
+    max_batch_rows: Annotated[int, typer.Option(help="Dynamic batching: most rows per run (1 disables it)")] = 32,
+    batch_delay_ms: Annotated[float, typer.Option(help="Dynamic batching: wait this long for more (0: none)")] = 0.0,
+    queue_size: Annotated[int, typer.Option(help="Requests queued per model before RESOURCE_EXHAUSTED")] = 256,
+    require_token: Annotated[bool, typer.Option(help="Refuse inference calls without a device token")] = False,
+    tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate: serve gRPC over TLS")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key for --tls-cert")] = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
 ) -> None:
     """Run the hub: registry, MQTT control plane, OIP gRPC inference and the admin API."""
@@ -80,8 +87,22 @@ def serve_command(
     (state_dir / "trust").mkdir(parents=True, exist_ok=True)
     for key in trust or []:
         (state_dir / "trust" / key.name).write_bytes(key.read_bytes())
+    if (tls_cert is None) != (tls_key is None):
+        err.print("[red]error:[/red] --tls-cert and --tls-key go together")
+        raise typer.Exit(2)
+    inference = InferenceOptions(max_batch_rows=max_batch_rows, batch_delay_ms=batch_delay_ms, queue_size=queue_size,
+                                 require_token=require_token, tls_cert=tls_cert, tls_key=tls_key)  # fmt: skip
     config = HubConfig(
-        state_dir, broker, broker_host, broker_port, grpc_host, grpc_port, admin_host, admin_port, topic_root
+        state_dir,
+        broker,
+        broker_host,
+        broker_port,
+        grpc_host,
+        grpc_port,
+        admin_host,
+        admin_port,
+        topic_root,
+        inference,
     )
     _run(lambda: serve(config))
 
@@ -138,6 +159,27 @@ def devices_list(
         models = (row.get("reported") or {}).get("models", [])
         row["models"] = ", ".join(f"{m['name']}@{m.get('version')} {m['state']}" for m in models)
     _show(rows, ["device_id", "profile", "status", "models"], as_json, "devices")
+
+
+@devices_app.command("token")
+def devices_token(device: Annotated[str, typer.Argument(help="Device id")],
+                  hub: HubUrl = None, token: Token = None, state_dir: StateDir = Path("hub-state"),
+                  as_json: AsJson = False) -> None:  # fmt: skip
+    """Issue a bearer token for a device's cloud inference calls (shown once; put it in the agent's
+    config with `edge-agent init --cloud-token`)."""
+    result = _run(lambda: _client(hub, token, state_dir).request("POST", f"/v1/devices/{device}/token", b"{}"))
+    if as_json:
+        print(json.dumps(result))
+    else:
+        print(result["token"])
+
+
+@app.command()
+def usage(hub: HubUrl = None, token: Token = None, state_dir: StateDir = Path("hub-state"),
+          as_json: AsJson = False) -> None:  # fmt: skip
+    """Cloud inference calls per device and model (cost tracking)."""
+    rows = _run(lambda: _client(hub, token, state_dir).request("GET", "/v1/usage"))
+    _show(rows, ["device_id", "model", "calls"], as_json, "cloud usage")
 
 
 @app.command()

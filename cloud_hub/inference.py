@@ -1,44 +1,56 @@
 """Cloud inference: the Open Inference Protocol (KServe v2) gRPC service over registered artifacts.
 
-Models are loaded lazily with ONNX Runtime (CUDA EP when available) and cached per artifact.
+Models are loaded lazily with ONNX Runtime (CUDA EP first when this ORT build has it) and cached per
+artifact. Requests for a model with a dynamic first axis go through its Batcher; every call honours
+the caller's deadline; message sizes are capped; TLS and per-device bearer tokens are optional.
+Every answered call is counted per (device, model) for cost tracking.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 
 from cloud_hub.artifacts import ArtifactStore
+from cloud_hub.batching import Batcher, QueueFull
 from cloud_hub.errors import NotFound
 from cloud_hub.registry import Registry
 from edge_agent.errors import InputMismatch
 from edge_agent.protocol.manifest import Manifest, manifest_from_wire
 from edge_agent.protocol.oip import add_servicer, pb
 from edge_agent.protocol.oip.tensors import TensorError, datatype_of, from_contents, from_raw, to_raw
-from edge_agent.runtimes import validate_inputs
+from edge_agent.runtimes import InputValidator
 from edge_agent.runtimes.onnxruntime import OnnxRuntimeSession
 
 log = logging.getLogger(__name__)
 SERVER_NAME = "edgefed-hub"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-_NUMPY_TO_OIP = {
-    "float32": "FP32",
-    "float16": "FP16",
-    "float64": "FP64",
-    "int64": "INT64",
-    "int32": "INT32",
-    "int8": "INT8",
-    "uint8": "UINT8",
-    "bool": "BOOL",
-    "bytes": "BYTES",
-}
+_OIP_NAMES = {"float32": "FP32", "float16": "FP16", "float64": "FP64", "int64": "INT64", "int32": "INT32",
+              "int8": "INT8", "uint8": "UINT8", "bool": "BOOL", "bytes": "BYTES"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """Flags of `cloud-hub serve` that shape inference."""
+
+    max_batch_rows: int = 32  # 1 disables dynamic batching
+    batch_delay_ms: float = 0.0  # 0: batch only what is already queued (no added latency when idle)
+    queue_size: int = 256  # per model; beyond it RESOURCE_EXHAUSTED
+    workers: int = 64
+    require_token: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
 
 @dataclass
@@ -53,14 +65,23 @@ class _Stats:
 class _Served:
     manifest: Manifest
     session: OnnxRuntimeSession
+    validator: InputValidator
+    batcher: Batcher | None
     stats: _Stats = field(default_factory=_Stats)
+
+    def infer(self, inputs: dict[str, np.ndarray], timeout_s: float | None) -> dict[str, np.ndarray]:
+        if self.batcher is None:
+            return self.session.run(inputs)
+        return self.batcher.submit(inputs, timeout_s)
 
 
 class ModelRepository:
     """Picks and loads the artifact that answers for (name, version) on this hub."""
 
-    def __init__(self, registry: Registry, store: ArtifactStore, arch: str = "x86_64") -> None:
+    def __init__(self, registry: Registry, store: ArtifactStore, arch: str = "x86_64",
+                 options: InferenceOptions | None = None) -> None:  # fmt: skip
         self.registry, self.store, self.arch = registry, store, arch
+        self.options = options or InferenceOptions()
         self._served: dict[str, _Served] = {}
         self._lock = threading.Lock()
 
@@ -82,26 +103,55 @@ class ModelRepository:
         served = self._served.get(manifest.artifact_id)
         if served is None:
             with self._lock:
-                served = self._served.get(manifest.artifact_id)
-                if served is None:
-                    session = OnnxRuntimeSession(self.store.path(manifest.artifact_id), manifest)
-                    served = _Served(manifest, session)
-                    self._served[manifest.artifact_id] = served
+                served = self._served.get(manifest.artifact_id) or self._load(manifest)
+        return served
+
+    def _load(self, manifest: Manifest) -> _Served:
+        session = OnnxRuntimeSession(self.store.path(manifest.artifact_id), manifest, prefer_gpu=True)
+        batchable = self.options.max_batch_rows > 1 and all(
+            s.shape and isinstance(s.shape[0], str) for s in (*manifest.inputs, *manifest.outputs)
+        )
+        batcher = (
+            Batcher(session.run, self.options.max_batch_rows, self.options.batch_delay_ms / 1000,
+                    self.options.queue_size, manifest.name)
+            if batchable else None
+        )  # fmt: skip
+        served = _Served(manifest, session, InputValidator(manifest), batcher)
+        self._served[manifest.artifact_id] = served
+        log.info("serving %s@%s with %s%s", manifest.name, manifest.version, session.providers[0],
+                 " (dynamic batching)" if batcher else "")  # fmt: skip
         return served
 
     def loaded(self) -> list[_Served]:
         return list(self._served.values())
 
+    def stop(self) -> None:
+        for served in self.loaded():
+            if served.batcher is not None:
+                served.batcher.stop()
+
+
+class UsageCounter:
+    """Cloud calls per (device, model); drained into the registry by the hub."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[tuple[str, str]] = Counter()
+        self._lock = threading.Lock()
+
+    def add(self, device: str, model: str) -> None:
+        with self._lock:
+            self.counts[(device, model)] += 1
+
+    def drain(self) -> Counter[tuple[str, str]]:
+        with self._lock:
+            drained, self.counts = self.counts, Counter()
+        return drained
+
 
 def _tensor_metadata(specs: Any) -> list[Any]:
-    return [
-        pb.ModelMetadataResponse.TensorMetadata(
-            name=s.name,
-            datatype=_NUMPY_TO_OIP.get(s.dtype, s.dtype.upper()),
-            shape=[d if isinstance(d, int) else -1 for d in s.shape],
-        )
-        for s in specs
-    ]
+    return [pb.ModelMetadataResponse.TensorMetadata(
+        name=s.name, datatype=_OIP_NAMES.get(s.dtype, s.dtype.upper()),
+        shape=[d if isinstance(d, int) else -1 for d in s.shape]) for s in specs]  # fmt: skip
 
 
 def decode_inputs(request: Any) -> dict[str, np.ndarray]:
@@ -119,8 +169,19 @@ def decode_inputs(request: Any) -> dict[str, np.ndarray]:
 
 
 class InferenceServicer:
-    def __init__(self, repository: ModelRepository, version: str) -> None:
-        self.repository, self.version = repository, version
+    def __init__(self, repository: ModelRepository, version: str, usage: UsageCounter,
+                 token_owner: Callable[[str], str | None]) -> None:  # fmt: skip
+        self.repository, self.version, self.usage = repository, version, usage
+        self.token_owner = token_owner
+
+    def _device(self, context: grpc.ServicerContext) -> str:
+        """The calling device: from its bearer token, else its (unauthenticated) x-edgefed-device header."""
+        metadata = dict(context.invocation_metadata())
+        token = str(metadata.get("authorization", "")).removeprefix("Bearer ").strip()
+        owner = self.token_owner(token) if token else None
+        if owner is None and self.repository.options.require_token:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid device bearer token is required")
+        return owner or str(metadata.get("x-edgefed-device", "anonymous"))
 
     def ServerLive(self, request: Any, context: grpc.ServicerContext) -> Any:
         return pb.ServerLiveResponse(live=True)
@@ -148,40 +209,43 @@ class InferenceServicer:
     def ModelMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
         manifest = self._served(request.name, request.version, context).manifest
         versions = sorted({r["version"] for r in self.repository.registry.artifacts(request.name)})
-        return pb.ModelMetadataResponse(
-            name=manifest.name,
-            versions=versions,
-            platform="onnxruntime_onnx",
-            inputs=_tensor_metadata(manifest.inputs),
-            outputs=_tensor_metadata(manifest.outputs),
-        )
+        return pb.ModelMetadataResponse(name=manifest.name, versions=versions, platform="onnxruntime_onnx",
+                                        inputs=_tensor_metadata(manifest.inputs),
+                                        outputs=_tensor_metadata(manifest.outputs))  # fmt: skip
 
     def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> Any:
+        device = self._device(context)
         served = self._served(request.model_name, request.model_version, context)
         start = time.perf_counter_ns()
         try:
-            inputs = validate_inputs(served.manifest, decode_inputs(request))
-            outputs = served.session.run(inputs)
+            inputs = served.validator(decode_inputs(request))
+            outputs = served.infer(inputs, context.time_remaining())
         except (TensorError, InputMismatch) as exc:
             served.stats.fail += 1
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except QueueFull as exc:
+            served.stats.fail += 1
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{served.manifest.name}: {exc}; retry with backoff")
+        except TimeoutError as exc:
+            served.stats.fail += 1
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
         except Exception:
             served.stats.fail += 1
             log.exception("inference failed for %s@%s", served.manifest.name, served.manifest.version)
             context.abort(grpc.StatusCode.INTERNAL, "inference failed on the server")
-        requested = [o.name for o in request.outputs] or list(outputs)
-        response = pb.ModelInferResponse(
-            model_name=served.manifest.name, model_version=served.manifest.version, id=request.id
-        )
-        for name in requested:
+        response = pb.ModelInferResponse(model_name=served.manifest.name, model_version=served.manifest.version,
+                                         id=request.id)  # fmt: skip
+        for name in [o.name for o in request.outputs] or list(outputs):
             if name not in outputs:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown output {name!r}")
             array = outputs[name]
             response.outputs.add(name=name, datatype=datatype_of(array), shape=list(array.shape))
             response.raw_output_contents.append(to_raw(array))
-        served.stats.success += 1
-        served.stats.success_ns += time.perf_counter_ns() - start
-        served.stats.last_ms = int(time.time() * 1000)
+        stats = served.stats
+        stats.success += 1
+        stats.success_ns += time.perf_counter_ns() - start
+        stats.last_ms = int(time.time() * 1000)
+        self.usage.add(device, served.manifest.name)
         return response
 
     def ModelStatistics(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -190,30 +254,34 @@ class InferenceServicer:
             m, s = served.manifest, served.stats
             if (request.name and request.name != m.name) or (request.version and request.version != m.version):
                 continue
-            stats = response.model_stats.add(
-                name=m.name,
-                version=m.version,
-                last_inference=s.last_ms,
-                inference_count=s.success,
-                execution_count=s.success,
-            )
+            executions = served.batcher.executions if served.batcher else s.success
+            stats = response.model_stats.add(name=m.name, version=m.version, last_inference=s.last_ms,
+                                             inference_count=s.success, execution_count=executions)  # fmt: skip
             stats.inference_stats.success.count, stats.inference_stats.success.ns = s.success, s.success_ns
             stats.inference_stats.fail.count = s.fail
         return response
 
 
-def start_inference_server(
-    repository: ModelRepository, host: str, port: int, version: str, workers: int = 16
-) -> tuple[grpc.Server, int]:
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def start_inference_server(repository: ModelRepository, host: str, port: int, version: str, usage: UsageCounter,
+                           token_owner: Callable[[str], str | None]) -> tuple[grpc.Server, int]:  # fmt: skip
     """Start the OIP gRPC server; returns it with the bound port (``port=0`` picks a free one)."""
-    options = [
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options)
-    add_servicer(InferenceServicer(repository, version), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    options = repository.options
+    grpc_options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]  # fmt: skip
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=options.workers), options=grpc_options,
+                         maximum_concurrent_rpcs=options.workers + options.queue_size)  # fmt: skip
+    add_servicer(InferenceServicer(repository, version, usage, token_owner), server)
+    address = f"{host}:{port}"
+    if options.tls_cert and options.tls_key:
+        credentials = grpc.ssl_server_credentials([(options.tls_key.read_bytes(), options.tls_cert.read_bytes())])
+        bound = server.add_secure_port(address, credentials)
+    else:
+        bound = server.add_insecure_port(address)
     if bound == 0:
-        raise OSError(f"cannot listen for gRPC on {host}:{port}; choose another with --grpc-port")
+        raise OSError(f"cannot listen for gRPC on {address}; choose another with --grpc-port")
     server.start()
     return server, bound

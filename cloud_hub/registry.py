@@ -53,6 +53,16 @@ class Registry(Protocol):
 
     def audit(self, actor: str, action: str, detail: dict[str, Any]) -> None: ...
 
+    def add_device_token(self, device_id: str, token_sha256: str) -> None:
+        """Record a bearer token (by its sha256) that authenticates ``device_id`` on the cloud route."""
+
+    def token_owner(self, token_sha256: str) -> str | None: ...
+
+    def add_usage(self, counts: dict[tuple[str, str], int]) -> None:
+        """Add cloud-call counts per (device, model)."""
+
+    def usage(self) -> list[dict[str, Any]]: ...
+
 
 class SQLiteRegistry:
     """Registry on one SQLite file in WAL mode."""
@@ -105,6 +115,8 @@ class SQLiteRegistry:
                 ("device_id", "seq"),
             ),
             "audit": ({"ts": float, "actor": str, "action": str, "detail": str}, None),
+            "device_tokens": ({"token_sha256": str, "device_id": str, "created": float}, "token_sha256"),
+            "cloud_usage": ({"device_id": str, "model": str, "calls": int}, ("device_id", "model")),
         }
         with self._lock:
             for name, (columns, pk) in tables.items():
@@ -238,3 +250,29 @@ class SQLiteRegistry:
                     "detail": json.dumps(detail),
                 }
             )
+
+    def add_device_token(self, device_id: str, token_sha256: str) -> None:
+        with self._lock:
+            self.db.table("device_tokens").insert(
+                {"token_sha256": token_sha256, "device_id": device_id, "created": time.time()}, replace=True
+            )
+
+    def token_owner(self, token_sha256: str) -> str | None:
+        with self._lock:
+            row = self.db.execute(
+                "SELECT device_id FROM device_tokens WHERE token_sha256 = ?", [token_sha256]
+            ).fetchone()
+        return str(row[0]) if row else None
+
+    def add_usage(self, counts: dict[tuple[str, str], int]) -> None:
+        with self._lock, self.db.conn:
+            for (device_id, model), calls in counts.items():
+                self.db.execute(
+                    "INSERT INTO cloud_usage VALUES (?, ?, ?) ON CONFLICT(device_id, model) "
+                    "DO UPDATE SET calls = calls + excluded.calls",
+                    [device_id, model, calls],
+                )
+
+    def usage(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self.db.table("cloud_usage").rows_where(order_by="device_id, model"))

@@ -15,7 +15,7 @@ import platform
 import secrets
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from cloud_hub.admin import AdminApi
 from cloud_hub.artifacts import ArtifactStore
 from cloud_hub.broker import EmbeddedBroker
 from cloud_hub.control import ControlPlane
-from cloud_hub.inference import ModelRepository, start_inference_server
+from cloud_hub.inference import InferenceOptions, ModelRepository, UsageCounter, start_inference_server, token_hash
 from cloud_hub.registry import SQLiteRegistry
 from edge_agent import __version__
 from edge_agent.protocol.atomic import atomic_write_bytes
@@ -47,6 +47,7 @@ class HubConfig:
     admin_host: str = "127.0.0.1"
     admin_port: int = 8080
     topic_root: str = DEFAULT_ROOT
+    inference: InferenceOptions = field(default_factory=InferenceOptions)
 
 
 def operator_token(state_dir: Path) -> str:
@@ -68,7 +69,9 @@ class Hub:
         self.topics = Topics(config.topic_root)
         self.broker = None if config.broker else EmbeddedBroker(config.broker_host, config.broker_port)
         self.broker_url = config.broker or (self.broker.url if self.broker else "")
-        self.repository = ModelRepository(self.registry, self.store, platform.machine())
+        self.repository = ModelRepository(self.registry, self.store, platform.machine(), config.inference)
+        self.usage = UsageCounter()
+        self._token_cache: dict[str, str | None] = {}
         self.control: ControlPlane | None = None
         self.admin: AdminApi | None = None
         self.grpc_server: Any = None
@@ -81,8 +84,9 @@ class Hub:
         self.control = ControlPlane(self.broker_url, self.registry, self.store, self.topics)
         self.control.start()
         self.grpc_server, self.grpc_port = start_inference_server(
-            self.repository, self.config.grpc_host, self.config.grpc_port, __version__
+            self.repository, self.config.grpc_host, self.config.grpc_port, __version__, self.usage, self.token_owner
         )
+        threading.Thread(target=self._flush_usage_periodically, name="edgefed-usage", daemon=True).start()
         self.admin = AdminApi(
             self, operator_token(self.config.state_dir), self.config.admin_host, self.config.admin_port
         )
@@ -101,11 +105,13 @@ class Hub:
             self.admin.stop()
         if self.grpc_server is not None:
             self.grpc_server.stop(grace=2).wait(5)
+            self.repository.stop()
+        self.stopped.set()
+        self.flush_usage()
         if self.control is not None:
             self.control.stop()
         if self.broker is not None:
             self.broker.stop()
-        self.stopped.set()
 
     def status(self) -> dict[str, Any]:
         control = self.control
@@ -138,6 +144,28 @@ class Hub:
     def _signature(self, artifact_id: str) -> dict[str, Any]:
         data: dict[str, Any] = json.loads((self.store.path(artifact_id) / "signature").read_text())
         return data
+
+    def token_owner(self, token: str) -> str | None:
+        """The device a bearer token belongs to (cached; tokens are only ever added)."""
+        digest = token_hash(token)
+        if self._token_cache.get(digest) is None:
+            self._token_cache[digest] = self.registry.token_owner(digest)
+        return self._token_cache[digest]
+
+    def issue_token(self, device_id: str) -> dict[str, Any]:
+        token = secrets.token_urlsafe(32)
+        self.registry.add_device_token(device_id, token_hash(token))
+        self.registry.audit("operator", "devices.token", {"device_id": device_id})
+        return {"device_id": device_id, "token": token}
+
+    def flush_usage(self) -> None:
+        counts = self.usage.drain()
+        if counts:
+            self.registry.add_usage(dict(counts))
+
+    def _flush_usage_periodically(self) -> None:
+        while not self.stopped.wait(2.0):
+            self.flush_usage()
 
     def deploy(self, name: str, version: str, target: str) -> dict[str, Any]:
         assert self.control is not None

@@ -63,7 +63,9 @@ def init(
     device_id: Annotated[str, typer.Option(help="This device's id (letters, digits, '.', '_', '-')")],
     trust: Annotated[list[Path], typer.Option(help="Public signing key (.pub) to trust; repeatable")],
     broker: Annotated[str, typer.Option(help="MQTT broker URL")] = "mqtt://127.0.0.1:1883",
-    cloud: Annotated[str | None, typer.Option(help="Cloud inference URL grpc://host:port")] = None,
+    cloud: Annotated[str | None, typer.Option(help="Cloud inference URL grpc://host:port or grpcs://host:port")] = None,
+    cloud_token: Annotated[str | None, typer.Option(help="Bearer token from `cloud-hub devices token`")] = None,
+    cloud_ca: Annotated[str | None, typer.Option(help="CA bundle for a grpcs:// cloud")] = None,
     profile: Annotated[str | None, typer.Option(help="Profile id; default: detected")] = None,
     state_dir: StateDir = None,
 ) -> None:
@@ -72,7 +74,8 @@ def init(
     try:
         profile_id = profile or _detected()
         get_profile(profile_id)
-        config = AgentConfig(device_id=device_id, profile=profile_id, broker=broker, cloud=cloud)
+        config = AgentConfig(device_id=device_id, profile=profile_id, broker=broker, cloud=cloud,
+                             cloud_token=cloud_token, cloud_ca=cloud_ca)  # fmt: skip
         (state / "trust").mkdir(parents=True, exist_ok=True)
         for key in trust:
             shutil.copyfile(key, state / "trust" / key.name)

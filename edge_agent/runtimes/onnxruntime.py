@@ -36,7 +36,8 @@ def choose_providers(manifest: Manifest, profile: DeviceProfile | None, availabl
 class OnnxRuntimeSession:
     """An ONNX Runtime session over an installed artifact's ``model.onnx`` (``run`` is thread-safe)."""
 
-    def __init__(self, directory: Path, manifest: Manifest, profile: DeviceProfile | None = None) -> None:
+    def __init__(self, directory: Path, manifest: Manifest, profile: DeviceProfile | None = None,
+                 prefer_gpu: bool = False) -> None:  # fmt: skip
         import onnxruntime as ort
 
         self.manifest = manifest
@@ -48,7 +49,10 @@ class OnnxRuntimeSession:
             options.intra_op_num_threads = profile.intra_op_threads or min(
                 profile.cpu_cores, len(os.sched_getaffinity(0))
             )
-        providers = choose_providers(manifest, profile, set(ort.get_available_providers()))
+        available = set(ort.get_available_providers())
+        providers = choose_providers(manifest, profile, available)
+        if prefer_gpu and "CUDAExecutionProvider" in available and "CUDAExecutionProvider" not in providers:
+            providers.insert(0, "CUDAExecutionProvider")  # the hub serves on its GPU whatever the artifact's target
         self.session = ort.InferenceSession(str(directory / "model.onnx"), options, providers=providers)
         self.providers = self.session.get_providers()
         self.output_names = [o.name for o in self.session.get_outputs()]
