@@ -5,12 +5,21 @@ The interface is small (``add``, ``path``, ``read_chunk``) so S3-compatible stor
 
 from __future__ import annotations
 
+import json
 import shutil
 import tarfile
 import tempfile
 from pathlib import Path
+from typing import Any
 
-from edge_agent.protocol.artifact import RESERVED, check_freshness, read_chunk, read_manifest, verify_files
+from edge_agent.protocol.artifact import (
+    RESERVED,
+    SIGNATURE_FILE,
+    check_freshness,
+    read_chunk,
+    read_manifest,
+    verify_files,
+)
 from edge_agent.protocol.atomic import publish_dir
 from edge_agent.protocol.errors import ArtifactRejected
 from edge_agent.protocol.manifest import Manifest
@@ -63,6 +72,10 @@ class ArtifactStore:
             except tarfile.TarError as exc:
                 raise ArtifactRejected("manifest", f"upload is not a tar archive: {exc}") from None
             return self.add(Path(tmp))
+
+    def signature(self, artifact_id: str) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads((self.path(artifact_id) / SIGNATURE_FILE).read_text())
+        return data
 
     def read_chunk(self, manifest: Manifest, file_index: int, chunk_index: int) -> bytes:
         return read_chunk(self.path(manifest.artifact_id), manifest, file_index, chunk_index)

@@ -9,7 +9,6 @@ in one process that owns the hub's state directory.
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import secrets
@@ -129,8 +128,7 @@ class Hub:
 
     def add_artifact(self, tar_path: Path) -> dict[str, Any]:
         manifest = self.store.add_tar(tar_path)
-        signature = self._signature(manifest.artifact_id)
-        new = self.registry.add_artifact(manifest, signature)
+        new = self.registry.add_artifact(manifest, self.store.signature(manifest.artifact_id))
         self.registry.audit("operator", "models.add", {"artifact_id": manifest.artifact_id, "new": new})
         return {
             "artifact_id": manifest.artifact_id,
@@ -140,10 +138,6 @@ class Hub:
             "precision": manifest.precision,
             "new": new,
         }
-
-    def _signature(self, artifact_id: str) -> dict[str, Any]:
-        data: dict[str, Any] = json.loads((self.store.path(artifact_id) / "signature").read_text())
-        return data
 
     def token_owner(self, token: str) -> str | None:
         """The device a bearer token belongs to (cached; tokens are only ever added)."""

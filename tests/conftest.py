@@ -184,3 +184,61 @@ def mosquitto(tmp_path: Path) -> Iterator[MosquittoBroker]:
     broker.start()
     yield broker
     broker.stop()
+
+
+DTYPES = {"fp32": ("float32", TensorProto.FLOAT), "fp16": ("float16", TensorProto.FLOAT16),
+          "int64": ("int64", TensorProto.INT64), "int32": ("int32", TensorProto.INT32),
+          "uint8": ("uint8", TensorProto.UINT8), "bool": ("bool", TensorProto.BOOL),
+          "bytes": ("bytes", TensorProto.STRING)}  # fmt: skip
+
+
+def dtypes_artifact(directory: Path, key_path: Path) -> Path:
+    """A real ONNX model with one Identity per OIP datatype: input ``in_X`` → output ``out_X``, shape [batch, 3]."""
+    directory.mkdir(parents=True)
+    nodes = [helper.make_node("Identity", [f"in_{k}"], [f"out_{k}"]) for k in DTYPES]
+    inputs = [helper.make_tensor_value_info(f"in_{k}", t, ["batch", 3]) for k, (_, t) in DTYPES.items()]
+    outputs = [helper.make_tensor_value_info(f"out_{k}", t, ["batch", 3]) for k, (_, t) in DTYPES.items()]
+    model = helper.make_model(helper.make_graph(nodes, "dtypes", inputs, outputs),
+                              opset_imports=[helper.make_opsetid("", 17)])  # fmt: skip
+    model.ir_version = 8
+    onnx.save(model, str(directory / "model.onnx"))
+    now = datetime.now(UTC)
+    fields = {
+        "name": "dtypes", "version": "1.0.0", "release": 1, "runtime": "onnxruntime", "precision": "fp32",
+        "hardware": {"profile": "x86-64-generic", "arch": "x86_64", "accelerator": "none"},
+        "inputs": [{"name": f"in_{k}", "dtype": d, "shape": ["batch", 3]} for k, (d, _) in DTYPES.items()],
+        "outputs": [{"name": f"out_{k}", "dtype": d, "shape": ["batch", 3]} for k, (d, _) in DTYPES.items()],
+        "source_sha256": "0" * 64, "created_at": format_time(now), "expires_at": format_time(now + timedelta(days=1)),
+    }  # fmt: skip
+    seal(directory, fields, load_private_key(key_path))
+    return directory
+
+
+class InferenceServer:
+    """The hub's OIP gRPC server on port 0 over a real registry and artifact store (no MQTT needed)."""
+
+    def __init__(self, root: Path, keys: tuple[Path, Path], **options: Any) -> None:
+        from cloud_hub.artifacts import ArtifactStore
+        from cloud_hub.inference import InferenceOptions, ModelRepository, UsageCounter, start_inference_server
+        from cloud_hub.registry import SQLiteRegistry
+        from edge_agent.protocol.signing import TrustStore
+
+        self.registry = SQLiteRegistry(str(root / "registry.db"))
+        self.store = ArtifactStore(root / "artifacts", TrustStore.from_dir(keys[1].parent))
+        self.repository = ModelRepository(self.registry, self.store, "x86_64", InferenceOptions(**options))
+        self.usage = UsageCounter()
+        self.tokens: dict[str, str] = {}
+        self.server, self.port = start_inference_server(self.repository, "127.0.0.1", 0, "test", self.usage,
+                                                        self.tokens.get)  # fmt: skip
+
+    @property
+    def url(self) -> str:
+        return f"grpc://127.0.0.1:{self.port}"
+
+    def register(self, artifact: Path) -> None:
+        manifest = self.store.add(artifact)
+        self.registry.add_artifact(manifest, self.store.signature(manifest.artifact_id))
+
+    def stop(self) -> None:
+        self.server.stop(grace=0).wait(5)
+        self.repository.stop()

@@ -56,6 +56,15 @@ class OnnxRuntimeSession:
         self.session = ort.InferenceSession(str(directory / "model.onnx"), options, providers=providers)
         self.providers = self.session.get_providers()
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.string_inputs = [s.name for s in manifest.inputs if s.dtype == "bytes"]
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.string_inputs:  # ORT string tensors take str; the wire (and callers) may hand bytes
+            inputs = {**inputs, **{n: _as_str(inputs[n]) for n in self.string_inputs if n in inputs}}
         return dict(zip(self.output_names, self.session.run(self.output_names, inputs), strict=True))
+
+
+def _as_str(array: np.ndarray) -> np.ndarray:
+    return np.array([v.decode() if isinstance(v, bytes) else v for v in array.reshape(-1)], dtype=object).reshape(
+        array.shape
+    )
