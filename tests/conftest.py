@@ -219,17 +219,25 @@ class InferenceServer:
 
     def __init__(self, root: Path, keys: tuple[Path, Path], **options: Any) -> None:
         from cloud_hub.artifacts import ArtifactStore
-        from cloud_hub.inference import InferenceOptions, ModelRepository, UsageCounter, start_inference_server
+        from cloud_hub.inference import (
+            InferenceOptions,
+            ModelRepository,
+            UsageCounter,
+            start_inference_server,
+            token_hash,
+        )
         from cloud_hub.registry import SQLiteRegistry
         from edge_agent.protocol.signing import TrustStore
 
+        root.mkdir(parents=True, exist_ok=True)
         self.registry = SQLiteRegistry(str(root / "registry.db"))
         self.store = ArtifactStore(root / "artifacts", TrustStore.from_dir(keys[1].parent))
         self.repository = ModelRepository(self.registry, self.store, "x86_64", InferenceOptions(**options))
         self.usage = UsageCounter()
         self.tokens: dict[str, str] = {}
-        self.server, self.port = start_inference_server(self.repository, "127.0.0.1", 0, "test", self.usage,
-                                                        self.tokens.get)  # fmt: skip
+        self.server, self.port = start_inference_server(
+            self.repository, "127.0.0.1", 0, "test", self.usage, lambda token: self.tokens.get(token_hash(token))
+        )
 
     @property
     def url(self) -> str:

@@ -1,0 +1,280 @@
+"""Fallback policies, circuit breakers, deadlines, budgets, batching and queue limits on real servers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import onnx
+import pytest
+from conftest import InferenceServer, make_artifact
+from onnx import TensorProto, helper, numpy_helper
+
+from cloud_hub.batching import Batcher, QueueFull
+from cloud_hub.inference import token_hash
+from device_profiles import get_profile
+from edge_agent import EdgeClient
+from edge_agent.config import AgentConfig
+from edge_agent.errors import CloudThrottled, CloudUnavailable, ModelNotDeployed
+from edge_agent.protocol.artifact import seal
+from edge_agent.protocol.manifest import format_time
+from edge_agent.protocol.oip import add_servicer
+from edge_agent.protocol.signing import TrustStore, load_private_key
+from edge_agent.routing import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, RateBudget, confidence
+from edge_agent.store import ModelStore
+
+X = np.random.default_rng(2).standard_normal((1, 32)).astype(np.float32)
+
+
+@pytest.fixture
+def cloud(tmp_path: Path, keys: tuple[Path, Path]) -> Iterator[InferenceServer]:
+    server = InferenceServer(tmp_path / "hub", keys)
+    server.register(make_artifact(tmp_path / "cloud-gemm", keys[0]))
+    server.register(_named(tmp_path / "big", keys[0], "big"))
+    yield server
+    server.stop()
+
+
+def _named(directory: Path, key: Path, name: str) -> Path:
+    """A Gemm artifact under another model name (the cascade's bigger cloud model)."""
+    artifact = make_artifact(directory, key, seed=9)
+    doc = json.loads((artifact / "manifest.json").read_text())
+    fields = {k: v for k, v in doc.items() if k not in ("files", "chunk_size", "schema")}
+    (artifact / "manifest.json").unlink()
+    (artifact / "signature").unlink()
+    seal(artifact, {**fields, "name": name}, load_private_key(key))
+    return artifact
+
+
+def broken_artifact(directory: Path, key: Path) -> Path:
+    """A model that loads but fails at run time for batch 1 (Reshape of 30 values into rows of 7)."""
+    directory.mkdir(parents=True)
+    weight = numpy_helper.from_array(np.ones((32, 30), np.float32), "W")
+    shape = numpy_helper.from_array(np.array([-1, 7], np.int64), "S")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["input", "W"], ["h"]), helper.make_node("Reshape", ["h", "S"], ["output"])],
+        "broken", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 32])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)], [weight, shape],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(directory / "model.onnx"))
+    now = datetime.now(UTC)
+    seal(directory, {
+        "name": "gemm", "version": "1.0.0", "release": 1, "runtime": "onnxruntime", "precision": "fp32",
+        "hardware": {"profile": "x86-64-generic", "arch": "x86_64", "accelerator": "none"},
+        "inputs": [{"name": "input", "dtype": "float32", "shape": ["batch", 32]}],
+        "outputs": [{"name": "output", "dtype": "float32", "shape": ["batch", 7]}],
+        "source_sha256": "0" * 64, "created_at": format_time(now), "expires_at": format_time(now + timedelta(days=1)),
+    }, load_private_key(key))  # fmt: skip
+    return directory
+
+
+def device(tmp_path: Path, keys: tuple[Path, Path], artifact: Path | None, cloud: str | None) -> Path:
+    state = tmp_path / "device"
+    (state / "trust").mkdir(parents=True)
+    shutil.copy(keys[1], state / "trust")
+    AgentConfig(device_id="dev-1", profile="x86-64-generic", cloud=cloud).save(state)
+    if artifact is not None:
+        store = ModelStore(state / "models")
+        manifest = store.install(artifact, TrustStore.from_dir(state / "trust"), get_profile("x86-64-generic"))
+        store.activate(manifest.name, manifest.version)
+    return state
+
+
+def test_breaker_states() -> None:
+    breaker = CircuitBreaker(failure_threshold=3, reset_timeout_s=0.05)
+    for _ in range(2):
+        breaker.failure()
+    assert breaker.state == CLOSED and breaker.allow()
+    breaker.failure()
+    assert breaker.state == OPEN and not breaker.allow()
+    time.sleep(0.06)
+    assert breaker.allow() and breaker.state == HALF_OPEN
+    assert not breaker.allow()  # one probe at a time
+    breaker.failure()
+    assert breaker.state == OPEN and not breaker.allow()
+    time.sleep(0.06)
+    assert breaker.allow()
+    breaker.success()
+    assert breaker.state == CLOSED and breaker.allow() and breaker.opened_count == 2
+
+
+def test_confidence_measures_and_budget() -> None:
+    sure, unsure = np.array([[10.0, 0.0, 0.0]]), np.array([[1.0, 1.0, 1.0]])
+    for measure in ("max_softmax", "margin", "entropy"):
+        assert confidence(sure, measure) > 0.9 > confidence(unsure, measure)  # type: ignore[arg-type]
+    budget = RateBudget(per_minute=2)
+    assert budget.take() and budget.take() and not budget.take() and budget.throttled == 1
+
+
+def test_local_only_and_cloud_only(tmp_path: Path, keys: tuple[Path, Path], cloud: InferenceServer) -> None:
+    state = device(tmp_path, keys, None, cloud.url)
+    with EdgeClient(state, policy="local_only", telemetry=False) as client, pytest.raises(ModelNotDeployed):
+        client.infer("gemm", {"input": X})
+    with EdgeClient(state, policy="cloud_only", telemetry=False) as client:
+        result = client.infer("gemm", {"input": X})
+        assert result.route == "cloud" and result.reason == "policy cloud_only"
+    assert cloud.usage.drain()[("dev-1", "gemm")] == 1  # counted per device and model
+
+
+def test_local_first_falls_back_when_the_local_runtime_fails(tmp_path: Path, keys: tuple[Path, Path],
+                                                             cloud: InferenceServer) -> None:  # fmt: skip
+    state = device(tmp_path, keys, broken_artifact(tmp_path / "broken", keys[0]), cloud.url)
+    with EdgeClient(state, telemetry=False) as client:
+        first = client.infer("gemm", {"input": X})
+        assert first.route == "cloud" and "local runtime failed" in first.reason
+        for _ in range(3):
+            client.infer("gemm", {"input": X})
+        later = client.infer("gemm", {"input": X})
+        assert later.route == "cloud" and "breaker open" in later.reason  # a dead runtime costs nothing now
+
+
+def test_local_first_over_budget_trips_to_cloud(
+    tmp_path: Path, keys: tuple[Path, Path], cloud: InferenceServer
+) -> None:
+    state = device(tmp_path, keys, make_artifact(tmp_path / "a", keys[0]), cloud.url)
+    with EdgeClient(state, telemetry=False, latency_budget_ms=0.0001) as client:
+        routes = [client.infer("gemm", {"input": X}) for _ in range(5)]
+    assert [r.route for r in routes[:3]] == ["local"] * 3 and "budget" in routes[0].reason
+    assert routes[3].route == "cloud" and "breaker open" in routes[3].reason
+
+
+def test_cloud_first_uses_local_when_cloud_is_down(
+    tmp_path: Path, keys: tuple[Path, Path], cloud: InferenceServer
+) -> None:
+    state = device(tmp_path, keys, make_artifact(tmp_path / "a", keys[0]), cloud.url)
+    with EdgeClient(state, policy="cloud_first", telemetry=False, cloud_timeout_s=0.5) as client:
+        assert client.infer("gemm", {"input": X}).route == "cloud"
+        cloud.stop()
+        result = client.infer("gemm", {"input": X})
+        assert result.route == "local" and "cloud failed" in result.reason
+
+
+def test_cascade_escalates_only_unconfident_answers(
+    tmp_path: Path, keys: tuple[Path, Path], cloud: InferenceServer
+) -> None:
+    state = device(tmp_path, keys, make_artifact(tmp_path / "a", keys[0]), cloud.url)
+    with EdgeClient(state, policy="cascade", cascade_model="big", cascade_threshold=1.01, latency_budget_ms=2000,
+                    telemetry=False) as client:  # fmt: skip
+        result = client.infer("gemm", {"input": X})
+        assert result.route == "cloud" and result.model == "big" and "max_softmax" in result.reason
+    with EdgeClient(state, policy="cascade", cascade_model="big", cascade_threshold=0.0, telemetry=False) as client:
+        assert client.infer("gemm", {"input": X}).route == "local"
+
+
+def test_cloud_budget_throttles_and_counts(tmp_path: Path, keys: tuple[Path, Path], cloud: InferenceServer) -> None:
+    state = device(tmp_path, keys, None, cloud.url)
+    with EdgeClient(state, cloud_budget_per_minute=2) as client:
+        client.infer("gemm", {"input": X})
+        client.infer("gemm", {"input": X})
+        with pytest.raises(CloudThrottled, match="budget"):
+            client.infer("gemm", {"input": X})
+    from edge_agent.telemetry import Spool
+
+    batch = Spool(state / "telemetry.db").next_batch("dev-1")
+    assert batch is not None and {w.route: w.count for w in batch.windows} == {"cloud": 2, "throttled": 1}
+
+
+class HangingServicer:
+    """A cloud that accepts calls and never answers in time (the real failure mode of a stuck server)."""
+
+    def __getattr__(self, name: str) -> Any:
+        def hang(request: Any, context: grpc.ServicerContext) -> Any:
+            time.sleep(3)
+            context.abort(grpc.StatusCode.UNAVAILABLE, "too late")
+
+        return hang
+
+
+def test_hanging_cloud_costs_only_the_deadline(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    add_servicer(HangingServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        state = device(tmp_path, keys, make_artifact(tmp_path / "a", keys[0]), f"grpc://127.0.0.1:{port}")
+        with EdgeClient(state, policy="cloud_first", cloud_timeout_s=0.2, telemetry=False) as client:
+            start = time.perf_counter()
+            result = client.infer("gemm", {"input": X})
+            assert result.route == "local" and time.perf_counter() - start < 0.2 + 0.1
+            for _ in range(3):
+                client.infer("gemm", {"input": X})
+            start = time.perf_counter()
+            assert client.infer("gemm", {"input": X}).route == "local"
+            assert time.perf_counter() - start < 0.01  # breaker open: the dead cloud costs nothing
+        only_cloud = EdgeClient(state, policy="cloud_only", cloud_timeout_s=0.2, telemetry=False)
+        with only_cloud, pytest.raises(CloudUnavailable, match="DEADLINE_EXCEEDED"):
+            only_cloud.infer("gemm", {"input": X})
+    finally:
+        server.stop(0)
+
+
+def test_device_token_required(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    server = InferenceServer(tmp_path / "hub", keys, require_token=True)
+    server.register(make_artifact(tmp_path / "g", keys[0]))
+    server.tokens[token_hash("s3cret")] = "dev-7"
+    try:
+        state = device(tmp_path, keys, None, server.url)
+        with EdgeClient(state, telemetry=False) as client, pytest.raises(CloudUnavailable, match="UNAUTHENTICATED"):
+            client.infer("gemm", {"input": X})
+        config = AgentConfig.load(state)
+        AgentConfig(**{**config.__dict__, "cloud_token": "s3cret"}).save(state)
+        with EdgeClient(state, telemetry=False) as client:
+            assert client.infer("gemm", {"input": X}).route == "cloud"
+        assert server.usage.drain() == {("dev-7", "gemm"): 1}
+    finally:
+        server.stop()
+
+
+def test_batcher_batches_concurrent_requests_and_bounds_its_queue() -> None:
+    calls: list[int] = []
+    gate = threading.Event()
+
+    def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        gate.wait(5)
+        calls.append(len(inputs["x"]))
+        return {"y": inputs["x"] * 2}
+
+    batcher = Batcher(run, max_batch_rows=64, queue_size=32)
+    with futures.ThreadPoolExecutor(max_workers=20) as pool:
+        jobs = [pool.submit(batcher.submit, {"x": np.full((1, 2), i, np.float32)}, 5) for i in range(20)]
+        time.sleep(0.2)
+        gate.set()
+        results = [j.result() for j in jobs]
+    assert all(np.all(r["y"] == 2 * i) for i, r in enumerate(results))
+    assert len(calls) < 20 and sum(calls) == 20  # batched, every row answered once
+
+    gate.clear()
+    small = Batcher(run, max_batch_rows=1, queue_size=1)
+    with futures.ThreadPoolExecutor(max_workers=3) as pool:
+        running = pool.submit(small.submit, {"x": np.ones((1, 2), np.float32)}, 5)
+        time.sleep(0.1)
+        queued = pool.submit(small.submit, {"x": np.ones((1, 2), np.float32)}, 5)
+        time.sleep(0.1)
+        with pytest.raises(QueueFull):
+            small.submit({"x": np.ones((1, 2), np.float32)}, 5)
+        gate.set()
+        assert running.result()["y"].shape == (1, 2) and queued.result()["y"].shape == (1, 2)
+
+    gate.clear()  # a caller whose deadline passes while the worker is busy gets TimeoutError, not a hang
+    with futures.ThreadPoolExecutor(max_workers=1) as pool:
+        busy = pool.submit(small.submit, {"x": np.ones((1, 2), np.float32)}, 5)
+        time.sleep(0.1)
+        start = time.perf_counter()
+        with pytest.raises(TimeoutError):
+            small.submit({"x": np.ones((1, 2), np.float32)}, 0.05)
+        assert time.perf_counter() - start < 0.5
+        gate.set()
+        busy.result()
+    batcher.stop()
+    small.stop()
