@@ -15,59 +15,23 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples" / "quickstart"))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import gemm_model  # noqa: E402
+from common import artifact, digits_cnn_onnx, gemm_onnx
 
-from device_profiles import get_profile  # noqa: E402
-from edge_agent import EdgeClient  # noqa: E402
-from edge_agent.config import AgentConfig  # noqa: E402
-from edge_agent.protocol.artifact import seal  # noqa: E402
-from edge_agent.protocol.manifest import format_time  # noqa: E402
-from edge_agent.protocol.signing import TrustStore, generate_keypair, load_private_key  # noqa: E402
-from edge_agent.store import ModelStore  # noqa: E402
+from device_profiles import get_profile
+from edge_agent import EdgeClient
+from edge_agent.config import AgentConfig
+from edge_agent.protocol.signing import TrustStore, generate_keypair
+from edge_agent.store import ModelStore
 
 PROFILE = get_profile("x86-64-generic")
-
-
-def build(work: Path, name: str, make_model: Any, input_shape: list[Any], output_shape: list[Any], key: Path) -> Path:
-    directory = work / name
-    directory.mkdir()
-    make_model(directory / "model.onnx")
-    now = datetime.now(UTC)
-    fields = {
-        "name": name, "version": "1.0.0", "release": 1, "runtime": "onnxruntime", "precision": "fp32",
-        "hardware": {"profile": PROFILE.id, "arch": "x86_64", "accelerator": "none"},
-        "inputs": [{"name": "input", "dtype": "float32", "shape": input_shape}],
-        "outputs": [{"name": "output", "dtype": "float32", "shape": output_shape}],
-        "source_sha256": "0" * 64, "created_at": format_time(now), "expires_at": format_time(now + timedelta(days=1)),
-    }  # fmt: skip
-    seal(directory, fields, load_private_key(key))
-    return directory
-
-
-def digits_cnn(path: Path) -> None:
-    """The digits CNN (untrained weights: timing only) with a reference.json, so per-call input/output
-    histograms are part of what is measured, as on a device."""
-    import digits
-
-    from edge_agent.protocol.canonical import canonical_json
-    from model_compiler.reference import reference_distribution
-    from model_compiler.sources import export_onnx
-
-    export_onnx(digits.DigitsCNN(), np.zeros((1, 1, 8, 8), np.float32), path)
-    x = np.random.default_rng(0).random((64, 1, 8, 8), np.float32)
-    outputs = raw_session(path).run(None, {"input": x})[0]
-    (path.parent / "reference.json").write_bytes(canonical_json(reference_distribution(x, outputs)))
 
 
 def raw_session(path: Path) -> ort.InferenceSession:
@@ -120,14 +84,14 @@ def main() -> None:
         store = ModelStore(state / "models")
         trust = TrustStore.from_dir(work / "keys")
         cases = {
-            "gemm": (build(work, "gemm", gemm_model, ["batch", 32], ["batch", 30], key), np.ones((1, 32), np.float32)),
-            "cnn": (build(work, "cnn", digits_cnn, ["batch", 1, 8, 8], ["batch", 10], key),
+            "gemm": (artifact(work, "gemm", gemm_onnx, ["batch", 32], ["batch", 30], key), np.ones((1, 32), "f4")),
+            "cnn": (artifact(work, "cnn", digits_cnn_onnx, ["batch", 1, 8, 8], ["batch", 10], key, reference=True),
                     np.ones((1, 1, 8, 8), np.float32)),
         }  # fmt: skip
         results: dict[str, Any] = {}
         with EdgeClient(state) as client:
-            for name, (artifact, x) in cases.items():
-                manifest = store.install(artifact, trust, PROFILE)
+            for name, (directory, x) in cases.items():
+                manifest = store.install(directory, trust, PROFILE)
                 store.activate(manifest.name, manifest.version)
                 path = store.version_dir(name, "1.0.0") / "model.onnx"
                 results[name] = measure(client, name, raw_session(path), x, blocks, calls)

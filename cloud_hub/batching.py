@@ -2,8 +2,9 @@
 
 Requests wait in a bounded queue; one worker thread takes whatever is queued when it is free (up to
 ``max_batch_rows`` rows; with ``delay_s`` > 0 it also waits that long for more), joins requests whose
-inputs share dtypes and trailing shapes along axis 0, runs once, and splits the outputs back. An idle
-server therefore adds no delay, and a busy one batches by itself. A full queue is refused at once
+inputs share dtypes and trailing shapes along axis 0, runs once, and splits the outputs back. When the
+model is idle (nothing queued, nothing running) a request runs at once in the caller's thread, so an
+idle server adds no delay and no thread hand-off; a busy one batches by itself. A full queue is refused at once
 (``QueueFull``) instead of growing; a request whose caller gave up is skipped.
 """
 
@@ -47,12 +48,20 @@ class Batcher:
         self.queue: queue.Queue[Pending] = queue.Queue(maxsize=queue_size)
         self.executions = 0
         self.rows_executed = 0
+        self._busy = threading.Lock()  # held while a batch (or an inline request) runs
         self._stop = False
         self._thread = threading.Thread(target=self._work, name=f"batcher-{name}", daemon=True)
         self._thread.start()
 
     def submit(self, inputs: Inputs, timeout_s: float | None) -> dict[str, np.ndarray]:
         """Run ``inputs`` in some batch; QueueFull when the queue is full, TimeoutError past ``timeout_s``."""
+        if self.delay_s == 0 and self.queue.empty() and self._busy.acquire(blocking=False):
+            try:  # idle: run inline, no hand-off
+                outputs = self.run(inputs)
+                self.executions += 1
+                return outputs
+            finally:
+                self._busy.release()
         rows = len(next(iter(inputs.values()))) if inputs else 1
         pending = Pending(inputs, rows)
         try:
@@ -87,8 +96,9 @@ class Batcher:
             groups: dict[tuple[Any, ...], list[Pending]] = {}
             for pending in batch:
                 groups.setdefault(_signature(pending.inputs), []).append(pending)
-            for group in groups.values():
-                self._run_group(group)
+            with self._busy:
+                for group in groups.values():
+                    self._run_group(group)
 
     def _run_group(self, group: list[Pending]) -> None:
         try:

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,7 +83,12 @@ class ModelRepository:
         self.registry, self.store, self.arch = registry, store, arch
         self.options = options or InferenceOptions()
         self._served: dict[str, _Served] = {}
+        self._resolved: dict[tuple[str, str], _Served] = {}  # (name, version asked) → what answers it
         self._lock = threading.Lock()
+
+    def invalidate(self) -> None:
+        """Forget name/version resolutions; call after registering an artifact."""
+        self._resolved = {}
 
     def _pick(self, name: str, version: str) -> dict[str, Any]:
         rows = self.registry.artifacts(name, version or None)
@@ -99,11 +104,14 @@ class ModelRepository:
         return ranked[0]
 
     def get(self, name: str, version: str) -> _Served:
+        """The served model for (name, version); a dict lookup once resolved (the per-call path)."""
+        served = self._resolved.get((name, version))
+        if served is not None:
+            return served
         manifest = manifest_from_wire(self._pick(name, version))
-        served = self._served.get(manifest.artifact_id)
-        if served is None:
-            with self._lock:
-                served = self._served.get(manifest.artifact_id) or self._load(manifest)
+        with self._lock:
+            served = self._served.get(manifest.artifact_id) or self._load(manifest)
+        self._resolved[(name, version)] = served
         return served
 
     def _load(self, manifest: Manifest) -> _Served:
@@ -168,6 +176,12 @@ def decode_inputs(request: Any) -> dict[str, np.ndarray]:
     return inputs
 
 
+class RpcFailure(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        self.code, self.message = code, message
+        super().__init__(message)
+
+
 class InferenceServicer:
     def __init__(self, repository: ModelRepository, version: str, usage: UsageCounter,
                  token_owner: Callable[[str], str | None]) -> None:  # fmt: skip
@@ -215,30 +229,52 @@ class InferenceServicer:
 
     def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> Any:
         device = self._device(context)
-        served = self._served(request.model_name, request.model_version, context)
+        remaining = context.time_remaining()  # huge when the caller set no deadline
+        try:
+            return self._infer(request, device, remaining if remaining is not None and remaining < 86400 else None)
+        except RpcFailure as failure:
+            context.abort(failure.code, failure.message)
+        raise AssertionError("unreachable")
+
+    def ModelStreamInfer(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        """Triton's bidirectional stream: one response per request, in order; a failed request answers
+        with ``error_message`` (``CODE: message``) and the stream goes on."""
+        device = self._device(context)
+        for request in requests:
+            try:
+                yield pb.ModelStreamInferResponse(infer_response=self._infer(request, device, None))
+            except RpcFailure as failure:
+                yield pb.ModelStreamInferResponse(error_message=f"{failure.code.name}: {failure.message}",
+                                                  infer_response=pb.ModelInferResponse(id=request.id))  # fmt: skip
+
+    def _infer(self, request: Any, device: str, timeout_s: float | None) -> Any:
+        try:
+            served = self.repository.get(request.model_name, request.model_version)
+        except NotFound as exc:
+            raise RpcFailure(grpc.StatusCode.NOT_FOUND, str(exc)) from None
         start = time.perf_counter_ns()
         try:
-            inputs = served.validator(decode_inputs(request))
-            remaining = context.time_remaining()  # huge when the caller set no deadline
-            outputs = served.infer(inputs, remaining if remaining is not None and remaining < 86400 else None)
+            outputs = served.infer(served.validator(decode_inputs(request)), timeout_s)
         except (TensorError, InputMismatch) as exc:
             served.stats.fail += 1
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         except QueueFull as exc:
             served.stats.fail += 1
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{served.manifest.name}: {exc}; retry with backoff")
+            raise RpcFailure(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, f"{served.manifest.name}: {exc}; retry with backoff"
+            ) from None
         except TimeoutError as exc:
             served.stats.fail += 1
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+            raise RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)) from None
         except Exception:
             served.stats.fail += 1
             log.exception("inference failed for %s@%s", served.manifest.name, served.manifest.version)
-            context.abort(grpc.StatusCode.INTERNAL, "inference failed on the server")
+            raise RpcFailure(grpc.StatusCode.INTERNAL, "inference failed on the server") from None
         response = pb.ModelInferResponse(model_name=served.manifest.name, model_version=served.manifest.version,
                                          id=request.id)  # fmt: skip
         for name in [o.name for o in request.outputs] or list(outputs):
             if name not in outputs:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown output {name!r}")
+                raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"unknown output {name!r}")
             array = outputs[name]
             response.outputs.add(name=name, datatype=datatype_of(array), shape=list(array.shape))
             response.raw_output_contents.append(to_raw(array))

@@ -129,6 +129,7 @@ class Hub:
     def add_artifact(self, tar_path: Path) -> dict[str, Any]:
         manifest = self.store.add_tar(tar_path)
         new = self.registry.add_artifact(manifest, self.store.signature(manifest.artifact_id))
+        self.repository.invalidate()
         self.registry.audit("operator", "models.add", {"artifact_id": manifest.artifact_id, "new": new})
         return {
             "artifact_id": manifest.artifact_id,

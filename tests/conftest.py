@@ -246,6 +246,7 @@ class InferenceServer:
     def register(self, artifact: Path) -> None:
         manifest = self.store.add(artifact)
         self.registry.add_artifact(manifest, self.store.signature(manifest.artifact_id))
+        self.repository.invalidate()
 
     def stop(self) -> None:
         self.server.stop(grace=0).wait(5)

@@ -1,0 +1,113 @@
+"""Helpers shared by the bench scripts: real models, signed artifacts, a hub in its own process."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples" / "quickstart"))
+
+from edge_agent.protocol.artifact import seal  # noqa: E402
+from edge_agent.protocol.manifest import format_time  # noqa: E402
+from edge_agent.protocol.signing import load_private_key  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def digits_cnn_onnx(path: Path) -> None:
+    """The quickstart's 284k-parameter digits CNN (untrained weights: these benches time, not score)."""
+    import digits
+
+    from model_compiler.sources import export_onnx
+
+    export_onnx(digits.DigitsCNN(), np.zeros((1, 1, 8, 8), np.float32), path)
+
+
+def gemm_onnx(path: Path, features: int = 32, classes: int = 30) -> None:
+    """A 1k-parameter Gemm classifier."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((features, classes)).astype(np.float32), "W")
+    bias = numpy_helper.from_array(rng.standard_normal(classes).astype(np.float32), "B")
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["input", "W", "B"], ["output"])], "gemm",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", features])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", classes])], [weight, bias],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def artifact(work: Path, name: str, make_model: Callable[[Path], None], input_shape: list[Any],
+             output_shape: list[Any], key: Path, reference: bool = False) -> Path:  # fmt: skip
+    """A signed fp32 ONNX artifact for x86-64-generic; with ``reference`` also a reference.json."""
+    directory = work / name
+    directory.mkdir()
+    make_model(directory / "model.onnx")
+    if reference:
+        import onnxruntime as ort
+
+        from edge_agent.protocol.canonical import canonical_json
+        from model_compiler.reference import reference_distribution
+
+        x = np.random.default_rng(0).random((64, *input_shape[1:]), np.float32)
+        outputs = ort.InferenceSession(str(directory / "model.onnx")).run(None, {"input": x})[0]
+        (directory / "reference.json").write_bytes(canonical_json(reference_distribution(x, outputs)))
+    now = datetime.now(UTC)
+    seal(directory, {
+        "name": name, "version": "1.0.0", "release": 1, "runtime": "onnxruntime", "precision": "fp32",
+        "hardware": {"profile": "x86-64-generic", "arch": "x86_64", "accelerator": "none"},
+        "inputs": [{"name": "input", "dtype": "float32", "shape": input_shape}],
+        "outputs": [{"name": "output", "dtype": "float32", "shape": output_shape}],
+        "source_sha256": "0" * 64, "created_at": format_time(now), "expires_at": format_time(now + timedelta(days=1)),
+    }, load_private_key(key))  # fmt: skip
+    return directory
+
+
+class HubProcess:
+    """`cloud-hub serve` in its own process (embedded broker, free ports), with artifacts uploaded."""
+
+    def __init__(self, work: Path, trust: Path, *extra: str) -> None:
+        self.grpc_port, self.admin_port = free_port(), free_port()
+        state = work / f"hub-{self.grpc_port}"
+        self.log = work / f"hub-{self.grpc_port}.log"
+        command = [sys.executable, "-c", "from cloud_hub.cli import main; main()", "serve", "--state-dir", str(state),
+                   "--broker-port", str(free_port()), "--grpc-port", str(self.grpc_port), "--admin-port",
+                   str(self.admin_port), "--trust", str(trust), "--log-level", "WARNING", *extra]  # fmt: skip
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while "ready" not in self.log.read_text():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"hub did not start: {self.log.read_text()[-2000:]}")
+            time.sleep(0.1)
+        from cloud_hub.api_client import AdminClient
+
+        self.admin = AdminClient(f"http://127.0.0.1:{self.admin_port}", (state / "operator.token").read_text().strip())
+
+    @property
+    def url(self) -> str:
+        return f"grpc://127.0.0.1:{self.grpc_port}"
+
+    def add(self, directory: Path) -> None:
+        self.admin.add_artifact(directory)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
