@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest system-deps proto clean
+.PHONY: demo test lint typecheck pytest system-deps proto clean bench bench-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,15 @@ pytest: $(STAMP) system-deps
 	$(BIN)/pytest -q
 
 test: lint typecheck pytest
+
+# KServe (the peer in bench/cloud.py) pins its own dependencies: it gets a venv of its own.
+bench-venv:
+	$(PYTHON) -m venv .bench-venv && .bench-venv/bin/pip install --quiet kserve==0.21.0 onnxruntime numpy
+
+bench: $(STAMP)
+	$(BIN)/python bench/sdk_overhead.py
+	$(BIN)/python bench/cloud.py
+	$(BIN)/python bench/failover.py
 
 # grpcio-tools lives in its own venv: it pins a protobuf newer than tritonclient allows.
 proto:

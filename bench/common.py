@@ -83,10 +83,10 @@ def artifact(work: Path, name: str, make_model: Callable[[Path], None], input_sh
 class HubProcess:
     """`cloud-hub serve` in its own process (embedded broker, free ports), with artifacts uploaded."""
 
-    def __init__(self, work: Path, trust: Path, *extra: str) -> None:
-        self.grpc_port, self.admin_port = free_port(), free_port()
-        state = work / f"hub-{self.grpc_port}"
-        self.log = work / f"hub-{self.grpc_port}.log"
+    def __init__(self, work: Path, trust: Path, *extra: str, grpc_port: int = 0) -> None:
+        self.grpc_port, self.admin_port = grpc_port or free_port(), free_port()
+        state = work / f"hub-{self.grpc_port}"  # the same port again reuses the state (and its artifacts)
+        self.log = work / f"hub-{self.grpc_port}-{self.admin_port}.log"
         command = [sys.executable, "-c", "from cloud_hub.cli import main; main()", "serve", "--state-dir", str(state),
                    "--broker-port", str(free_port()), "--grpc-port", str(self.grpc_port), "--admin-port",
                    str(self.admin_port), "--trust", str(trust), "--log-level", "WARNING", *extra]  # fmt: skip

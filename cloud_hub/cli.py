@@ -77,6 +77,7 @@ def serve_command(
     max_batch_rows: Annotated[int, typer.Option(help="Dynamic batching: most rows per run (1 disables it)")] = 32,
     batch_delay_ms: Annotated[float, typer.Option(help="Dynamic batching: wait this long for more (0: none)")] = 0.0,
     queue_size: Annotated[int, typer.Option(help="Requests queued per model before RESOURCE_EXHAUSTED")] = 256,
+    grpc_workers: Annotated[int, typer.Option(help="Threads serving inference calls")] = 64,
     require_token: Annotated[bool, typer.Option(help="Refuse inference calls without a device token")] = False,
     tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate: serve gRPC over TLS")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="PEM private key for --tls-cert")] = None,
@@ -91,6 +92,7 @@ def serve_command(
         err.print("[red]error:[/red] --tls-cert and --tls-key go together")
         raise typer.Exit(2)
     inference = InferenceOptions(max_batch_rows=max_batch_rows, batch_delay_ms=batch_delay_ms, queue_size=queue_size,
+                                 workers=grpc_workers,
                                  require_token=require_token, tls_cert=tls_cert, tls_key=tls_key)  # fmt: skip
     config = HubConfig(
         state_dir,

@@ -83,6 +83,10 @@ class CloudClient:
         options = [
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            # gRPC's default reconnect backoff grows to 2 minutes: a recovered cloud would sit unused
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
         ]
         if secure:
             roots = Path(ca_file).read_bytes() if ca_file else None

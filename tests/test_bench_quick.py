@@ -11,7 +11,12 @@ import pytest
 
 REQUIRED_KEYS = {
     "sdk_overhead": ("cnn_added_us", "cnn_ratio", "gemm_added_us"),
-    "cloud": ("sdk_vs_tritonclient_ratio", "vs_kserve_rps_ratio", "vs_kserve_latency_ratio", "batching_throughput_ratio"),
+    "cloud": (
+        "sdk_vs_tritonclient_ratio",
+        "vs_kserve_rps_ratio",
+        "vs_kserve_latency_ratio",
+        "batching_throughput_ratio",
+    ),
     "failover": ("local_fail_to_cloud_p99_ms", "cloud_dead_overrun_p99_ms", "breaker_recovery_speedup"),
 }
 BENCHES = sorted(p for p in (Path(__file__).resolve().parents[1] / "bench").glob("*.py") if "--quick" in p.read_text())

@@ -252,10 +252,10 @@ def test_batcher_batches_concurrent_requests_and_bounds_its_queue() -> None:
         gate.set()
         results = [j.result() for j in jobs]
     assert all(np.all(r["y"] == 2 * i) for i, r in enumerate(results))
-    assert len(calls) < 20 and sum(calls) == 20  # batched, every row answered once
+    assert calls[0] == 1 and len(calls) < 20 and sum(calls) == 20  # the first ran alone, the rest batched
 
-    gate.clear()  # one running (inline), one taken by the worker, one queued: the next is refused at once
-    small = Batcher(run, max_batch_rows=1, queue_size=1)
+    gate.clear()  # one running, two queued: the next is refused at once
+    small = Batcher(run, max_batch_rows=1, queue_size=2)
     with futures.ThreadPoolExecutor(max_workers=3) as pool:
         accepted = []
         for _ in range(3):
@@ -266,15 +266,14 @@ def test_batcher_batches_concurrent_requests_and_bounds_its_queue() -> None:
         gate.set()
         assert all(job.result()["y"].shape == (1, 2) for job in accepted)
 
-    gate.clear()  # a caller whose deadline passes while the worker is busy gets TimeoutError, not a hang
+    gate.clear()  # a caller whose deadline passes while queued leaves the queue with TimeoutError
+    slow = Batcher(run, max_batch_rows=1, queue_size=4)
     with futures.ThreadPoolExecutor(max_workers=1) as pool:
-        busy = pool.submit(small.submit, {"x": np.ones((1, 2), np.float32)}, 5)
+        busy = pool.submit(slow.submit, {"x": np.ones((1, 2), np.float32)}, 5)
         time.sleep(0.1)
         start = time.perf_counter()
         with pytest.raises(TimeoutError):
-            small.submit({"x": np.ones((1, 2), np.float32)}, 0.05)
-        assert time.perf_counter() - start < 0.5
+            slow.submit({"x": np.ones((1, 2), np.float32)}, 0.05)
+        assert time.perf_counter() - start < 0.5 and not slow._queue
         gate.set()
         busy.result()
-    batcher.stop()
-    small.stop()
