@@ -22,7 +22,14 @@ from cloud_hub.admin import AdminApi
 from cloud_hub.artifacts import ArtifactStore
 from cloud_hub.broker import EmbeddedBroker
 from cloud_hub.control import ControlPlane
-from cloud_hub.inference import InferenceOptions, ModelRepository, UsageCounter, start_inference_server, token_hash
+from cloud_hub.inference import (
+    InferenceOptions,
+    InferenceServer,
+    ModelRepository,
+    UsageCounter,
+    start_inference_server,
+    token_hash,
+)
 from cloud_hub.registry import SQLiteRegistry
 from edge_agent import __version__
 from edge_agent.protocol.atomic import atomic_write_bytes
@@ -73,7 +80,7 @@ class Hub:
         self._token_cache: dict[str, str | None] = {}
         self.control: ControlPlane | None = None
         self.admin: AdminApi | None = None
-        self.grpc_server: Any = None
+        self.grpc_server: InferenceServer | None = None
         self.grpc_port = 0
         self.stopped = threading.Event()
 
@@ -82,9 +89,10 @@ class Hub:
             self.broker.start()
         self.control = ControlPlane(self.broker_url, self.registry, self.store, self.topics)
         self.control.start()
-        self.grpc_server, self.grpc_port = start_inference_server(
+        self.grpc_server = start_inference_server(
             self.repository, self.config.grpc_host, self.config.grpc_port, __version__, self.usage, self.token_owner
         )
+        self.grpc_port = self.grpc_server.port
         threading.Thread(target=self._flush_usage_periodically, name="edgefed-usage", daemon=True).start()
         self.admin = AdminApi(
             self, operator_token(self.config.state_dir), self.config.admin_host, self.config.admin_port
@@ -103,8 +111,7 @@ class Hub:
         if self.admin is not None:
             self.admin.stop()
         if self.grpc_server is not None:
-            self.grpc_server.stop(grace=2).wait(5)
-            self.repository.stop()
+            self.grpc_server.stop(grace_s=2)
         self.stopped.set()
         self.flush_usage()
         if self.control is not None:

@@ -235,9 +235,10 @@ class InferenceServer:
         self.repository = ModelRepository(self.registry, self.store, "x86_64", InferenceOptions(**options))
         self.usage = UsageCounter()
         self.tokens: dict[str, str] = {}
-        self.server, self.port = start_inference_server(
+        self.server = start_inference_server(
             self.repository, "127.0.0.1", 0, "test", self.usage, lambda token: self.tokens.get(token_hash(token))
         )
+        self.port = self.server.port
 
     @property
     def url(self) -> str:
@@ -249,5 +250,4 @@ class InferenceServer:
         self.repository.invalidate()
 
     def stop(self) -> None:
-        self.server.stop(grace=0).wait(5)
-        self.repository.stop()
+        self.server.stop(grace_s=0)

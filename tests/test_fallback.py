@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
-import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
@@ -238,42 +238,33 @@ def test_device_token_required(tmp_path: Path, keys: tuple[Path, Path]) -> None:
 
 def test_batcher_batches_concurrent_requests_and_bounds_its_queue() -> None:
     calls: list[int] = []
-    gate = threading.Event()
 
     def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        gate.wait(5)
         calls.append(len(inputs["x"]))
         return {"y": inputs["x"] * 2}
 
-    batcher = Batcher(run, max_batch_rows=64, queue_size=32)
-    with futures.ThreadPoolExecutor(max_workers=20) as pool:
-        jobs = [pool.submit(batcher.submit, {"x": np.full((1, 2), i, np.float32)}, 5) for i in range(20)]
-        time.sleep(0.2)
-        gate.set()
-        results = [j.result() for j in jobs]
-    assert all(np.all(r["y"] == 2 * i) for i, r in enumerate(results))
-    assert calls[0] == 1 and len(calls) < 20 and sum(calls) == 20  # the first ran alone, the rest batched
+    def item(i: int) -> dict[str, np.ndarray]:
+        return {"x": np.full((1, 2), i, np.float32)}
 
-    gate.clear()  # one running, two queued: the next is refused at once
-    small = Batcher(run, max_batch_rows=1, queue_size=2)
-    with futures.ThreadPoolExecutor(max_workers=3) as pool:
-        accepted = []
-        for _ in range(3):
-            accepted.append(pool.submit(small.submit, {"x": np.ones((1, 2), np.float32)}, 5))
-            time.sleep(0.1)
+    async def scenario() -> None:
+        batcher = Batcher(run, max_batch_rows=64, queue_size=32)
+        results = await asyncio.gather(*(batcher.submit(item(i), 5) for i in range(20)))
+        assert all(np.all(r["y"] == 2 * i) for i, r in enumerate(results))
+        assert calls == [20]  # arrived together: one run
+        calls.clear()
+        capped = Batcher(run, max_batch_rows=4, queue_size=32)
+        await asyncio.gather(*(capped.submit(item(i), 5) for i in range(10)))
+        assert calls == [4, 4, 2]
+        tiny = Batcher(run, max_batch_rows=1, queue_size=2)
+        waiting = [asyncio.ensure_future(tiny.submit(item(i), 5)) for i in range(2)]
+        await asyncio.sleep(0)  # both are pending, the drain has not run yet
         with pytest.raises(QueueFull):
-            small.submit({"x": np.ones((1, 2), np.float32)}, 5)
-        gate.set()
-        assert all(job.result()["y"].shape == (1, 2) for job in accepted)
-
-    gate.clear()  # a caller whose deadline passes while queued leaves the queue with TimeoutError
-    slow = Batcher(run, max_batch_rows=1, queue_size=4)
-    with futures.ThreadPoolExecutor(max_workers=1) as pool:
-        busy = pool.submit(slow.submit, {"x": np.ones((1, 2), np.float32)}, 5)
-        time.sleep(0.1)
+            await tiny.submit(item(9), 5)
+        await asyncio.gather(*waiting)
+        slow = Batcher(run, max_batch_rows=8, delay_s=0.5)
         start = time.perf_counter()
         with pytest.raises(TimeoutError):
-            slow.submit({"x": np.ones((1, 2), np.float32)}, 0.05)
-        assert time.perf_counter() - start < 0.5 and not slow._queue
-        gate.set()
-        busy.result()
+            await slow.submit(item(1), 0.05)
+        assert time.perf_counter() - start < 0.3 and not slow._pending  # left the queue at its deadline
+
+    asyncio.run(scenario())

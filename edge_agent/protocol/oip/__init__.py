@@ -84,7 +84,7 @@ class InferenceStub:
         raise AttributeError(name)
 
 
-def add_servicer(servicer: object, server: grpc.Server) -> None:
+def add_servicer(servicer: object, server: grpc.Server | grpc.aio.Server) -> None:
     """Serve the RPCs: a method named like each RPC, ``(request, context)``; ``ModelStreamInfer`` takes
     ``(request_iterator, context)`` and yields responses."""
     handlers = {}
