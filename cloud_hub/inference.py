@@ -123,7 +123,7 @@ class ModelRepository:
         )
         batcher = (
             Batcher(session.run, self.options.max_batch_rows, self.options.batch_delay_ms / 1000,
-                    self.options.queue_size, manifest.name)
+                    self.options.queue_size, manifest.name, offload=session.providers[0] != "CPUExecutionProvider")
             if batchable else None
         )  # fmt: skip
         served = _Served(manifest, session, InputValidator(manifest), batcher)

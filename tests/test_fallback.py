@@ -250,12 +250,16 @@ def test_batcher_batches_concurrent_requests_and_bounds_its_queue() -> None:
         batcher = Batcher(run, max_batch_rows=64, queue_size=32)
         results = await asyncio.gather(*(batcher.submit(item(i), 5) for i in range(20)))
         assert all(np.all(r["y"] == 2 * i) for i, r in enumerate(results))
-        assert calls == [20]  # arrived together: one run
+        assert calls == [1] * 20  # CPU mode: each found the model idle and ran at once, no hop, no wait
         calls.clear()
-        capped = Batcher(run, max_batch_rows=4, queue_size=32)
+        offloaded = Batcher(run, max_batch_rows=64, queue_size=32, offload=True)  # GPU mode: batches form
+        await asyncio.gather(*(offloaded.submit(item(i), 5) for i in range(20)))
+        assert calls == [20]
+        calls.clear()
+        capped = Batcher(run, max_batch_rows=4, queue_size=32, offload=True)
         await asyncio.gather(*(capped.submit(item(i), 5) for i in range(10)))
         assert calls == [4, 4, 2]
-        tiny = Batcher(run, max_batch_rows=1, queue_size=2)
+        tiny = Batcher(run, max_batch_rows=1, queue_size=2, offload=True)
         waiting = [asyncio.ensure_future(tiny.submit(item(i), 5)) for i in range(2)]
         await asyncio.sleep(0)  # both are pending, the drain has not run yet
         with pytest.raises(QueueFull):
