@@ -7,8 +7,8 @@ split back. Without ``offload`` (CPU) and without a delay, a request runs at onc
 loop serves one request at a time, so nothing piles up and no batch forms. On a CPU, where a batch of
 32 costs only ≈ 1.3x less per item than single calls, that keeps single-call latency and throughput
 as they are; ``delay_s`` > 0 makes a batch wait that long for more (on the loop, or offloaded).
-The pending list is bounded: past ``queue_size`` a request is refused at once (``QueueFull``); a request whose deadline passes while
-pending leaves with ``TimeoutError``.
+The pending list is bounded: past ``queue_size`` a request is refused at once (``QueueFull``); a
+request whose deadline passes while pending leaves with ``TimeoutError``.
 """
 
 from __future__ import annotations
