@@ -77,7 +77,8 @@ def serve_command(
     max_batch_rows: Annotated[int, typer.Option(help="Dynamic batching: most rows per run (1 disables it)")] = 32,
     batch_delay_ms: Annotated[float, typer.Option(help="Dynamic batching: wait this long for more (0: none)")] = 0.0,
     queue_size: Annotated[int, typer.Option(help="Requests queued per model before RESOURCE_EXHAUSTED")] = 256,
-    grpc_workers: Annotated[int, typer.Option(help="Threads serving inference calls")] = 64,
+    grpc_workers: Annotated[int, typer.Option(help="Inference calls served at once")] = 64,
+    max_chunk_rate: Annotated[float, typer.Option(help="Artifact chunks published per second (0: no cap)")] = 0.0,
     require_token: Annotated[bool, typer.Option(help="Refuse inference calls without a device token")] = False,
     tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate: serve gRPC over TLS")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="PEM private key for --tls-cert")] = None,
@@ -105,6 +106,7 @@ def serve_command(
         admin_port,
         topic_root,
         inference,
+        max_chunk_rate,
     )
     _run(lambda: serve(config))
 

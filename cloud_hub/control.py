@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 
 class ControlPlane:
-    def __init__(self, broker_url: str, registry: Registry, store: ArtifactStore, topics: Topics) -> None:
+    def __init__(self, broker_url: str, registry: Registry, store: ArtifactStore, topics: Topics,
+                 max_chunk_rate: float = 0.0) -> None:  # fmt: skip
         self.registry, self.store, self.topics = registry, store, topics
         self.mqtt = MqttConnection(broker_url, client_id="edgefed-hub", clean_session=True)
         self.mqtt.route(topics.all_devices("reported"), self._on_reported)
@@ -50,6 +51,7 @@ class ControlPlane:
         self._sender = threading.Thread(target=self._send_chunks, name="edgefed-chunks", daemon=True)
         self.chunks_sent = 0
         self.bytes_sent = 0
+        self.chunk_interval_s = 1.0 / max_chunk_rate if max_chunk_rate > 0 else 0.0  # a cap for thin uplinks
 
     def start(self) -> None:
         self.mqtt.start()
@@ -127,6 +129,8 @@ class ControlPlane:
             data = self.store.read_chunk(manifest, file_index, chunk_index)
             info = self.mqtt.publish(topic, Chunk(file_index, chunk_index, data).to_wire(), qos=1)
             info.wait_for_publish(timeout=30)
+            if self.chunk_interval_s:
+                self._stop.wait(self.chunk_interval_s)
             self.chunks_sent += 1
             self.bytes_sent += len(data)
 

@@ -54,6 +54,7 @@ class HubConfig:
     admin_port: int = 8080
     topic_root: str = DEFAULT_ROOT
     inference: InferenceOptions = field(default_factory=InferenceOptions)
+    max_chunk_rate: float = 0.0  # artifact chunks per second the hub publishes; 0 = as fast as the broker takes them
 
 
 def operator_token(state_dir: Path) -> str:
@@ -87,7 +88,7 @@ class Hub:
     def start(self) -> None:
         if self.broker is not None:
             self.broker.start()
-        self.control = ControlPlane(self.broker_url, self.registry, self.store, self.topics)
+        self.control = ControlPlane(self.broker_url, self.registry, self.store, self.topics, self.config.max_chunk_rate)
         self.control.start()
         self.grpc_server = start_inference_server(
             self.repository, self.config.grpc_host, self.config.grpc_port, __version__, self.usage, self.token_owner

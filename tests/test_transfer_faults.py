@@ -1,0 +1,142 @@
+"""Deployment faults on a real Mosquitto: an agent killed mid-download resumes with only the missing
+chunks, and a device that was offline during a deployment catches up when it comes back."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from conftest import MosquittoBroker, gemm_model, wait_for
+from paho.mqtt.enums import CallbackAPIVersion
+
+from cloud_hub.server import Hub, HubConfig
+from edge_agent.agent import Agent
+from edge_agent.config import AgentConfig
+from edge_agent.protocol.artifact import seal
+from edge_agent.protocol.manifest import format_time, manifest_from_wire
+from edge_agent.protocol.messages import FetchRequest, from_wire
+from edge_agent.protocol.signing import load_private_key
+from edge_agent.store import ModelStore
+
+CHUNK = 4096
+
+
+def big_artifact(directory: Path, key: Path) -> Path:
+    """A Gemm artifact with a 256 KiB side file, in 4 KiB chunks: 65 chunks to move."""
+    directory.mkdir(parents=True)
+    gemm_model(directory / "model.onnx")
+    (directory / "labels.bin").write_bytes(os.urandom(256 * 1024))
+    now = datetime.now(UTC)
+    seal(directory, {
+        "name": "gemm", "version": "1.0.0", "release": 1, "runtime": "onnxruntime", "precision": "fp32",
+        "hardware": {"profile": "x86-64-generic", "arch": "x86_64", "accelerator": "none"},
+        "inputs": [{"name": "input", "dtype": "float32", "shape": ["batch", 32]}],
+        "outputs": [{"name": "output", "dtype": "float32", "shape": ["batch", 30]}],
+        "source_sha256": "0" * 64, "created_at": format_time(now), "expires_at": format_time(now + timedelta(days=1)),
+    }, load_private_key(key), chunk_size=CHUNK)  # fmt: skip
+    return directory
+
+
+@pytest.fixture
+def hub(mosquitto: MosquittoBroker, tmp_path: Path, keys: tuple[Path, Path]) -> Iterator[Hub]:
+    state = tmp_path / "hub"
+    (state / "trust").mkdir(parents=True)
+    shutil.copy(keys[1], state / "trust")
+    hub = Hub(HubConfig(state, broker=mosquitto.url, grpc_port=0, admin_port=0, max_chunk_rate=60))
+    hub.start()
+    yield hub
+    hub.stop()
+
+
+def register(hub: Hub, artifact: Path) -> str:
+    manifest = hub.store.add(artifact)
+    hub.registry.add_artifact(manifest, hub.store.signature(manifest.artifact_id))
+    return manifest.artifact_id
+
+
+def device_state(tmp_path: Path, keys: tuple[Path, Path], broker: str) -> Path:
+    state = tmp_path / "device"
+    (state / "trust").mkdir(parents=True)
+    shutil.copy(keys[1], state / "trust")
+    AgentConfig(device_id="dev-1", profile="x86-64-generic", broker=broker).save(state)
+    return state
+
+
+def agent_process(state: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", "from edge_agent.cli import main; main()", "run", "--state-dir",
+                             str(state)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+
+
+def online(hub: Hub) -> bool:
+    return any(d["status"] == "online" for d in hub.registry.devices())
+
+
+def test_agent_killed_mid_download_fetches_only_missing_chunks(
+    hub: Hub, mosquitto: MosquittoBroker, tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    artifact_id = register(hub, big_artifact(tmp_path / "big", keys[0]))
+    requests: list[FetchRequest] = []
+    spy = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="spy")
+    spy.on_message = lambda c, u, m: requests.append(from_wire(FetchRequest, m.payload))
+    spy.connect("127.0.0.1", mosquitto.port)
+    spy.subscribe(hub.topics.fetch("dev-1"), qos=1)
+    spy.loop_start()
+    state = device_state(tmp_path, keys, mosquitto.url)
+    chunks = state / "downloads" / artifact_id / "chunks"
+    agent = agent_process(state)
+    try:
+        wait_for("device online", lambda: online(hub))
+        assert hub.control is not None
+        hub.control.deploy("gemm", "1.0.0", "device:dev-1")
+        wait_for("a third of the chunks", lambda: chunks.is_dir() and len(list(chunks.iterdir())) >= 22)
+        agent.send_signal(signal.SIGKILL)
+        agent.wait(timeout=10)
+        kept = {tuple(map(int, p.name.split("-"))) for p in chunks.iterdir() if not p.name.startswith(".")}
+        assert 22 <= len(kept) < 60 and not ModelStore(state / "models").active("gemm")
+        agent = agent_process(state)
+        wait_for("model active after restart", lambda: ModelStore(state / "models").active("gemm"), timeout_s=60)
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(timeout=20)
+        spy.loop_stop()
+    assert requests[0].chunks == ()  # the first fetch asked for everything
+    resumed = requests[1]
+    manifest = manifest_from_wire(hub.registry.artifact(artifact_id)["manifest"])
+    everything = {(f, c) for f, entry in enumerate(manifest.files) for c in range(len(entry.chunks))}
+    assert {tuple(c) for c in resumed.chunks} == everything - kept  # only what was not on disk
+    assert not (state / "downloads" / artifact_id).exists()  # cleaned up after install
+
+
+def test_offline_device_catches_up(
+    hub: Hub, mosquitto: MosquittoBroker, tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    register(hub, big_artifact(tmp_path / "big", keys[0]))
+    state = device_state(tmp_path, keys, mosquitto.url)
+    agent = Agent(state, AgentConfig.load(state))
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    wait_for("device online", lambda: online(hub))
+    agent.stop_event.set()
+    thread.join(timeout=10)
+    wait_for("device offline", lambda: not online(hub))
+    assert hub.control is not None
+    hub.control.deploy("gemm", "1.0.0", "device:dev-1")  # the device is offline: desired state is retained
+    agent = Agent(state, AgentConfig.load(state))
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    try:
+        wait_for("caught up", lambda: ModelStore(state / "models").active("gemm"), timeout_s=60)
+        wait_for("reported active", lambda: (hub.registry.device("dev-1")["reported"] or {}).get("models", [{}])[0]
+                 .get("state") == "active")  # fmt: skip
+    finally:
+        agent.stop_event.set()
+        thread.join(timeout=10)
