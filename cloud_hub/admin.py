@@ -1,16 +1,9 @@
-"""The admin API: JSON over HTTP, owned by the running hub and authenticated with the operator token.
+"""The admin API: JSON over HTTP, owned by the running hub, authenticated with the operator token.
+`GET /v1/openapi.json` describes every route (OpenAPI 3.1); `POST /v1/enroll` is the one route a
+device calls, authenticated by its single-use enrollment token instead.
 
-    GET  /v1/status                      hub, broker and inference endpoints, counters
-    GET  /v1/models                      registered artifacts
-    POST /v1/artifacts                   body: tar of an artifact directory → registers it
-    GET  /v1/devices                     known devices with status and reported state
-    GET  /v1/deployments                 deployments, newest first
-    POST /v1/deployments                 {"model", "version", "target": "device:ID"}
-    GET  /v1/telemetry[?device=ID]       stored telemetry batches
-    POST /v1/devices/{id}/token          issue a bearer token for the device's cloud calls (shown once)
-    GET  /v1/usage                       cloud calls per device and model
-
-Errors are JSON ``{"error": message}`` with 400 (bad input), 401, 404 (unknown), 409 (conflict).
+Errors are JSON ``{"error": message}``: 400 bad input, 401 no/wrong operator token, 403 enrollment
+refused, 404 unknown, 409 conflict (e.g. no artifact fits a device's profile).
 """
 
 from __future__ import annotations
@@ -18,9 +11,11 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
 import tempfile
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -28,10 +23,21 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 from cloud_hub.errors import Conflict, HubError, NotFound
+from cloud_hub.openapi import spec
+from device_profiles import ProfileError
 from edge_agent.protocol.errors import ArtifactRejected
 
 log = logging.getLogger(__name__)
 MAX_UPLOAD_BYTES = 4 * 1024**3
+Handler = Callable[[BaseHTTPRequestHandler, dict[str, str], dict[str, list[str]]], Any]
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    pattern: re.Pattern[str]
+    handler: Handler
+    operator: bool = True  # needs the operator token
 
 
 class AdminApi:
@@ -39,19 +45,23 @@ class AdminApi:
 
     def __init__(self, hub: Any, token: str, host: str = "127.0.0.1", port: int = 8080) -> None:
         self.hub, self.token = hub, token
+        self.routes = self._routes()
         api = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class RequestHandler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 api.handle(self, "GET")
 
             def do_POST(self) -> None:
                 api.handle(self, "POST")
 
+            def do_DELETE(self) -> None:
+                api.handle(self, "DELETE")
+
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug(format, *args)
 
-        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.server = ThreadingHTTPServer((host, port), RequestHandler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, name="edgefed-admin", daemon=True)
@@ -63,43 +73,58 @@ class AdminApi:
         self.server.shutdown()
         self.server.server_close()
 
-    def _routes(self) -> dict[tuple[str, str], Callable[[BaseHTTPRequestHandler, dict[str, list[str]]], Any]]:
+    def _routes(self) -> list[Route]:
         hub = self.hub
-        return {
-            ("GET", "/v1/status"): lambda r, q: hub.status(),
-            ("GET", "/v1/models"): lambda r, q: hub.registry.artifacts(),
-            ("POST", "/v1/artifacts"): lambda r, q: self._upload(r),
-            ("GET", "/v1/devices"): lambda r, q: hub.registry.devices(),
-            ("GET", "/v1/deployments"): lambda r, q: hub.registry.deployments(),
-            ("POST", "/v1/deployments"): lambda r, q: self._deploy(r),
-            ("GET", "/v1/telemetry"): lambda r, q: hub.registry.telemetry(q.get("device", [None])[0]),
-            ("GET", "/v1/usage"): lambda r, q: (hub.flush_usage(), hub.registry.usage())[1],
-        }
+
+        def route(method: str, path: str, handler: Handler, operator: bool = True) -> Route:
+            return Route(
+                method, re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + "$"), handler, operator
+            )
+
+        return [
+            route("GET", "/v1/openapi.json", lambda r, p, q: spec(), operator=False),
+            route("POST", "/v1/enroll", lambda r, p, q: self._enroll(r), operator=False),
+            route("GET", "/v1/status", lambda r, p, q: hub.status()),
+            route("GET", "/v1/models", lambda r, p, q: hub.registry.artifacts()),
+            route("GET", "/v1/models/{name}", lambda r, p, q: self._model(p["name"])),
+            route("POST", "/v1/artifacts", lambda r, p, q: self._upload(r)),
+            route("GET", "/v1/devices", lambda r, p, q: hub.registry.devices()),
+            route("GET", "/v1/devices/{id}", lambda r, p, q: hub.registry.device(p["id"])),
+            route("DELETE", "/v1/devices/{id}", lambda r, p, q: hub.remove_device(p["id"])),
+            route("POST", "/v1/devices/{id}/token", lambda r, p, q: hub.issue_token(p["id"])),
+            route("POST", "/v1/enroll-tokens", lambda r, p, q: self._enroll_token(r)),
+            route("GET", "/v1/deployments", lambda r, p, q: hub.registry.deployments()),
+            route("GET", "/v1/deployments/{id}", lambda r, p, q: hub.deployment(p["id"])),
+            route("POST", "/v1/deployments", lambda r, p, q: self._deploy(r)),
+            route("GET", "/v1/telemetry", lambda r, p, q: hub.registry.telemetry(q.get("device", [None])[0])),
+            route("GET", "/v1/usage", lambda r, p, q: (hub.flush_usage(), hub.registry.usage())[1]),
+        ]
+
+    def _match(self, method: str, path: str) -> tuple[Route, dict[str, str]] | None:
+        for candidate in self.routes:
+            found = candidate.pattern.match(path)
+            if found and candidate.method == method:
+                return candidate, found.groupdict()
+        return None
 
     def handle(self, request: BaseHTTPRequestHandler, method: str) -> None:
         url = urlparse(request.path)
-        supplied = request.headers.get("Authorization", "").removeprefix("Bearer ")
-        if not hmac.compare_digest(supplied.encode(), self.token.encode()):
-            return self._reply(request, HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong operator token"})
-        route = self._routes().get((method, url.path))
-        parts = url.path.strip("/").split("/")
-        if (
-            route is None
-            and method == "POST"
-            and len(parts) == 4
-            and parts[:2] == ["v1", "devices"]
-            and parts[3] == "token"
-        ):
-            route = lambda r, q: self.hub.issue_token(parts[2])  # noqa: E731
-        if route is None:
+        matched = self._match(method, url.path)
+        if matched is None:
             return self._reply(request, HTTPStatus.NOT_FOUND, {"error": f"no route {method} {url.path}"})
+        route, params = matched
+        supplied = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        if route.operator and not hmac.compare_digest(supplied.encode(), self.token.encode()):
+            return self._reply(request, HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong operator token"})
         try:
-            self._reply(request, HTTPStatus.OK, route(request, parse_qs(url.query)))
+            self._reply(request, HTTPStatus.OK, route.handler(request, params, parse_qs(url.query)))
         except NotFound as exc:
             self._reply(request, HTTPStatus.NOT_FOUND, {"error": str(exc)})
         except (Conflict, ArtifactRejected) as exc:
             self._reply(request, HTTPStatus.CONFLICT, {"error": str(exc)})
-        except (HubError, ValueError, KeyError) as exc:
+        except PermissionError as exc:
+            self._reply(request, HTTPStatus.FORBIDDEN, {"error": str(exc)})
+        except (HubError, ProfileError, ValueError, KeyError) as exc:
             self._reply(request, HTTPStatus.BAD_REQUEST, {"error": str(exc)})
         except Exception:
             log.exception("admin request %s %s failed", method, url.path)
@@ -112,6 +137,18 @@ class AdminApi:
             raise ValueError(f"request body of {length} bytes is over the {limit}-byte limit")
         return request.rfile.read(length)
 
+    def _json(self, request: BaseHTTPRequestHandler, required: dict[str, type]) -> dict[str, Any]:
+        try:
+            body = json.loads(self._body(request, 1 << 20) or b"{}")
+        except ValueError:
+            raise ValueError("the request body is not JSON") from None
+        if not isinstance(body, dict):
+            raise ValueError("the request body must be a JSON object")
+        for key, kind in required.items():
+            if not isinstance(body.get(key), kind):
+                raise ValueError(f"field {key!r} is required ({kind.__name__})")
+        return body
+
     def _upload(self, request: BaseHTTPRequestHandler) -> dict[str, Any]:
         with tempfile.NamedTemporaryFile(suffix=".tar") as tmp:
             tmp.write(self._body(request, MAX_UPLOAD_BYTES))
@@ -120,12 +157,32 @@ class AdminApi:
             return result
 
     def _deploy(self, request: BaseHTTPRequestHandler) -> dict[str, Any]:
-        body = json.loads(self._body(request, 1 << 20) or b"{}")
-        missing = [k for k in ("model", "version", "target") if not isinstance(body.get(k), str)]
-        if missing:
-            raise ValueError(f"field {missing[0]!r} is required (a string)")
+        body = self._json(request, {"model": str, "version": str, "target": str})
         result: dict[str, Any] = self.hub.deploy(body["model"], body["version"], body["target"])
         return result
+
+    def _enroll_token(self, request: BaseHTTPRequestHandler) -> dict[str, Any]:
+        body = self._json(request, {})
+        groups, tags, ttl = body.get("groups", []), body.get("tags", {}), body.get("ttl_s", 3600)
+        if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
+            raise ValueError("field 'groups' must be a list of strings")
+        if not isinstance(tags, dict) or not all(isinstance(v, str) for v in tags.values()):
+            raise ValueError("field 'tags' must be an object of strings")
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float):
+            raise ValueError("field 'ttl_s' must be a number of seconds")
+        result: dict[str, Any] = self.hub.enroll_token(groups, tags, float(ttl))
+        return result
+
+    def _enroll(self, request: BaseHTTPRequestHandler) -> dict[str, Any]:
+        body = self._json(request, {"token": str, "device_id": str, "profile": str})
+        result: dict[str, Any] = self.hub.enroll(body["token"], body["device_id"], body["profile"])
+        return result
+
+    def _model(self, name: str) -> dict[str, Any]:
+        artifacts = self.hub.registry.artifacts(name)
+        if not artifacts:
+            raise NotFound(f"model {name!r} is not registered; see 'cloud-hub models list'")
+        return {"name": name, "versions": sorted({a["version"] for a in artifacts}), "artifacts": artifacts}
 
     @staticmethod
     def _reply(request: BaseHTTPRequestHandler, status: HTTPStatus, body: Any) -> None:

@@ -8,10 +8,28 @@ import os
 import tarfile
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from cloud_hub.errors import HubError
+
+
+class _Counting(io.RawIOBase):
+    """A readable body that reports how much of it was read (for upload progress bars)."""
+
+    def __init__(self, data: bytes, progress: Callable[[int, int], None]) -> None:
+        self.data, self.progress, self.offset = data, progress, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        end = len(self.data) if size < 0 else min(len(self.data), self.offset + max(size, 65536))
+        chunk, self.offset = self.data[self.offset : end], end
+        self.progress(self.offset, len(self.data))
+        return chunk
+
 
 HUB_URL_ENV, HUB_TOKEN_ENV = "EDGEFED_HUB_URL", "EDGEFED_HUB_TOKEN"
 
@@ -22,8 +40,11 @@ class AdminClient:
         self.token = token or os.environ.get(HUB_TOKEN_ENV, "")
         self.timeout_s = timeout_s
 
-    def request(self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json") -> Any:
+    def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
+                length: int | None = None) -> Any:  # fmt: skip
         req = urllib.request.Request(f"{self.url}{path}", data=body, method=method)
+        if length is not None:
+            req.add_header("Content-Length", str(length))
         req.add_header("Authorization", f"Bearer {self.token}")
         req.add_header("Content-Type", content_type)
         try:
@@ -40,7 +61,8 @@ class AdminClient:
                 f"cannot reach the hub at {self.url} ({exc}); is 'cloud-hub serve' running? Set --hub or {HUB_URL_ENV}"
             ) from None
 
-    def add_artifact(self, directory: Path) -> Any:
+    def add_artifact(self, directory: Path, progress: Callable[[int, int], None] | None = None) -> Any:
+        """Upload an artifact directory as a tar; ``progress(bytes_sent, total)`` as it goes."""
         if not (directory / "manifest.json").is_file():
             raise HubError(f"{directory} is not an artifact directory (no manifest.json)")
         buffer = io.BytesIO()
@@ -48,7 +70,9 @@ class AdminClient:
             for path in sorted(directory.iterdir()):
                 if path.is_file():
                     tar.add(path, arcname=path.name)
-        return self.request("POST", "/v1/artifacts", buffer.getvalue(), "application/x-tar")
+        body = buffer.getvalue()
+        return self.request("POST", "/v1/artifacts", _Counting(body, progress) if progress else body,
+                            "application/x-tar", len(body))  # fmt: skip
 
     def deploy(self, model: str, version: str, target: str) -> Any:
         body = json.dumps({"model": model, "version": version, "target": target}).encode()

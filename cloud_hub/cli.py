@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.progress import DownloadColumn, Progress
 from rich.table import Table
 
 from cloud_hub.api_client import HUB_TOKEN_ENV, HUB_URL_ENV, AdminClient
@@ -22,9 +24,11 @@ from cloud_hub.server import TOKEN_FILE, HubConfig, serve
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 models_app = typer.Typer(help="Register and list model artifacts.", no_args_is_help=True)
-devices_app = typer.Typer(help="List devices.", no_args_is_help=True)
+devices_app = typer.Typer(help="Enroll, list, show and remove devices.", no_args_is_help=True)
+deployments_app = typer.Typer(help="List deployments and follow their progress.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(devices_app, name="devices")
+app.add_typer(deployments_app, name="deployments")
 err = Console(stderr=True)
 STATE_ENV = "EDGEFED_HUB_STATE_DIR"
 HubUrl = Annotated[str | None, typer.Option("--hub", envvar=HUB_URL_ENV, help="Admin API URL")]
@@ -79,6 +83,12 @@ def serve_command(
     queue_size: Annotated[int, typer.Option(help="Requests queued per model before RESOURCE_EXHAUSTED")] = 256,
     grpc_workers: Annotated[int, typer.Option(help="Inference calls served at once")] = 64,
     max_chunk_rate: Annotated[float, typer.Option(help="Artifact chunks published per second (0: no cap)")] = 0.0,
+    public_broker: Annotated[
+        str | None, typer.Option(help="Broker URL enrolled devices use (default: the hub's)")
+    ] = None,
+    public_grpc: Annotated[
+        str | None, typer.Option(help="Inference URL enrolled devices use (default: grpc://host:port)")
+    ] = None,
     require_token: Annotated[bool, typer.Option(help="Refuse inference calls without a device token")] = False,
     tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate: serve gRPC over TLS")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="PEM private key for --tls-cert")] = None,
@@ -107,6 +117,8 @@ def serve_command(
         topic_root,
         inference,
         max_chunk_rate,
+        public_broker,
+        public_grpc,
     )
     _run(lambda: serve(config))
 
@@ -121,7 +133,12 @@ def models_add(
 ) -> None:
     """Upload signed artifacts to the hub (verified there before they are registered)."""
     client = _client(hub, token, state_dir)
-    results = [_run(lambda p=p: client.add_artifact(p)) for p in path]
+    with Progress(*Progress.get_default_columns(), DownloadColumn(), console=err, transient=True) as progress:
+        results = []
+        for directory in path:
+            task = progress.add_task(f"upload {directory.name}", total=None)
+            results.append(_run(lambda d=directory, t=task: client.add_artifact(
+                d, lambda done, total: progress.update(t, completed=done, total=total))))  # fmt: skip
     _show(results, ["name", "version", "profile", "precision", "artifact_id", "new"], as_json, "artifacts added")
 
 
@@ -134,10 +151,20 @@ def models_list(
     _show(rows, ["name", "version", "release", "profile", "precision", "size", "artifact_id"], as_json, "models")
 
 
+@models_app.command("show")
+def models_show(name: Annotated[str, typer.Argument(help="Model name")], hub: HubUrl = None, token: Token = None,
+                state_dir: StateDir = Path("hub-state"), as_json: AsJson = False) -> None:  # fmt: skip
+    """A model's versions and its artifact per profile."""
+    data = _run(lambda: _client(hub, token, state_dir).request("GET", f"/v1/models/{name}"))
+    _show(data["artifacts"], ["version", "release", "profile", "precision", "size", "artifact_id"], as_json,
+          f"{name}: versions {', '.join(data['versions'])}")  # fmt: skip
+
+
 @app.command()
 def deploy(
     model: Annotated[str, typer.Argument(help="NAME@VERSION")],
-    to: Annotated[str, typer.Option("--to", help="Target: device:ID")],
+    to: Annotated[str, typer.Option("--to", help="Target: device:ID, group:NAME or tag:KEY=VALUE")],
+    wait: Annotated[float, typer.Option(help="Follow progress up to this many seconds (0: don't)")] = 0.0,
     hub: HubUrl = None,
     token: Token = None,
     state_dir: StateDir = Path("hub-state"),
@@ -148,9 +175,55 @@ def deploy(
     if not sep or not name or not version:
         err.print(f"[red]error:[/red] {model!r}: write the model as NAME@VERSION, e.g. digits-cnn@1.0.0")
         raise typer.Exit(2)
-    result = _run(lambda: _client(hub, token, state_dir).deploy(name, version, to))
+    client = _client(hub, token, state_dir)
+    result = _run(lambda: client.deploy(name, version, to))
     rows = [{"deployment": result["deployment_id"], "device": d, "artifact": a} for d, a in result["devices"].items()]
     _show(rows, ["deployment", "device", "artifact"], as_json, f"deployed {model}")
+    if wait > 0:
+        _follow(client, result["deployment_id"], wait)
+
+
+def _follow(client: AdminClient, deployment_id: str, timeout_s: float) -> None:
+    """A progress bar over the deployment's devices until all are active or failed, or the timeout."""
+    deadline = time.monotonic() + timeout_s
+    with Progress(console=err) as progress:
+        task = progress.add_task(f"deployment {deployment_id}", total=None)
+        while True:
+            states = _run(lambda: client.request("GET", f"/v1/deployments/{deployment_id}"))["states"]
+            settled = sum(1 for s in states.values() if s["state"] in ("active", "failed"))
+            progress.update(task, total=len(states), completed=settled)
+            if settled == len(states) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    failed = {d: s.get("error") for d, s in states.items() if s["state"] == "failed"}
+    for device, error in failed.items():
+        err.print(f"[red]{device} failed:[/red] {error}")
+    if failed or settled < len(states):
+        raise typer.Exit(1)
+
+
+@deployments_app.command("list")
+def deployments_list(hub: HubUrl = None, token: Token = None, state_dir: StateDir = Path("hub-state"),
+                     as_json: AsJson = False) -> None:  # fmt: skip
+    """Deployments, newest first."""
+    rows = _run(lambda: _client(hub, token, state_dir).request("GET", "/v1/deployments"))
+    for row in rows:
+        row["devices"] = len(row["devices"])
+    _show(rows, ["deployment_id", "name", "version", "target", "devices"], as_json, "deployments")
+
+
+@deployments_app.command("show")
+def deployments_show(deployment_id: Annotated[str, typer.Argument(help="Deployment id")],
+                     wait: Annotated[float, typer.Option(help="Follow progress up to this many seconds")] = 0.0,
+                     hub: HubUrl = None, token: Token = None, state_dir: StateDir = Path("hub-state"),
+                     as_json: AsJson = False) -> None:  # fmt: skip
+    """One deployment and each device's state (active, failed, pending)."""
+    client = _client(hub, token, state_dir)
+    if wait > 0:
+        _follow(client, deployment_id, wait)
+    data = _run(lambda: client.request("GET", f"/v1/deployments/{deployment_id}"))
+    rows = [{"device": d, **s} for d, s in data["states"].items()]
+    _show(rows, ["device", "state", "error"], as_json, f"{data['name']}@{data['version']} → {data['target']}")
 
 
 @devices_app.command("list")
@@ -162,7 +235,45 @@ def devices_list(
     for row in rows:
         models = (row.get("reported") or {}).get("models", [])
         row["models"] = ", ".join(f"{m['name']}@{m.get('version')} {m['state']}" for m in models)
-    _show(rows, ["device_id", "profile", "status", "models"], as_json, "devices")
+    for row in rows:
+        row["groups"] = ", ".join(row.get("groups") or [])
+    _show(rows, ["device_id", "profile", "status", "groups", "models"], as_json, "devices")
+
+
+@devices_app.command("enroll-token")
+def devices_enroll_token(
+    group: Annotated[list[str] | None, typer.Option(help="Group the device joins; repeatable")] = None,
+    tag: Annotated[list[str] | None, typer.Option(help="KEY=VALUE tag for the device; repeatable")] = None,
+    ttl: Annotated[float, typer.Option(help="Seconds the token stays valid")] = 3600.0,
+    hub: HubUrl = None, token: Token = None, state_dir: StateDir = Path("hub-state"), as_json: AsJson = False,
+) -> None:  # fmt: skip
+    """A single-use, expiring token for `edge-agent enroll --hub URL --token TOKEN`."""
+    tags = {}
+    for item in tag or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            err.print(f"[red]error:[/red] --tag {item!r}: write it as KEY=VALUE")
+            raise typer.Exit(2)
+        tags[key] = value
+    body = json.dumps({"groups": group or [], "tags": tags, "ttl_s": ttl}).encode()
+    result = _run(lambda: _client(hub, token, state_dir).request("POST", "/v1/enroll-tokens", body))
+    print(json.dumps(result) if as_json else result["token"])
+
+
+@devices_app.command("show")
+def devices_show(device: Annotated[str, typer.Argument(help="Device id")], hub: HubUrl = None, token: Token = None,
+                 state_dir: StateDir = Path("hub-state")) -> None:  # fmt: skip
+    """Everything the hub knows about one device (JSON)."""
+    print(json.dumps(_run(lambda: _client(hub, token, state_dir).request("GET", f"/v1/devices/{device}")),
+                     indent=2, default=str))  # fmt: skip
+
+
+@devices_app.command("remove")
+def devices_remove(device: Annotated[str, typer.Argument(help="Device id")], hub: HubUrl = None, token: Token = None,
+                   state_dir: StateDir = Path("hub-state")) -> None:  # fmt: skip
+    """Forget a device: its record, desired models (the retained message is cleared) and tokens."""
+    _run(lambda: _client(hub, token, state_dir).request("DELETE", f"/v1/devices/{device}"))
+    err.print(f"removed {device}")
 
 
 @devices_app.command("token")

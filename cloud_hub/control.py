@@ -146,29 +146,33 @@ class ControlPlane:
         return {"deployment_id": deployment_id, "devices": assignments}
 
     def _resolve(self, target: str) -> list[dict[str, Any]]:
-        kind, _, value = target.partition(":")
-        if kind == "device" and value:
-            return [self.registry.device(value)]
-        raise Conflict(f"target {target!r} is not supported yet; use device:ID (group: and tag: come with issue 5)")
+        devices = self.registry.devices_matching(target)
+        if not devices:
+            raise NotFound(f"no device matches {target!r}; see 'cloud-hub devices list'")
+        return devices
 
     def _artifact_for(self, name: str, version: str, device: dict[str, Any]) -> str:
         try:
             profile: DeviceProfile = get_profile(device["profile"] or "")
         except ProfileError:
             raise Conflict(f"device {device['device_id']} has unknown profile {device['profile']!r}") from None
-        candidates = []
+        candidates, too_large = [], []
         for row in self.registry.artifacts(name, version):
             manifest: Manifest = manifest_from_wire(self.registry.artifact(row["artifact_id"])["manifest"])
             try:
                 check_compatible(manifest, profile)
             except ArtifactRejected:
                 continue
+            if manifest.total_size > profile.max_artifact_bytes:
+                too_large.append(manifest.total_size)
+                continue
             candidates.append((manifest.hardware.profile == profile.id, manifest.release, manifest.artifact_id))
         if not candidates:
-            raise Conflict(
-                f"no artifact of {name}@{version} fits device {device['device_id']} (profile {profile.id}); "
-                f"compile one with 'model-compiler compile ... --profile {profile.id}'"
-            )
+            limit = f"{profile.id}'s {profile.max_artifact_mb} MiB limit"
+            why = (f"its artifact ({min(too_large)} bytes) is over {limit}" if too_large
+                   else f"compile one with 'model-compiler compile ... --profile {profile.id}'")  # fmt: skip
+            raise Conflict(f"no artifact of {name}@{version} fits device {device['device_id']} "
+                           f"(profile {profile.id}): {why}")  # fmt: skip
         return max(candidates)[2]
 
     def publish_desired(self, device_id: str, deployment_id: str) -> None:

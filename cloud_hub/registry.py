@@ -31,7 +31,20 @@ class Registry(Protocol):
         """One artifact row with ``manifest`` and ``signature`` decoded; NotFound when unknown."""
 
     def upsert_device(self, device_id: str, **fields: Any) -> None:
-        """Create or update a device (profile, status, reported, last_seen)."""
+        """Create or update a device (profile, status, reported, last_seen, groups, tags, enrolled)."""
+
+    def remove_device(self, device_id: str) -> None:
+        """Forget a device, its desired models and its tokens; NotFound when unknown."""
+
+    def devices_matching(self, target: str) -> list[dict[str, Any]]:
+        """Devices for ``device:ID``, ``group:NAME`` or ``tag:KEY=VALUE``; ValueError for another form."""
+
+    def add_enroll_token(self, token_sha256: str, expires: float, groups: list[str], tags: dict[str, str]) -> None:
+        """Record a single-use enrollment token (by its sha256)."""
+
+    def use_enroll_token(self, token_sha256: str, device_id: str) -> dict[str, Any] | None:
+        """Mark the token used by ``device_id`` and return it (groups, tags), or None when it is unknown,
+        used or expired; atomic, so a token enrolls one device only."""
 
     def devices(self) -> list[dict[str, Any]]: ...
 
@@ -92,7 +105,16 @@ class SQLiteRegistry:
                 "artifact_id",
             ),
             "devices": (
-                {"device_id": str, "profile": str, "status": str, "reported": str, "last_seen": float},
+                {
+                    "device_id": str,
+                    "profile": str,
+                    "status": str,
+                    "reported": str,
+                    "last_seen": float,
+                    "groups": str,
+                    "tags": str,
+                    "enrolled": float,
+                },
                 "device_id",
             ),
             "deployments": (
@@ -117,6 +139,10 @@ class SQLiteRegistry:
             "audit": ({"ts": float, "actor": str, "action": str, "detail": str}, None),
             "device_tokens": ({"token_sha256": str, "device_id": str, "created": float}, "token_sha256"),
             "cloud_usage": ({"device_id": str, "model": str, "calls": int}, ("device_id", "model")),
+            "enroll_tokens": (
+                {"token_sha256": str, "expires": float, "used": float, "device_id": str, "groups": str, "tags": str},
+                "token_sha256",
+            ),
         }
         with self._lock:
             for name, (columns, pk) in tables.items():
@@ -160,8 +186,9 @@ class SQLiteRegistry:
         return {**row, "manifest": json.loads(row["manifest"]), "signature": json.loads(row["signature"])}
 
     def upsert_device(self, device_id: str, **fields: Any) -> None:
-        if "reported" in fields:
-            fields["reported"] = json.dumps(fields["reported"])
+        for key in ("reported", "groups", "tags"):
+            if key in fields:
+                fields[key] = json.dumps(fields[key])
         with self._lock:
             self.db.table("devices").upsert({"device_id": device_id, **fields}, pk="device_id")
 
@@ -178,7 +205,49 @@ class SQLiteRegistry:
 
     @staticmethod
     def _device_row(row: dict[str, Any]) -> dict[str, Any]:
-        return {**row, "reported": json.loads(row["reported"]) if row.get("reported") else None}
+        return {
+            **row,
+            "reported": json.loads(row["reported"]) if row.get("reported") else None,
+            "groups": json.loads(row["groups"]) if row.get("groups") else [],
+            "tags": json.loads(row["tags"]) if row.get("tags") else {},
+        }
+
+    def remove_device(self, device_id: str) -> None:
+        self.device(device_id)
+        with self._lock, self.db.conn:
+            for table in ("devices", "device_models", "device_tokens"):
+                self.db.execute(f"DELETE FROM {table} WHERE device_id = ?", [device_id])
+
+    def devices_matching(self, target: str) -> list[dict[str, Any]]:
+        kind, _, value = target.partition(":")
+        if kind == "device" and value:
+            return [self.device(value)]
+        if kind == "group" and value:
+            return [d for d in self.devices() if value in d["groups"]]
+        key, eq, wanted = value.partition("=")
+        if kind == "tag" and key and eq:
+            return [d for d in self.devices() if d["tags"].get(key) == wanted]
+        raise ValueError(f"target {target!r}: use device:ID, group:NAME or tag:KEY=VALUE")
+
+    def add_enroll_token(self, token_sha256: str, expires: float, groups: list[str], tags: dict[str, str]) -> None:
+        with self._lock:
+            self.db.table("enroll_tokens").insert({"token_sha256": token_sha256, "expires": expires,
+                                                   "groups": json.dumps(groups), "tags": json.dumps(tags)})  # fmt: skip
+
+    def use_enroll_token(self, token_sha256: str, device_id: str) -> dict[str, Any] | None:
+        now = time.time()
+        with self._lock, self.db.conn:
+            cursor = self.db.execute(
+                "UPDATE enroll_tokens SET used = ?, device_id = ? "
+                "WHERE token_sha256 = ? AND used IS NULL AND expires > ?",
+                [now, device_id, token_sha256, now],
+            )
+            if cursor.rowcount != 1:
+                return None
+            row = self.db.execute(
+                "SELECT groups, tags FROM enroll_tokens WHERE token_sha256 = ?", [token_sha256]
+            ).fetchone()
+        return {"groups": json.loads(row[0]), "tags": json.loads(row[1])}
 
     def create_deployment(self, name: str, version: str, target: str, assignments: dict[str, str]) -> str:
         deployment_id = uuid.uuid4().hex[:12]

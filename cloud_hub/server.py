@@ -14,6 +14,7 @@ import platform
 import secrets
 import signal
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from cloud_hub.admin import AdminApi
 from cloud_hub.artifacts import ArtifactStore
 from cloud_hub.broker import EmbeddedBroker
 from cloud_hub.control import ControlPlane
+from cloud_hub.errors import NotFound
 from cloud_hub.inference import (
     InferenceOptions,
     InferenceServer,
@@ -31,10 +33,11 @@ from cloud_hub.inference import (
     token_hash,
 )
 from cloud_hub.registry import SQLiteRegistry
+from device_profiles import get_profile
 from edge_agent import __version__
 from edge_agent.protocol.atomic import atomic_write_bytes
 from edge_agent.protocol.signing import TrustStore
-from edge_agent.protocol.topics import DEFAULT_ROOT, Topics
+from edge_agent.protocol.topics import DEFAULT_ROOT, Topics, valid_device_id
 
 log = logging.getLogger(__name__)
 TOKEN_FILE = "operator.token"
@@ -55,6 +58,8 @@ class HubConfig:
     topic_root: str = DEFAULT_ROOT
     inference: InferenceOptions = field(default_factory=InferenceOptions)
     max_chunk_rate: float = 0.0  # artifact chunks per second the hub publishes; 0 = as fast as the broker takes them
+    public_broker: str | None = None  # the broker URL devices use (enrollment); default: the hub's own
+    public_grpc: str | None = None  # the inference URL devices use; default: grpc://grpc_host:port
 
 
 def operator_token(state_dir: Path) -> str:
@@ -169,6 +174,63 @@ class Hub:
     def _flush_usage_periodically(self) -> None:
         while not self.stopped.wait(2.0):
             self.flush_usage()
+
+    def enroll_token(self, groups: list[str], tags: dict[str, str], ttl_s: float) -> dict[str, Any]:
+        """A single-use enrollment token that expires after ``ttl_s``; devices enrolled with it join
+        ``groups`` and get ``tags``."""
+        if ttl_s <= 0:
+            raise ValueError("ttl_s must be positive")
+        token = secrets.token_urlsafe(24)
+        expires = time.time() + ttl_s
+        self.registry.add_enroll_token(token_hash(token), expires, groups, tags)
+        self.registry.audit("operator", "devices.enroll-token", {"groups": groups, "tags": tags, "expires": expires})
+        return {"token": token, "expires": expires, "groups": groups, "tags": tags}
+
+    def enroll(self, token: str, device_id: str, profile: str) -> dict[str, Any]:
+        """Register a device with a valid enrollment token; returns what the agent needs to run."""
+        if not valid_device_id(device_id):
+            raise ValueError(f"device_id {device_id!r}: use letters, digits, '.', '_' and '-'")
+        get_profile(profile)  # ProfileError → 400 naming the known ids
+        grant = self.registry.use_enroll_token(token_hash(token), device_id)
+        if grant is None:
+            raise PermissionError("enrollment token unknown, already used or expired; ask for a new one")
+        self.registry.upsert_device(device_id, profile=profile, groups=grant["groups"], tags=grant["tags"],
+                                    enrolled=time.time(), status="enrolled")  # fmt: skip
+        self.registry.audit(device_id, "enroll", {"profile": profile, **grant})
+        trusted = [p.read_text() for p in sorted((self.config.state_dir / "trust").glob("*.pub"))]
+        return {
+            "device_id": device_id, "profile": profile, "topic_root": self.config.topic_root,
+            "broker": self.config.public_broker or self.broker_url,
+            "cloud": self.config.public_grpc or f"grpc://{self.config.grpc_host}:{self.grpc_port}",
+            "cloud_token": self.issue_token(device_id)["token"], "trusted_keys": trusted,
+        }  # fmt: skip
+
+    def deployment(self, deployment_id: str) -> dict[str, Any]:
+        """A deployment with each targeted device's state: active, failed (with the error) or pending."""
+        found = [d for d in self.registry.deployments() if d["deployment_id"] == deployment_id]
+        if not found:
+            raise NotFound(f"deployment {deployment_id!r} is unknown; see 'cloud-hub deployments list'")
+        deployment = found[0]
+        states = {}
+        for device_id in deployment["devices"]:
+            try:
+                reported = self.registry.device(device_id)["reported"] or {}
+            except NotFound:
+                states[device_id] = {"state": "removed"}
+                continue
+            model = next((m for m in reported.get("models", []) if m["name"] == deployment["name"]), None)
+            if model is None or model.get("version") != deployment["version"]:
+                states[device_id] = {"state": "pending"}
+            else:
+                states[device_id] = {"state": model["state"], "error": model.get("error")}
+        return {**deployment, "states": states}
+
+    def remove_device(self, device_id: str) -> dict[str, Any]:
+        self.registry.remove_device(device_id)
+        if self.control is not None:  # clear its retained desired state on the broker
+            self.control.mqtt.publish(self.topics.desired(device_id), b"", retain=True)
+        self.registry.audit("operator", "devices.remove", {"device_id": device_id})
+        return {"device_id": device_id, "removed": True}
 
     def deploy(self, name: str, version: str, target: str) -> dict[str, Any]:
         assert self.control is not None

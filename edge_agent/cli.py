@@ -6,6 +6,8 @@ import json
 import logging
 import shutil
 import signal
+import socket
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,7 +19,8 @@ from rich.table import Table
 from device_profiles import ProfileError, get_profile, load_profiles
 from device_profiles.detect import detect_profile
 from edge_agent.config import STATE_DIR_ENV, AgentConfig, default_state_dir
-from edge_agent.errors import EdgefedError
+from edge_agent.errors import ConfigError, EdgefedError
+from edge_agent.protocol.atomic import atomic_write_bytes
 from edge_agent.protocol.errors import ProtocolError
 from edge_agent.protocol.signing import TrustStore
 from edge_agent.store import ModelStore
@@ -91,6 +94,49 @@ def _detected() -> str:
     if found is None:
         raise ProfileError("<host>", "profile", "no profile matches this machine", "pass --profile ID")
     return found.profile.id
+
+
+@app.command()
+def enroll(
+    hub: Annotated[str, typer.Option(help="Hub admin URL, e.g. http://hub.example:8080")],
+    token: Annotated[str, typer.Option(help="Enrollment token from `cloud-hub devices enroll-token`")],
+    device_id: Annotated[str | None, typer.Option(help="This device's id (default: the host name)")] = None,
+    profile: Annotated[str | None, typer.Option(help="Profile id; default: detected")] = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Register this device with the hub and store what it answers: broker and cloud endpoints, the
+    device's cloud token and the hub's trusted signing keys."""
+    from edge_agent.enroll import enroll as do_enroll
+
+    state = _state(state_dir)
+    try:
+        config = do_enroll(hub, token, device_id or socket.gethostname(), profile or _detected(), state)
+    except (EdgefedError, ProfileError, OSError, ValueError) as exc:
+        raise _fail(exc) from None
+    err.print(f"enrolled {config.device_id} ({config.profile}) with {hub}; start the agent: edge-agent run")
+
+
+@app.command("install-service")
+def install_service(
+    user: Annotated[str, typer.Option(help="System user the agent runs as")] = "edgefed",
+    unit_path: Annotated[Path, typer.Option(help="Where to write the unit")] = Path(
+        "/etc/systemd/system/edgefed-agent.service"
+    ),
+    dry_run: Annotated[bool, typer.Option(help="Only print the unit")] = False,
+    state_dir: StateDir = None,
+) -> None:
+    """Write a systemd unit that runs `edge-agent run` (restart on failure, SIGTERM stop, hardened)."""
+    from edge_agent.service import systemd_unit
+
+    unit = systemd_unit(sys.executable, _state(state_dir), user)
+    print(unit)
+    if dry_run:
+        return
+    try:
+        atomic_write_bytes(unit_path, unit.encode())
+    except OSError as exc:
+        raise _fail(ConfigError(f"cannot write {unit_path}: {exc}; run as root or pass --unit-path")) from None
+    err.print(f"wrote {unit_path}; now: systemctl daemon-reload && systemctl enable --now {unit_path.stem}")
 
 
 @app.command()
@@ -213,3 +259,7 @@ def status(state_dir: StateDir = None) -> None:
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""The admin API's OpenAPI 3.1 description (served at ``GET /v1/openapi.json``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edge_agent import __version__
+
+_OBJECT = {"type": "object"}
+_LIST = {"type": "array", "items": _OBJECT}
+
+
+def _op(summary: str, response: dict[str, Any], body: dict[str, Any] | None = None, public: bool = False,
+        content_type: str = "application/json") -> dict[str, Any]:  # fmt: skip
+    op: dict[str, Any] = {"summary": summary, "responses": {
+        "200": {"description": "OK", "content": {"application/json": {"schema": response}}},
+        "400": {"description": "Bad input"}, "401": {"description": "Missing or wrong operator token"},
+        "404": {"description": "Unknown"}, "409": {"description": "Conflict"},
+    }}  # fmt: skip
+    if body is not None:
+        op["requestBody"] = {"required": True, "content": {content_type: {"schema": body}}}
+    if public:
+        op["security"] = []
+    return op
+
+
+def _props(required: list[str], **props: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "required": required, "properties": props}
+
+
+_STR, _NUM = {"type": "string"}, {"type": "number"}
+_PATH_ID = [{"name": "id", "in": "path", "required": True, "schema": _STR}]
+
+
+def spec() -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "edgefed hub admin API", "version": __version__},
+        "components": {"securitySchemes": {"operator": {"type": "http", "scheme": "bearer"}}},
+        "security": [{"operator": []}],
+        "paths": {
+            "/v1/openapi.json": {"get": _op("This description", _OBJECT, public=True)},
+            "/v1/status": {"get": _op("Endpoints and counters", _OBJECT)},
+            "/v1/models": {"get": _op("Registered artifacts, newest release first", _LIST)},
+            "/v1/models/{name}": {"get": {**_op("One model's versions and artifacts", _OBJECT),
+                                          "parameters": [{"name": "name", "in": "path", "required": True,
+                                                          "schema": _STR}]}},
+            "/v1/artifacts": {"post": _op("Upload a signed artifact directory as a tar", _OBJECT,
+                                          {"type": "string", "format": "binary"}, content_type="application/x-tar")},
+            "/v1/devices": {"get": _op("Known devices", _LIST)},
+            "/v1/devices/{id}": {"get": {**_op("One device", _OBJECT), "parameters": _PATH_ID},
+                                 "delete": {**_op("Forget a device", _OBJECT), "parameters": _PATH_ID}},
+            "/v1/devices/{id}/token": {"post": {**_op("Issue a cloud bearer token for the device", _OBJECT),
+                                                "parameters": _PATH_ID}},
+            "/v1/enroll-tokens": {"post": _op("A single-use, expiring enrollment token", _OBJECT, _props(
+                [], groups={"type": "array", "items": _STR}, tags={"type": "object", "additionalProperties": _STR},
+                ttl_s=_NUM))},
+            "/v1/enroll": {"post": _op("Enroll a device with its enrollment token", _OBJECT,
+                                       _props(["token", "device_id", "profile"], token=_STR, device_id=_STR,
+                                              profile=_STR), public=True)},
+            "/v1/deployments": {
+                "get": _op("Deployments, newest first", _LIST),
+                "post": _op("Deploy a model version", _OBJECT, _props(
+                    ["model", "version", "target"], model=_STR, version=_STR,
+                    target={"type": "string", "pattern": "^(device|group|tag):.+$"})),
+            },
+            "/v1/deployments/{id}": {"get": {**_op("A deployment and each device's state", _OBJECT),
+                                             "parameters": _PATH_ID}},
+            "/v1/telemetry": {"get": {**_op("Stored telemetry batches", _LIST), "parameters": [
+                {"name": "device", "in": "query", "required": False, "schema": _STR}]}},
+            "/v1/usage": {"get": _op("Cloud inference calls per device and model", _LIST)},
+        },
+    }  # fmt: skip

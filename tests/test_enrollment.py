@@ -1,0 +1,126 @@
+"""Enrollment, group and tag deployments, deployment progress and device removal on a real Mosquitto,
+plus the admin API's OpenAPI description and the systemd unit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import MosquittoBroker, make_artifact, wait_for
+from typer.testing import CliRunner
+
+from cloud_hub.api_client import AdminClient
+from cloud_hub.errors import HubError
+from cloud_hub.server import Hub, HubConfig, operator_token
+from edge_agent.agent import Agent
+from edge_agent.cli import app as agent_cli
+from edge_agent.config import AgentConfig
+from edge_agent.enroll import enroll
+from edge_agent.errors import ConfigError
+from edge_agent.store import ModelStore
+
+
+@pytest.fixture
+def hub(mosquitto: MosquittoBroker, tmp_path: Path, keys: tuple[Path, Path]) -> Iterator[Hub]:
+    state = tmp_path / "hub"
+    (state / "trust").mkdir(parents=True)
+    shutil.copy(keys[1], state / "trust")
+    hub = Hub(HubConfig(state, broker=mosquitto.url, grpc_port=0, admin_port=0))
+    hub.start()
+    yield hub
+    hub.stop()
+
+
+def admin(hub: Hub) -> AdminClient:
+    assert hub.admin is not None
+    return AdminClient(f"http://127.0.0.1:{hub.admin.port}", operator_token(hub.config.state_dir))
+
+
+def enroll_token(client: AdminClient, groups: list[str], tags: dict[str, str], ttl_s: float = 60) -> str:
+    body = json.dumps({"groups": groups, "tags": tags, "ttl_s": ttl_s}).encode()
+    return str(client.request("POST", "/v1/enroll-tokens", body)["token"])
+
+
+def test_enroll_then_deploy_to_groups_and_tags(hub: Hub, tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    client = admin(hub)
+    url = client.url
+    for version, release in (("1.0.0", 1), ("2.0.0", 2)):
+        client.add_artifact(make_artifact(tmp_path / f"gemm-{version}", keys[0], version=version, release=release))
+    fleet = {
+        "dev-a": (["lab"], {"site": "paris"}),
+        "dev-b": (["lab"], {"site": "rome"}),
+        "dev-c": ([], {"site": "paris"}),
+    }
+    agents = []
+    for device, (groups, tags) in fleet.items():
+        token = enroll_token(client, groups, tags)
+        config = enroll(url, token, device, "x86-64-generic", tmp_path / device)
+        assert config.cloud_token and config.broker == hub.broker_url and (tmp_path / device / "trust").is_dir()
+        with pytest.raises(ConfigError, match=r"403.*already used"):
+            enroll(url, token, "dev-z", "x86-64-generic", tmp_path / "dev-z")  # single use
+        agent = Agent(tmp_path / device, AgentConfig.load(tmp_path / device))
+        agents.append((agent, threading.Thread(target=agent.run, daemon=True)))
+    expired = enroll_token(client, [], {}, ttl_s=0.01)
+    time.sleep(0.05)
+    with pytest.raises(ConfigError, match="expired"):
+        enroll(url, expired, "dev-late", "x86-64-generic", tmp_path / "dev-late")
+    for _, thread in agents:
+        thread.start()
+    try:
+        wait_for("all online", lambda: sum(d["status"] == "online" for d in client.request("GET", "/v1/devices")) == 3)
+
+        def active(device: str) -> str | None:
+            record = ModelStore(tmp_path / device / "models").active("gemm")
+            return record.version if record else None
+
+        lab = client.deploy("gemm", "1.0.0", "group:lab")
+        assert sorted(lab["devices"]) == ["dev-a", "dev-b"]
+        wait_for("lab on 1.0.0", lambda: active("dev-a") == active("dev-b") == "1.0.0")
+        wait_for("progress: all active", lambda: {s["state"] for s in client.request(
+            "GET", f"/v1/deployments/{lab['deployment_id']}")["states"].values()} == {"active"})  # fmt: skip
+        assert active("dev-c") is None
+        paris = client.deploy("gemm", "2.0.0", "tag:site=paris")
+        assert sorted(paris["devices"]) == ["dev-a", "dev-c"]
+        wait_for("paris on 2.0.0", lambda: active("dev-a") == active("dev-c") == "2.0.0")
+        assert active("dev-b") == "1.0.0"
+        with pytest.raises(HubError, match=r"404.*no device matches"):
+            client.deploy("gemm", "1.0.0", "group:nobody")
+        with pytest.raises(HubError, match=r"400.*group:NAME"):
+            client.deploy("gemm", "1.0.0", "fleet")
+        client.request("DELETE", "/v1/devices/dev-c")
+        assert [d["device_id"] for d in client.request("GET", "/v1/devices")] == ["dev-a", "dev-b"]
+        audit = [r[0] for r in hub.registry.db.execute("SELECT action FROM audit").fetchall()]  # type: ignore[attr-defined]
+        assert {"enroll", "deploy", "devices.remove", "devices.enroll-token"} <= set(audit)
+    finally:
+        for agent, thread in agents:
+            agent.stop_event.set()
+            thread.join(timeout=10)
+
+
+def test_openapi_and_unauthenticated_requests(hub: Hub) -> None:
+    client = admin(hub)
+    public = AdminClient(client.url, "not-the-token")
+    spec = public.request("GET", "/v1/openapi.json")
+    assert spec["openapi"].startswith("3.") and "/v1/deployments" in spec["paths"] and "/v1/enroll" in spec["paths"]
+    with pytest.raises(HubError, match="401"):
+        public.request("GET", "/v1/devices")
+    with pytest.raises(HubError, match=r"400.*token"):
+        public.request("POST", "/v1/enroll", b"{}")
+
+
+def test_install_service_dry_run(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        agent_cli, ["install-service", "--dry-run", "--user", "edge", "--state-dir", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    assert (
+        "ExecStart=" in result.output and f"ReadWritePaths={tmp_path}" in result.output and "User=edge" in result.output
+    )
+    unit = tmp_path / "edgefed-agent.service"
+    result = CliRunner().invoke(agent_cli, ["install-service", "--unit-path", str(unit), "--state-dir", str(tmp_path)])
+    assert result.exit_code == 0 and "Restart=always" in unit.read_text()
