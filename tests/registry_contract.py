@@ -1,0 +1,74 @@
+"""The Registry contract as one test class: every storage implementation (SQLite now, PostgreSQL later)
+subclasses it and provides the ``registry`` fixture."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import make_artifact
+
+from cloud_hub.errors import NotFound
+from edge_agent.protocol.artifact import read_manifest
+from edge_agent.protocol.messages import TelemetryBatch, TelemetryWindow
+from edge_agent.protocol.signing import TrustStore
+
+
+class RegistryContract:
+    registry: Any
+
+    def manifest(self, tmp_path: Path, keys: tuple[Path, Path], version: str, release: int) -> Any:
+        artifact = make_artifact(tmp_path / version, keys[0], version=version, release=release, seed=release)
+        return read_manifest(artifact, TrustStore.from_dir(keys[1].parent))
+
+    def test_artifacts_are_idempotent_and_newest_first(self, tmp_path: Path, keys: tuple[Path, Path]) -> None:
+        first, second = self.manifest(tmp_path, keys, "1.0.0", 1), self.manifest(tmp_path, keys, "2.0.0", 2)
+        assert self.registry.add_artifact(first, {"sig": "a"}) and not self.registry.add_artifact(first, {"sig": "a"})
+        self.registry.add_artifact(second, {"sig": "b"})
+        assert [a["version"] for a in self.registry.artifacts("gemm")] == ["2.0.0", "1.0.0"]
+        assert self.registry.artifact(first.artifact_id)["signature"] == {"sig": "a"}
+        with pytest.raises(NotFound):
+            self.registry.artifact("0" * 64)
+
+    def test_devices_targets_and_removal(self) -> None:
+        self.registry.upsert_device("a", profile="x86-64-generic", groups=["lab"], tags={"site": "paris"})
+        self.registry.upsert_device("b", profile="x86-64-generic", groups=["lab", "edge"], tags={"site": "rome"})
+        self.registry.upsert_device("a", status="online")  # a partial update keeps the rest
+        assert self.registry.device("a")["groups"] == ["lab"] and self.registry.device("a")["status"] == "online"
+        assert [d["device_id"] for d in self.registry.devices_matching("group:lab")] == ["a", "b"]
+        assert [d["device_id"] for d in self.registry.devices_matching("tag:site=rome")] == ["b"]
+        with pytest.raises(ValueError):
+            self.registry.devices_matching("everything")
+        self.registry.remove_device("a")
+        with pytest.raises(NotFound):
+            self.registry.device("a")
+
+    def test_deployments_set_desired_state(self) -> None:
+        self.registry.upsert_device("a", profile="x86-64-generic")
+        first = self.registry.create_deployment("gemm", "1.0.0", "device:a", {"a": "1" * 64})
+        self.registry.create_deployment("gemm", "2.0.0", "device:a", {"a": "2" * 64})
+        assert [(d["model"], d["version"]) for d in self.registry.desired("a")] == [("gemm", "2.0.0")]
+        assert first in [d["deployment_id"] for d in self.registry.deployments()]
+
+    def test_telemetry_is_stored_once_per_sequence(self) -> None:
+        window = TelemetryWindow("gemm", "1.0.0", "local", 1.0, 2.0, 3, 0, 0.3, (3,))
+        batch = TelemetryBatch("a", 7, (window,))
+        assert self.registry.add_telemetry(batch) and not self.registry.add_telemetry(batch)
+        assert [t["seq"] for t in self.registry.telemetry("a")] == [7]
+
+    def test_enrollment_tokens_are_single_use_and_expire(self) -> None:
+        self.registry.add_enroll_token("t1", time.time() + 60, ["lab"], {"k": "v"})
+        self.registry.add_enroll_token("t2", time.time() - 1, [], {})
+        assert self.registry.use_enroll_token("t1", "a") == {"groups": ["lab"], "tags": {"k": "v"}}
+        assert self.registry.use_enroll_token("t1", "b") is None
+        assert self.registry.use_enroll_token("t2", "c") is None and self.registry.use_enroll_token("nope", "d") is None
+
+    def test_tokens_usage_and_audit(self) -> None:
+        self.registry.add_device_token("a", "h1")
+        assert self.registry.token_owner("h1") == "a" and self.registry.token_owner("h2") is None
+        self.registry.add_usage({("a", "gemm"): 2})
+        self.registry.add_usage({("a", "gemm"): 3})
+        assert self.registry.usage() == [{"device_id": "a", "model": "gemm", "calls": 5}]
+        self.registry.audit("operator", "deploy", {"x": 1})
