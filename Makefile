@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/sdk_overhead.py
 	$(BIN)/python bench/cloud.py
 	$(BIN)/python bench/failover.py
+	$(BIN)/python bench/fanout.py
 
 # grpcio-tools lives in its own venv: it pins a protobuf newer than tritonclient allows.
 proto:

@@ -111,3 +111,43 @@ class HubProcess:
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(timeout=30)
+
+
+MOSQUITTO_CONF = """listener {port} 127.0.0.1
+allow_anonymous true
+persistence false
+max_queued_messages 1000000
+max_queued_bytes 0
+max_inflight_messages 100
+message_size_limit 0
+"""
+
+
+class MosquittoProcess:
+    """Mosquitto on a free port with its own config (its default queue of 1,000 drops silently)."""
+
+    def __init__(self, work: Path) -> None:
+        import shutil
+
+        self.port = free_port()
+        conf = work / f"mosquitto-{self.port}.conf"
+        conf.write_text(MOSQUITTO_CONF.format(port=self.port))
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.process = subprocess.Popen([binary, "-c", str(conf)], stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("mosquitto did not start") from None
+                time.sleep(0.05)
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)

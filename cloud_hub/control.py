@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 class ControlPlane:
     def __init__(self, broker_url: str, registry: Registry, store: ArtifactStore, topics: Topics,
-                 max_chunk_rate: float = 0.0) -> None:  # fmt: skip
+                 max_chunk_rate: float = 0.0, fetch_window_s: float = 0.1) -> None:  # fmt: skip
         self.registry, self.store, self.topics = registry, store, topics
         self.mqtt = MqttConnection(broker_url, client_id="edgefed-hub", clean_session=True)
         self.mqtt.route(topics.all_devices("reported"), self._on_reported)
@@ -52,6 +52,7 @@ class ControlPlane:
         self.chunks_sent = 0
         self.bytes_sent = 0
         self.chunk_interval_s = 1.0 / max_chunk_rate if max_chunk_rate > 0 else 0.0  # a cap for thin uplinks
+        self.fetch_window_s = fetch_window_s
 
     def start(self) -> None:
         self.mqtt.start()
@@ -108,10 +109,15 @@ class ControlPlane:
             self._pending_lock.notify()
 
     def _send_chunks(self) -> None:
+        """Rounds: wait for a request, let ``fetch_window_s`` gather the others (a fleet asks at about the
+        same time), then publish the union of what was asked, each chunk once. Requests that arrive
+        during a round form the next one."""
         while not self._stop.is_set():
             with self._pending_lock:
                 while not self._pending and not self._stop.is_set():
                     self._pending_lock.wait(timeout=1)
+            self._stop.wait(self.fetch_window_s)
+            with self._pending_lock:
                 work, self._pending = self._pending, {}
             for artifact_id, chunks in work.items():
                 self._publish_chunks(artifact_id, sorted(chunks))

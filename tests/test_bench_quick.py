@@ -18,6 +18,7 @@ REQUIRED_KEYS = {
         "batching_throughput_ratio",
     ),
     "failover": ("local_fail_to_cloud_p99_ms", "cloud_dead_overrun_p99_ms", "breaker_recovery_speedup"),
+    "fanout": ("fanout_s", "hub_egress_ratio", "fanout_speedup", "retransfer_ratio"),
 }
 BENCHES = sorted(p for p in (Path(__file__).resolve().parents[1] / "bench").glob("*.py") if "--quick" in p.read_text())
 
