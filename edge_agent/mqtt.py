@@ -1,10 +1,11 @@
 """A small paho-mqtt wrapper used by the hub and the agent: connect with a deadline, reconnect with
-jittered backoff (paho's own), and route messages to handlers so that a malformed message is counted
+exponential backoff from a random first step, and route messages to handlers so that a malformed message is counted
 and logged but never kills the network loop."""
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import uuid
 from collections.abc import Callable
@@ -39,7 +40,8 @@ class MqttConnection:
         )
         self.client.max_inflight_messages_set(100)
         self.client.max_queued_messages_set(10_000)
-        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
+        # exponential backoff 1-30 s; a random first step keeps a fleet from reconnecting in lockstep
+        self.client.reconnect_delay_set(min_delay=random.randint(1, 3), max_delay=30)
         if will is not None:
             self.client.will_set(will[0], will[1], qos=1, retain=True)
         self.client.on_connect = self._connected

@@ -124,3 +124,51 @@ def test_install_service_dry_run(tmp_path: Path) -> None:
     unit = tmp_path / "edgefed-agent.service"
     result = CliRunner().invoke(agent_cli, ["install-service", "--unit-path", str(unit), "--state-dir", str(tmp_path)])
     assert result.exit_code == 0 and "Restart=always" in unit.read_text()
+
+
+def test_malformed_messages_are_counted_and_the_hub_goes_on(hub: Hub, mosquitto: MosquittoBroker) -> None:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    client = admin(hub)
+    noisy = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="noisy")
+    noisy.connect("127.0.0.1", mosquitto.port)
+    noisy.loop_start()
+    for leaf, payload in (("telemetry", b"not json"), ("reported", b'{"device_id": 5}'), ("fetch", b"\xff\xfe")):
+        noisy.publish(hub.topics.device("dev-x", leaf), payload, qos=1).wait_for_publish(5)
+    noisy.publish(hub.topics.status("dev-y"), b'{"state": "online", "at": "2026-11-23T00:00:00Z"}', qos=1)
+    wait_for("malformed counted", lambda: client.request("GET", "/v1/status")["malformed_messages"] == 3)
+    wait_for("a good message still lands", lambda: [d["device_id"] for d in client.request("GET", "/v1/devices")]
+             == ["dev-y"])  # fmt: skip
+    noisy.loop_stop()
+
+
+def test_deploy_refuses_an_artifact_over_the_profile_limit(
+    hub: Hub, tmp_path: Path, keys: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from conftest import ROOT
+
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    text = (ROOT / "device_profiles/profiles/x86-64-generic.toml").read_text()
+    (profiles / "tiny-box.toml").write_text(
+        text.replace('id = "x86-64-generic"', 'id = "tiny-box"').replace(
+            "max_artifact_mb = 1024", "max_artifact_mb = 1"
+        )
+    )
+    monkeypatch.setenv("EDGEFED_PROFILE_PATH", str(profiles))
+    big = make_artifact(tmp_path / "big", keys[0], profile="tiny-box")
+    (big / "padding.bin").write_bytes(b"\0" * (1024 * 1024 + 1))
+    doc = json.loads((big / "manifest.json").read_text())
+    (big / "manifest.json").unlink()
+    (big / "signature").unlink()
+    from edge_agent.protocol.artifact import seal
+    from edge_agent.protocol.signing import load_private_key
+
+    seal(big, {k: v for k, v in doc.items() if k not in ("files", "chunk_size", "schema")}, load_private_key(keys[0]),
+         chunk_size=1024)  # fmt: skip
+    client = admin(hub)
+    client.add_artifact(big)
+    hub.registry.upsert_device("box-1", profile="tiny-box")
+    with pytest.raises(HubError, match=r"409.*over tiny-box's 1 MiB limit"):
+        client.deploy("gemm", "1.0.0", "device:box-1")
