@@ -56,6 +56,11 @@ def test_install_activate_and_infer(
             client.infer("gemm", {"input": x.astype(np.float64)})
         with pytest.raises(InputMismatch, match="32"):
             client.infer("gemm", {"input": np.ones((3, 31), np.float32)})
+    with EdgeClient(state, telemetry=False, allow_cast=True) as client:  # opted in: float64 is cast
+        cast = client.infer("gemm", {"input": x.astype(np.float64)})
+        np.testing.assert_allclose(cast.outputs["output"], result.outputs["output"], rtol=1e-6)
+        with pytest.raises(InputMismatch):  # never an unsafe cast
+            client.infer("gemm", {"input": x.astype(np.complex64)})
 
 
 def _tamper_manifest(artifact: Path) -> None:
