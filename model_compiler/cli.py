@@ -77,16 +77,16 @@ def compile_command(
     if as_json:
         print(json.dumps([asdict(r) for r in reports], indent=2))
         return
-    table = Table("profile", "precision", "gate", "size", "latency ms", "chosen")
+    table = Table("profile", "variant", "gate", "size", "latency ms", "chosen")
     for report in reports:
         for attempt in report.variants:
             table.add_row(
                 report.profile,
-                attempt["precision"],
+                attempt["kind"],
                 f"{attempt['metric']} {attempt['value']:.4f}",
                 f"{attempt['size'] / 1024:.0f} KiB",
                 f"{attempt['latency_ms']:.3f}",
-                "✓" if attempt["precision"] == report.chosen else "",
+                "✓" if attempt["kind"] == report.chosen else attempt["note"],
             )
     Console().print(table)
     for report in reports:

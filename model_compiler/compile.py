@@ -24,7 +24,7 @@ from edge_agent.protocol.signing import load_private_key
 from model_compiler.errors import CompileError, DataError, GateFailed
 from model_compiler.reference import reference_distribution
 from model_compiler.sources import INPUT_NAME, OUTPUT_NAME, export_onnx, load_factory
-from model_compiler.variants import Variant, gate, median_latency_ms, predict, quantize_int8_static
+from model_compiler.variants import INT8_LADDER, Variant, build, gate, median_latency_ms, predict
 
 DEFAULT_TOLERANCE = {"top1": 0.01, "cosine": 0.01, "max_abs": 1e-3}
 
@@ -61,14 +61,25 @@ def _tool_versions() -> dict[str, str]:
     return found
 
 
-def _onnx_runtime(profile: DeviceProfile) -> str:
+def _target_runtime(profile: DeviceProfile) -> str:
+    """The first runtime of the profile this compiler can emit for: TensorRT (ONNX + build config) or ORT."""
     for runtime in profile.runtimes:
-        if runtime.startswith("onnxruntime"):
+        if runtime == "tensorrt" or runtime.startswith("onnxruntime"):
             return runtime
     raise CompileError(
-        f"profile {profile.id} runs {list(profile.runtimes)}; this compiler emits ONNX Runtime "
-        "artifacts only so far (TFLite and TensorRT build configs are tracked in issue 3)"
+        f"profile {profile.id} runs only {list(profile.runtimes)}; TFLite export is not built yet (issue 3) - "
+        "compile for a profile that lists onnxruntime, or add it to your profile's runtimes"
     )
+
+
+def _candidates(profile: DeviceProfile) -> list[str]:
+    """Variant kinds a profile may run, the int8 back-off ladder first."""
+    kinds: list[str] = []
+    if "int8" in profile.precisions:
+        kinds += [*INT8_LADDER, "int8-dynamic"]
+    if "fp16" in profile.precisions:
+        kinds.append("fp16")
+    return [*kinds, "fp32"]
 
 
 def _check_data(x: np.ndarray, example_shape: tuple[int, ...], role: str) -> None:
@@ -80,14 +91,18 @@ def _check_data(x: np.ndarray, example_shape: tuple[int, ...], role: str) -> Non
 
 
 def _choose(variants: list[Variant]) -> tuple[Variant, str]:
-    """The fastest variant that passed its gate; int8 never wins when it is slower than fp32."""
+    """The fastest variant that passed its gate; never one slower than fp32."""
     passed = [v for v in variants if v.gate.passed]
     if not passed:
         raise GateFailed("no variant passed the accuracy gate, not even fp32; check the metric and tolerance")
     best = min(passed, key=lambda v: v.latency_ms)
-    fp32 = next(v for v in variants if v.precision == "fp32")
-    reason = f"{best.precision}: fastest passing variant ({best.latency_ms:.3f} ms vs fp32 {fp32.latency_ms:.3f} ms)"
-    return best, reason
+    fp32 = next(v for v in variants if v.kind == "fp32")
+    return best, f"{best.kind}: fastest passing variant ({best.latency_ms:.3f} ms vs fp32 {fp32.latency_ms:.3f} ms)"
+
+
+def _attempt(variant: Variant, note: str) -> dict[str, Any]:
+    return {"kind": variant.kind, "precision": variant.precision, **asdict(variant.gate), "size": variant.size,
+            "latency_ms": round(variant.latency_ms, 4), "note": note}  # fmt: skip
 
 
 def compile_model(
@@ -117,53 +132,42 @@ def compile_model(
         built: dict[str, Variant] = {}
         reports = []
         for profile in resolved:
-            variants = [
-                _variant(p, fp32, work, calib_x, val_x, reference, metric, tolerance, sample, built, progress)
-                for p in ("fp32", "int8")
-                if p in (*profile.precisions, "fp32")
-            ]
+            variants, attempts = [], []
+            ladder_passed = False
+            for kind in _candidates(profile):
+                if kind in INT8_LADDER and ladder_passed:
+                    continue  # a less aggressive int8 step is only a back-off
+                variant = built.get(kind) or _variant(kind, fp32, work, calib_x, val_x, reference, metric,
+                                                      tolerance, sample, progress)  # fmt: skip
+                built[kind] = variant
+                variants.append(variant)
+                ladder_passed |= kind in INT8_LADDER and variant.gate.passed
+                failed = kind in INT8_LADDER and not variant.gate.passed
+                attempts.append(_attempt(variant, "failed the gate: backing off" if failed else ""))
             chosen, reason = _choose(variants)
             progress(f"{profile.id}: {reason}")
             reports.append(
-                _write_artifact(profile, chosen, reason, variants, fp32, val_x, reference, out_dir, options, key)
+                _write_artifact(profile, chosen, reason, attempts, fp32, val_x, reference, out_dir, options, key)
             )
         return reports
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _variant(
-    precision: str,
-    fp32: Path,
-    work: Path,
-    calib_x: np.ndarray,
-    val_x: np.ndarray,
-    reference: np.ndarray,
-    metric: str,
-    tolerance: float,
-    sample: np.ndarray,
-    built: dict[str, Variant],
-    progress: Callable[[str], None],
-) -> Variant:
-    if precision in built:
-        return built[precision]
-    path = fp32
-    if precision == "int8":
-        progress("quantizing int8 (static, QDQ, per-channel)")
-        path = work / "int8.onnx"
-        quantize_int8_static(fp32, path, calib_x)
-    progress(f"validating and timing {precision}")
+def _variant(kind: str, fp32: Path, work: Path, calib_x: np.ndarray, val_x: np.ndarray, reference: np.ndarray,
+             metric: str, tolerance: float, sample: np.ndarray,
+             progress: Callable[[str], None]) -> Variant:  # fmt: skip
+    progress(f"building and validating {kind}")
+    path = build(kind, fp32, work / f"{kind}.onnx", calib_x)
     result = gate(metric, tolerance, reference, predict(path, val_x))
-    variant = Variant(precision, path, path.stat().st_size, result, median_latency_ms(path, sample))
-    built[precision] = variant
-    return variant
+    return Variant(kind, path, path.stat().st_size, result, median_latency_ms(path, sample))
 
 
 def _write_artifact(
     profile: DeviceProfile,
     chosen: Variant,
     reason: str,
-    variants: list[Variant],
+    attempts: list[dict[str, Any]],
     fp32: Path,
     val_x: np.ndarray,
     reference: np.ndarray,
@@ -180,10 +184,12 @@ def _write_artifact(
         shutil.copyfile(chosen.path, staging / "model.onnx")
         atomic_write_bytes(staging / "reference.json", canonical_json(reference_distribution(val_x, reference)))
         now = datetime.now(UTC)
-        attempts = [
-            {"precision": v.precision, **asdict(v.gate), "size": v.size, "latency_ms": round(v.latency_ms, 4)}
-            for v in variants
-        ]
+        runtime = _target_runtime(profile)
+        if runtime == "tensorrt":  # the device builds the engine from this ONNX (QDQ for int8) once
+            sample_shape = list(val_x.shape[1:])
+            shapes = {"min": [1, *sample_shape], "opt": [8, *sample_shape], "max": [64, *sample_shape]}
+            trt = {"precision": chosen.precision, "workspace_mb": 1024, "shapes": {INPUT_NAME: shapes}}
+            atomic_write_bytes(staging / "trt_build.json", canonical_json(trt))
         fields = {
             "name": options.name,
             "version": options.version,
@@ -196,7 +202,7 @@ def _write_artifact(
                 "tensorrt": profile.tensorrt,
                 "jetpack": profile.jetpack,
             },
-            "runtime": _onnx_runtime(profile),
+            "runtime": runtime,
             "precision": chosen.precision,
             "inputs": [{"name": INPUT_NAME, "dtype": str(val_x.dtype), "shape": ["batch", *val_x.shape[1:]]}],
             "outputs": [{"name": OUTPUT_NAME, "dtype": str(reference.dtype), "shape": ["batch", *reference.shape[1:]]}],
@@ -216,4 +222,4 @@ def _write_artifact(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return ProfileReport(profile.id, str(final), manifest.artifact_id, chosen.precision, reason, attempts)
+    return ProfileReport(profile.id, str(final), manifest.artifact_id, chosen.kind, reason, attempts)

@@ -24,12 +24,20 @@ class GateResult:
 
 @dataclass(frozen=True)
 class Variant:
-    precision: str
+    kind: str  # one of KINDS
     path: Path
     size: int
     gate: GateResult
     latency_ms: float
-    note: str = ""
+
+    @property
+    def precision(self) -> str:
+        return self.kind.split("-")[0]
+
+
+# The back-off ladder for int8, most aggressive first; then fp16 (where the profile runs it), then fp32.
+INT8_LADDER = ("int8-static", "int8-static-per-channel", "int8-static-per-channel-excluding-ends")
+KINDS = (*INT8_LADDER, "int8-dynamic", "fp16", "fp32")
 
 
 class _Calibration:
@@ -43,24 +51,57 @@ class _Calibration:
         return None if batch is None else {INPUT_NAME: batch}
 
 
-def quantize_int8_static(fp32: Path, out: Path, calib: np.ndarray, per_channel: bool = True) -> None:
-    """Static int8 in QDQ format (QOperator and dynamic int8 measured 3-9x slower on CPU here)."""
+def _weighted_nodes(model_path: Path) -> list[str]:
+    import onnx
+
+    graph = onnx.load(str(model_path)).graph
+    return [n.name for n in graph.node if n.op_type in ("Conv", "MatMul", "Gemm", "ConvTranspose") and n.name]
+
+
+def quantize_int8_static(fp32: Path, out: Path, calib: np.ndarray, per_channel: bool = True,
+                         exclude_ends: bool = False) -> None:  # fmt: skip
+    """Static int8 in QDQ format (QOperator and dynamic int8 measured 3-9x slower on CPU here);
+    ``exclude_ends`` keeps the first and last weighted layers in float, usually the most sensitive."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prepared = out.with_suffix(".pre.onnx")
     quant_pre_process(str(fp32), str(prepared))
+    weighted = _weighted_nodes(prepared)
     quantize_static(
-        str(prepared),
-        str(out),
-        _Calibration(calib),
-        quant_format=QuantFormat.QDQ,
-        per_channel=per_channel,
-        activation_type=QuantType.QInt8,
-        weight_type=QuantType.QInt8,
-        calibrate_method=CalibrationMethod.MinMax,
-    )
+        str(prepared), str(out), _Calibration(calib), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+        nodes_to_exclude=[weighted[0], weighted[-1]] if exclude_ends and len(weighted) > 2 else [],
+    )  # fmt: skip
     prepared.unlink(missing_ok=True)
+
+
+def quantize_int8_dynamic(fp32: Path, out: Path) -> None:
+    """Dynamic int8 (weights per channel, activations at run time): the fast one for transformers."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(fp32), str(out), per_channel=True, weight_type=QuantType.QInt8)
+
+
+def convert_fp16(fp32: Path, out: Path) -> None:
+    """fp16 weights and compute, fp32 inputs and outputs (callers keep their dtypes)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    onnx.save(convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True), str(out))
+
+
+def build(kind: str, fp32: Path, out: Path, calib: np.ndarray) -> Path:
+    """Write the ``kind`` variant of ``fp32`` to ``out`` (fp32 itself is returned as is)."""
+    if kind == "fp32":
+        return fp32
+    if kind == "fp16":
+        convert_fp16(fp32, out)
+    elif kind == "int8-dynamic":
+        quantize_int8_dynamic(fp32, out)
+    else:
+        quantize_int8_static(fp32, out, calib, per_channel=kind != "int8-static", exclude_ends=kind.endswith("ends"))
+    return out
 
 
 def session(path: Path, threads: int = 0) -> Any:

@@ -94,7 +94,7 @@ def main() -> int:
     )[0]
     for v in report["variants"]:
         print(
-            f"   {v['precision']:>5}: {v['size'] / 1024:6.0f} KiB  top-1 agreement {v['value']:.4f}  "
+            f"   {v['kind']:>38}: {v['size'] / 1024:6.0f} KiB  top-1 agreement {v['value']:.4f}  "
             f"{v['latency_ms']:.3f} ms/call"
         )
     print(f"   chosen: {report['reason']}")
