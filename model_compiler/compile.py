@@ -23,8 +23,8 @@ from edge_agent.protocol.manifest import format_time
 from edge_agent.protocol.signing import load_private_key
 from model_compiler.errors import CompileError, DataError, GateFailed
 from model_compiler.reference import reference_distribution
-from model_compiler.sources import INPUT_NAME, OUTPUT_NAME, export_onnx, load_factory
-from model_compiler.variants import INT8_LADDER, Variant, build, gate, median_latency_ms, predict
+from model_compiler.sources import export_source
+from model_compiler.variants import INT8_LADDER, Variant, build, gate, median_latency_ms, predict, session
 
 DEFAULT_TOLERANCE = {"top1": 0.01, "cosine": 0.01, "max_abs": 1e-3}
 
@@ -100,6 +100,11 @@ def _choose(variants: list[Variant]) -> tuple[Variant, str]:
     return best, f"{best.kind}: fastest passing variant ({best.latency_ms:.3f} ms vs fp32 {fp32.latency_ms:.3f} ms)"
 
 
+def _io_names(path: Path) -> tuple[str, str]:
+    sess = session(path)
+    return str(sess.get_inputs()[0].name), str(sess.get_outputs()[0].name)
+
+
 def _attempt(variant: Variant, note: str) -> dict[str, Any]:
     return {"kind": variant.kind, "precision": variant.precision, **asdict(variant.gate), "size": variant.size,
             "latency_ms": round(variant.latency_ms, 4), "note": note}  # fmt: skip
@@ -126,7 +131,7 @@ def compile_model(
     try:
         progress("exporting fp32 ONNX")
         fp32 = work / "fp32.onnx"
-        export_onnx(load_factory(source), calib_x, fp32)
+        export_source(source, calib_x, fp32)
         reference = predict(fp32, val_x)
         sample = val_x[: options.latency_batch]
         built: dict[str, Variant] = {}
@@ -185,10 +190,11 @@ def _write_artifact(
         atomic_write_bytes(staging / "reference.json", canonical_json(reference_distribution(val_x, reference)))
         now = datetime.now(UTC)
         runtime = _target_runtime(profile)
+        io = _io_names(chosen.path)
         if runtime == "tensorrt":  # the device builds the engine from this ONNX (QDQ for int8) once
             sample_shape = list(val_x.shape[1:])
             shapes = {"min": [1, *sample_shape], "opt": [8, *sample_shape], "max": [64, *sample_shape]}
-            trt = {"precision": chosen.precision, "workspace_mb": 1024, "shapes": {INPUT_NAME: shapes}}
+            trt = {"precision": chosen.precision, "workspace_mb": 1024, "shapes": {io[0]: shapes}}
             atomic_write_bytes(staging / "trt_build.json", canonical_json(trt))
         fields = {
             "name": options.name,
@@ -204,8 +210,8 @@ def _write_artifact(
             },
             "runtime": runtime,
             "precision": chosen.precision,
-            "inputs": [{"name": INPUT_NAME, "dtype": str(val_x.dtype), "shape": ["batch", *val_x.shape[1:]]}],
-            "outputs": [{"name": OUTPUT_NAME, "dtype": str(reference.dtype), "shape": ["batch", *reference.shape[1:]]}],
+            "inputs": [{"name": io[0], "dtype": str(val_x.dtype), "shape": ["batch", *val_x.shape[1:]]}],
+            "outputs": [{"name": io[1], "dtype": str(reference.dtype), "shape": ["batch", *reference.shape[1:]]}],
             "source_sha256": hashlib.sha256(fp32.read_bytes()).hexdigest(),
             "created_at": format_time(now),
             "expires_at": format_time(now + timedelta(days=options.expires_days)),

@@ -37,7 +37,10 @@ def load_factory(spec: str) -> Any:
         raise
     except Exception as exc:
         raise SourceError(f"source {spec!r} could not be loaded: {exc}") from exc
-    return factory()
+    try:
+        return factory()
+    except Exception as exc:
+        raise SourceError(f"source {spec!r}: the factory raised {type(exc).__name__}: {exc}") from exc
 
 
 def load_npz(path: str | Path, role: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -54,6 +57,48 @@ def load_npz(path: str | Path, role: str) -> tuple[np.ndarray, np.ndarray | None
     if x.ndim < 1 or len(x) == 0:
         raise DataError(f"--{role} {path}: 'x' is empty")
     return x.astype(np.float32) if x.dtype == np.float64 else x, data.get("y")
+
+
+def export_source(source: str, example: np.ndarray, out: Path) -> None:
+    """fp32 ONNX from an ONNX file (copied after a check), a torch.export program (``.pt2``), or a
+    PyTorch factory (``file.py:factory`` / ``module:factory``). Single-input models."""
+    if source.endswith(".onnx"):
+        _copy_onnx(Path(source), out)
+    elif source.endswith(".pt2"):
+        _export_program(Path(source), example, out)
+    else:
+        export_onnx(load_factory(source), example, out)
+
+
+def _copy_onnx(path: Path, out: Path) -> None:
+    try:
+        import onnx
+
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except FileNotFoundError:
+        raise SourceError(f"source {path}: file not found") from None
+    except Exception as exc:
+        raise SourceError(f"source {path} is not a valid ONNX model: {exc}") from exc
+    initializers = {i.name for i in model.graph.initializer}
+    if len([i for i in model.graph.input if i.name not in initializers]) != 1:
+        raise SourceError(f"source {path}: the compiler handles single-input models; this one has several inputs")
+    onnx.save(model, str(out))
+
+
+def _export_program(path: Path, example: np.ndarray, out: Path) -> None:
+    try:
+        import torch
+
+        program = torch.export.load(str(path))
+        sample = torch.from_numpy(np.ascontiguousarray(example[:2]))
+        torch.onnx.export(program, (sample,), str(out), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamo=True)  # fmt: skip
+    except ImportError:
+        raise SourceError("exporting .pt2 programs needs torch: pip install 'edgefed[compiler]'") from None
+    except Exception as exc:
+        raise SourceError(f"source {path}: ONNX export of the torch.export program failed: {exc}. Export it "
+                          "with a dynamic batch axis and an example batch of 2 or more") from exc  # fmt: skip
 
 
 def export_onnx(module: Any, example: np.ndarray, out: Path) -> None:

@@ -11,8 +11,6 @@ from typing import Any
 
 import numpy as np
 
-from model_compiler.sources import INPUT_NAME
-
 
 @dataclass(frozen=True)
 class GateResult:
@@ -43,12 +41,18 @@ KINDS = (*INT8_LADDER, "int8-dynamic", "fp16", "fp32")
 class _Calibration:
     """ONNX Runtime CalibrationDataReader over an array of samples."""
 
-    def __init__(self, x: np.ndarray, batch: int = 32) -> None:
+    def __init__(self, x: np.ndarray, name: str, batch: int = 32) -> None:
+        self.name = name
         self._batches: Iterator[np.ndarray] = iter([x[i : i + batch] for i in range(0, len(x), batch)])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         batch = next(self._batches, None)
-        return None if batch is None else {INPUT_NAME: batch}
+        return None if batch is None else {self.name: batch}
+
+
+def input_name(path: Path) -> str:
+    """The model's (single) input name."""
+    return str(session(path).get_inputs()[0].name)
 
 
 def _weighted_nodes(model_path: Path) -> list[str]:
@@ -69,7 +73,8 @@ def quantize_int8_static(fp32: Path, out: Path, calib: np.ndarray, per_channel: 
     quant_pre_process(str(fp32), str(prepared))
     weighted = _weighted_nodes(prepared)
     quantize_static(
-        str(prepared), str(out), _Calibration(calib), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+        str(prepared), str(out), _Calibration(calib, input_name(prepared)), quant_format=QuantFormat.QDQ,
+        per_channel=per_channel,
         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
         nodes_to_exclude=[weighted[0], weighted[-1]] if exclude_ends and len(weighted) > 2 else [],
     )  # fmt: skip
@@ -114,7 +119,8 @@ def session(path: Path, threads: int = 0) -> Any:
 
 def predict(path: Path, x: np.ndarray, batch: int = 256) -> np.ndarray:
     sess = session(path)
-    return np.concatenate([sess.run(None, {INPUT_NAME: x[i : i + batch]})[0] for i in range(0, len(x), batch)])
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)])
 
 
 def gate(metric: str, tolerance: float, reference: np.ndarray, candidate: np.ndarray) -> GateResult:
@@ -136,7 +142,7 @@ def gate(metric: str, tolerance: float, reference: np.ndarray, candidate: np.nda
 def median_latency_ms(path: Path, sample: np.ndarray, repeats: int = 30, threads: int = 0) -> float:
     """Median wall time of one call on ``sample`` after warm-up."""
     sess = session(path, threads)
-    feed = {INPUT_NAME: sample}
+    feed = {sess.get_inputs()[0].name: sample}
     for _ in range(5):
         sess.run(None, feed)
     times = []
