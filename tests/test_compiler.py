@@ -83,7 +83,7 @@ def test_bad_input_is_named_and_leaves_nothing(
     with pytest.raises(SourceError, match="weights missing"):
         compile_to(out, f"{broken}:factory", trained, keys, ["x86-64-generic"])
     assert no_leftovers(out)
-    with pytest.raises(SourceError, match="file.py:factory"):
+    with pytest.raises(SourceError, match=r"file\.py:factory"):
         compile_to(out, "no-colon-here", trained, keys, ["x86-64-generic"])
     with pytest.raises(ProfileError, match="unknown profile"):
         compile_to(out, DIGITS, trained, keys, ["pdp-11"])
