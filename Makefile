@@ -41,6 +41,7 @@ bench-venv:
 	$(PYTHON) -m venv .bench-venv && .bench-venv/bin/pip install --quiet kserve==0.21.0 onnxruntime numpy
 
 bench: $(STAMP)
+	$(BIN)/python bench/compiler.py
 	$(BIN)/python bench/sdk_overhead.py
 	$(BIN)/python bench/cloud.py
 	$(BIN)/python bench/failover.py

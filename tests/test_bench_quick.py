@@ -19,6 +19,7 @@ REQUIRED_KEYS = {
     ),
     "failover": ("local_fail_to_cloud_p99_ms", "cloud_dead_overrun_p99_ms", "breaker_recovery_speedup"),
     "fanout": ("fanout_s", "hub_egress_ratio", "fanout_speedup", "retransfer_ratio"),
+    "compiler": ("int8_size_ratio", "int8_latency_ratio", "top1_agreement", "minilm_cosine", "minilm_speedup"),
 }
 BENCHES = sorted(p for p in (Path(__file__).resolve().parents[1] / "bench").glob("*.py") if "--quick" in p.read_text())
 
