@@ -21,7 +21,8 @@ from edge_agent.protocol.atomic import atomic_write_bytes, publish_dir
 from edge_agent.protocol.canonical import canonical_json
 from edge_agent.protocol.manifest import format_time
 from edge_agent.protocol.signing import load_private_key
-from model_compiler.errors import CompileError, DataError, GateFailed
+from model_compiler.data import ONNX_DTYPES, Feeds, as_feeds, take
+from model_compiler.errors import CompileError, GateFailed
 from model_compiler.reference import reference_distribution
 from model_compiler.sources import export_source
 from model_compiler.variants import INT8_LADDER, Variant, build, gate, median_latency_ms, predict, session
@@ -82,14 +83,6 @@ def _candidates(profile: DeviceProfile) -> list[str]:
     return [*kinds, "fp32"]
 
 
-def _check_data(x: np.ndarray, example_shape: tuple[int, ...], role: str) -> None:
-    if tuple(x.shape[1:]) != example_shape:
-        raise DataError(
-            f"--{role}: samples are shaped {list(x.shape[1:])}, the model takes {list(example_shape)}; "
-            "pass data with the same per-sample shape as the calibration data"
-        )
-
-
 def _choose(variants: list[Variant]) -> tuple[Variant, str]:
     """The fastest variant that passed its gate; never one slower than fp32."""
     passed = [v for v in variants if v.gate.passed]
@@ -100,9 +93,14 @@ def _choose(variants: list[Variant]) -> tuple[Variant, str]:
     return best, f"{best.kind}: fastest passing variant ({best.latency_ms:.3f} ms vs fp32 {fp32.latency_ms:.3f} ms)"
 
 
-def _io_names(path: Path) -> tuple[str, str]:
-    sess = session(path)
-    return str(sess.get_inputs()[0].name), str(sess.get_outputs()[0].name)
+def _specs(tensors: Any) -> list[dict[str, Any]]:
+    """Manifest tensor specs from ONNX Runtime's: a dynamic dimension keeps its name ("batch" first)."""
+    specs = []
+    for t in tensors:
+        shape = [d if isinstance(d, int) else ("batch" if axis == 0 else str(d or f"dim{axis}"))
+                 for axis, d in enumerate(t.shape)]  # fmt: skip
+        specs.append({"name": t.name, "dtype": ONNX_DTYPES.get(t.type, "float32"), "shape": shape})
+    return specs
 
 
 def _attempt(variant: Variant, note: str) -> dict[str, Any]:
@@ -113,8 +111,8 @@ def _attempt(variant: Variant, note: str) -> dict[str, Any]:
 def compile_model(
     source: str,
     profiles: list[str],
-    calib: tuple[np.ndarray, Any],
-    val: tuple[np.ndarray, Any],
+    calib: tuple[np.ndarray | Feeds, Any],
+    val: tuple[np.ndarray | Feeds, Any],
     out_dir: Path,
     options: CompileOptions,
     progress: Callable[[str], None] = lambda _: None,
@@ -122,8 +120,6 @@ def compile_model(
     """Export, quantize, gate, time, and write one signed artifact per profile into ``out_dir``."""
     resolved = [get_profile(p) for p in profiles]
     key = load_private_key(options.key_path)
-    calib_x, val_x = calib[0], val[0]
-    _check_data(val_x, tuple(calib_x.shape[1:]), "val")
     out_dir.mkdir(parents=True, exist_ok=True)
     metric = options.metric
     tolerance = options.tolerance if options.tolerance is not None else DEFAULT_TOLERANCE.get(metric, 0.01)
@@ -131,9 +127,11 @@ def compile_model(
     try:
         progress("exporting fp32 ONNX")
         fp32 = work / "fp32.onnx"
-        export_source(source, calib_x, fp32)
+        export_source(source, calib[0], fp32)
+        model = session(fp32)
+        calib_x, val_x = as_feeds(calib[0], model, "calib"), as_feeds(val[0], model, "val")
         reference = predict(fp32, val_x)
-        sample = val_x[: options.latency_batch]
+        sample = take(val_x, 0, options.latency_batch)
         built: dict[str, Variant] = {}
         reports = []
         for profile in resolved:
@@ -159,8 +157,8 @@ def compile_model(
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _variant(kind: str, fp32: Path, work: Path, calib_x: np.ndarray, val_x: np.ndarray, reference: np.ndarray,
-             metric: str, tolerance: float, sample: np.ndarray,
+def _variant(kind: str, fp32: Path, work: Path, calib_x: Feeds, val_x: Feeds, reference: np.ndarray,
+             metric: str, tolerance: float, sample: Feeds,
              progress: Callable[[str], None]) -> Variant:  # fmt: skip
     progress(f"building and validating {kind}")
     path = build(kind, fp32, work / f"{kind}.onnx", calib_x)
@@ -174,7 +172,7 @@ def _write_artifact(
     reason: str,
     attempts: list[dict[str, Any]],
     fp32: Path,
-    val_x: np.ndarray,
+    val_x: Feeds,
     reference: np.ndarray,
     out_dir: Path,
     options: CompileOptions,
@@ -187,14 +185,15 @@ def _write_artifact(
     staging.chmod(0o755)
     try:
         shutil.copyfile(chosen.path, staging / "model.onnx")
-        atomic_write_bytes(staging / "reference.json", canonical_json(reference_distribution(val_x, reference)))
+        model = session(chosen.path)
+        outputs = {model.get_outputs()[0].name: reference}
+        atomic_write_bytes(staging / "reference.json", canonical_json(reference_distribution(val_x, outputs)))
         now = datetime.now(UTC)
         runtime = _target_runtime(profile)
-        io = _io_names(chosen.path)
         if runtime == "tensorrt":  # the device builds the engine from this ONNX (QDQ for int8) once
-            sample_shape = list(val_x.shape[1:])
-            shapes = {"min": [1, *sample_shape], "opt": [8, *sample_shape], "max": [64, *sample_shape]}
-            trt = {"precision": chosen.precision, "workspace_mb": 1024, "shapes": {io[0]: shapes}}
+            shapes = {name: {"min": [1, *a.shape[1:]], "opt": [8, *a.shape[1:]], "max": [64, *a.shape[1:]]}
+                      for name, a in val_x.items()}  # fmt: skip
+            trt = {"precision": chosen.precision, "workspace_mb": 1024, "shapes": shapes}
             atomic_write_bytes(staging / "trt_build.json", canonical_json(trt))
         fields = {
             "name": options.name,
@@ -210,8 +209,8 @@ def _write_artifact(
             },
             "runtime": runtime,
             "precision": chosen.precision,
-            "inputs": [{"name": io[0], "dtype": str(val_x.dtype), "shape": ["batch", *val_x.shape[1:]]}],
-            "outputs": [{"name": io[1], "dtype": str(reference.dtype), "shape": ["batch", *reference.shape[1:]]}],
+            "inputs": _specs(model.get_inputs()),
+            "outputs": _specs(model.get_outputs()),
             "source_sha256": hashlib.sha256(fp32.read_bytes()).hexdigest(),
             "created_at": format_time(now),
             "expires_at": format_time(now + timedelta(days=options.expires_days)),

@@ -18,18 +18,19 @@ def histogram(values: np.ndarray, bins: int = BINS) -> dict[str, Any]:
     return {"edges": [round(float(e), 6) for e in edges], "counts": [int(c) for c in counts]}
 
 
-def reference_distribution(x: np.ndarray, outputs: np.ndarray) -> dict[str, Any]:
-    """Per-tensor histograms plus mean/std (a summary per tensor, not per feature, for now)."""
+def reference_distribution(inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Per-tensor histograms plus mean/std, keyed by the model's tensor names (a summary per tensor, not
+    per feature, for now), and the top-1 class counts of a classifier's output."""
 
     def summary(values: np.ndarray) -> dict[str, Any]:
+        values = values.astype(np.float64)
         return {"mean": float(values.mean()), "std": float(values.std()), "histogram": histogram(values)}
 
+    first = next(iter(outputs.values()))
     return {
         "schema": "edgefed.reference/1",
-        "samples": len(x),
-        "inputs": {"input": summary(x)},
-        "outputs": {
-            "output": summary(outputs),
-            "top1": [int(c) for c in np.bincount(outputs.reshape(len(outputs), -1).argmax(1))],
-        },
+        "samples": len(first),
+        "inputs": {name: summary(a) for name, a in inputs.items()},
+        "outputs": {name: summary(a) for name, a in outputs.items()},
+        "top1": [int(c) for c in np.bincount(first.reshape(len(first), -1).argmax(1))],
     }

@@ -43,28 +43,29 @@ def load_factory(spec: str) -> Any:
         raise SourceError(f"source {spec!r}: the factory raised {type(exc).__name__}: {exc}") from exc
 
 
-def load_npz(path: str | Path, role: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """An ``.npz`` with array ``x`` (inputs) and optionally ``y`` (labels)."""
+def load_npz(path: str | Path, role: str) -> tuple[np.ndarray | dict[str, np.ndarray], np.ndarray | None]:
+    """An ``.npz`` with array ``x`` (a single-input model) or one array per input name (e.g. input_ids and
+    attention_mask), and optionally ``y`` (labels)."""
     try:
         data = np.load(path)
     except (OSError, ValueError) as exc:
         raise DataError(f"--{role} {path}: cannot read ({exc}); pass an .npz file with an array 'x'") from None
-    if "x" not in data:
-        raise DataError(
-            f"--{role} {path}: no array named 'x' (found {sorted(data.files)}); save it as np.savez(f, x=...)"
-        )
-    x = data["x"]
-    if x.ndim < 1 or len(x) == 0:
-        raise DataError(f"--{role} {path}: 'x' is empty")
-    return x.astype(np.float32) if x.dtype == np.float64 else x, data.get("y")
+    arrays = {k: data[k] for k in data.files if k != "y"}
+    if not arrays or any(a.ndim < 1 or len(a) == 0 for a in arrays.values()):
+        raise DataError(f"--{role} {path}: no inputs (found {sorted(data.files)}); save them as np.savez(f, x=...)")
+    arrays = {k: a.astype(np.float32) if a.dtype == np.float64 else a for k, a in arrays.items()}
+    return (arrays["x"] if set(arrays) == {"x"} else arrays), data.get("y")
 
 
-def export_source(source: str, example: np.ndarray, out: Path) -> None:
-    """fp32 ONNX from an ONNX file (copied after a check), a torch.export program (``.pt2``), or a
-    PyTorch factory (``file.py:factory`` / ``module:factory``). Single-input models."""
+def export_source(source: str, example: np.ndarray | dict[str, np.ndarray], out: Path) -> None:
+    """fp32 ONNX from an ONNX file (copied after a check), a torch.export program (``.pt2``, one input),
+    or a PyTorch factory (``file.py:factory`` / ``module:factory``; several inputs are passed
+    positionally in the data's order, named after its arrays)."""
     if source.endswith(".onnx"):
         _copy_onnx(Path(source), out)
     elif source.endswith(".pt2"):
+        if isinstance(example, dict):
+            raise DataError("a .pt2 program takes one input here: pass an .npz with an array 'x'")
         _export_program(Path(source), example, out)
     else:
         export_onnx(load_factory(source), example, out)
@@ -80,9 +81,6 @@ def _copy_onnx(path: Path, out: Path) -> None:
         raise SourceError(f"source {path}: file not found") from None
     except Exception as exc:
         raise SourceError(f"source {path} is not a valid ONNX model: {exc}") from exc
-    initializers = {i.name for i in model.graph.initializer}
-    if len([i for i in model.graph.input if i.name not in initializers]) != 1:
-        raise SourceError(f"source {path}: the compiler handles single-input models; this one has several inputs")
     onnx.save(model, str(out))
 
 
@@ -101,8 +99,9 @@ def _export_program(path: Path, example: np.ndarray, out: Path) -> None:
                           "with a dynamic batch axis and an example batch of 2 or more") from exc  # fmt: skip
 
 
-def export_onnx(module: Any, example: np.ndarray, out: Path) -> None:
-    """Export a torch module to ONNX with a dynamic batch axis (TorchScript exporter, opset 17)."""
+def export_onnx(module: Any, example: np.ndarray | dict[str, np.ndarray], out: Path) -> None:
+    """Export a torch module to ONNX (TorchScript exporter, opset 17): the batch axis is dynamic, and
+    so is every axis of integer inputs (token ids, masks: the sequence length varies)."""
     try:
         import torch
     except ImportError:
@@ -110,20 +109,18 @@ def export_onnx(module: Any, example: np.ndarray, out: Path) -> None:
     if not isinstance(module, torch.nn.Module):
         raise SourceError(f"the factory returned {type(module).__name__}, not a torch.nn.Module")
     module.eval()
-    sample = torch.from_numpy(np.ascontiguousarray(example[:1]))
+    named = example if isinstance(example, dict) else {INPUT_NAME: example}
+    samples = tuple(torch.from_numpy(np.ascontiguousarray(a[:2])) for a in named.values())
+    axes: dict[str, dict[int, str]] = {
+        name: ({i: f"{name}_{i}" for i in range(a.ndim)} | {0: "batch"}) if a.dtype.kind in "iu" else {0: "batch"}
+        for name, a in named.items()
+    }
     try:
         torch.onnx.export(
-            module,
-            (sample,),
-            str(out),
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            opset_version=17,
-            dynamo=False,
-        )
+            module, samples, str(out), input_names=list(named), output_names=[OUTPUT_NAME],
+            dynamic_axes={**axes, OUTPUT_NAME: {0: "batch"}}, opset_version=17, dynamo=False,
+        )  # fmt: skip
     except Exception as exc:
-        raise SourceError(
-            f"ONNX export failed: {exc}. Check that the model runs on an input shaped like "
-            f"{list(example.shape[1:])} and uses exportable operators"
-        ) from exc
+        shapes = {name: list(a.shape[1:]) for name, a in named.items()}
+        raise SourceError(f"ONNX export failed: {exc}. Check that the model runs on inputs shaped like {shapes} "
+                          "and uses exportable operators") from exc  # fmt: skip

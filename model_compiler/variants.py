@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from model_compiler.data import Feeds, rows, take
+
 
 @dataclass(frozen=True)
 class GateResult:
@@ -39,20 +41,14 @@ KINDS = (*INT8_LADDER, "int8-dynamic", "fp16", "fp32")
 
 
 class _Calibration:
-    """ONNX Runtime CalibrationDataReader over an array of samples."""
+    """ONNX Runtime CalibrationDataReader over named input arrays."""
 
-    def __init__(self, x: np.ndarray, name: str, batch: int = 32) -> None:
-        self.name = name
-        self._batches: Iterator[np.ndarray] = iter([x[i : i + batch] for i in range(0, len(x), batch)])
+    def __init__(self, feeds: Feeds, batch: int = 32) -> None:
+        total = rows(feeds)
+        self._batches: Iterator[Feeds] = iter([take(feeds, i, i + batch) for i in range(0, total, batch)])
 
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        batch = next(self._batches, None)
-        return None if batch is None else {self.name: batch}
-
-
-def input_name(path: Path) -> str:
-    """The model's (single) input name."""
-    return str(session(path).get_inputs()[0].name)
+    def get_next(self) -> Feeds | None:
+        return next(self._batches, None)
 
 
 def _weighted_nodes(model_path: Path) -> list[str]:
@@ -62,7 +58,7 @@ def _weighted_nodes(model_path: Path) -> list[str]:
     return [n.name for n in graph.node if n.op_type in ("Conv", "MatMul", "Gemm", "ConvTranspose") and n.name]
 
 
-def quantize_int8_static(fp32: Path, out: Path, calib: np.ndarray, per_channel: bool = True,
+def quantize_int8_static(fp32: Path, out: Path, calib: Feeds, per_channel: bool = True,
                          exclude_ends: bool = False) -> None:  # fmt: skip
     """Static int8 in QDQ format (QOperator and dynamic int8 measured 3-9x slower on CPU here);
     ``exclude_ends`` keeps the first and last weighted layers in float, usually the most sensitive."""
@@ -73,7 +69,7 @@ def quantize_int8_static(fp32: Path, out: Path, calib: np.ndarray, per_channel: 
     quant_pre_process(str(fp32), str(prepared))
     weighted = _weighted_nodes(prepared)
     quantize_static(
-        str(prepared), str(out), _Calibration(calib, input_name(prepared)), quant_format=QuantFormat.QDQ,
+        str(prepared), str(out), _Calibration(calib), quant_format=QuantFormat.QDQ,
         per_channel=per_channel,
         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
         nodes_to_exclude=[weighted[0], weighted[-1]] if exclude_ends and len(weighted) > 2 else [],
@@ -96,7 +92,7 @@ def convert_fp16(fp32: Path, out: Path) -> None:
     onnx.save(convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True), str(out))
 
 
-def build(kind: str, fp32: Path, out: Path, calib: np.ndarray) -> Path:
+def build(kind: str, fp32: Path, out: Path, calib: Feeds) -> Path:
     """Write the ``kind`` variant of ``fp32`` to ``out`` (fp32 itself is returned as is)."""
     if kind == "fp32":
         return fp32
@@ -117,10 +113,10 @@ def session(path: Path, threads: int = 0) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def predict(path: Path, x: np.ndarray, batch: int = 256) -> np.ndarray:
+def predict(path: Path, feeds: Feeds, batch: int = 256) -> np.ndarray:
+    """The first output over all rows, ``batch`` rows per run."""
     sess = session(path)
-    name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)])
+    return np.concatenate([sess.run(None, take(feeds, i, i + batch))[0] for i in range(0, rows(feeds), batch)])
 
 
 def gate(metric: str, tolerance: float, reference: np.ndarray, candidate: np.ndarray) -> GateResult:
@@ -139,10 +135,9 @@ def gate(metric: str, tolerance: float, reference: np.ndarray, candidate: np.nda
     raise ValueError(f"unknown metric {metric!r}; use top1, cosine or max_abs")
 
 
-def median_latency_ms(path: Path, sample: np.ndarray, repeats: int = 30, threads: int = 0) -> float:
-    """Median wall time of one call on ``sample`` after warm-up."""
+def median_latency_ms(path: Path, feed: Feeds, repeats: int = 30, threads: int = 0) -> float:
+    """Median wall time of one call on ``feed`` after warm-up."""
     sess = session(path, threads)
-    feed = {sess.get_inputs()[0].name: sample}
     for _ in range(5):
         sess.run(None, feed)
     times = []

@@ -88,7 +88,7 @@ def test_bad_input_is_named_and_leaves_nothing(
     with pytest.raises(ProfileError, match="unknown profile"):
         compile_to(out, DIGITS, trained, keys, ["pdp-11"])
     wrong = dict(trained, val=(np.zeros((10, 1, 4, 4), np.float32), None))
-    with pytest.raises(DataError, match=r"\[1, 4, 4\].*\[1, 8, 8\]"):
+    with pytest.raises(DataError, match=r"val.*\[10, 1, 4, 4\].*1, 8, 8\]"):
         compile_to(out, DIGITS, wrong, keys, ["x86-64-generic"])
     (tmp_path / "not.onnx").write_bytes(b"garbage")
     with pytest.raises(SourceError, match="not a valid ONNX"):
