@@ -25,7 +25,18 @@ from model_compiler.data import ONNX_DTYPES, Feeds, as_feeds, take
 from model_compiler.errors import CompileError, GateFailed
 from model_compiler.reference import reference_distribution
 from model_compiler.sources import export_source
-from model_compiler.variants import INT8_LADDER, Variant, build, gate, median_latency_ms, predict, session
+from model_compiler.tflite import TFLITE_KINDS, export_tflite, latency_tflite_ms, predict_tflite, quantize_tflite
+from model_compiler.variants import (
+    DYNAMIC_LADDER,
+    INT8_LADDER,
+    Variant,
+    build,
+    gate,
+    median_latency_ms,
+    predict,
+    sensitive_nodes,
+    session,
+)
 
 DEFAULT_TOLERANCE = {"top1": 0.01, "cosine": 0.01, "max_abs": 1e-3}
 
@@ -63,21 +74,20 @@ def _tool_versions() -> dict[str, str]:
 
 
 def _target_runtime(profile: DeviceProfile) -> str:
-    """The first runtime of the profile this compiler can emit for: TensorRT (ONNX + build config) or ORT."""
+    """The profile's preferred runtime: TFLite (LiteRT), TensorRT (ONNX + build config) or ONNX Runtime."""
     for runtime in profile.runtimes:
-        if runtime == "tensorrt" or runtime.startswith("onnxruntime"):
+        if runtime in ("tflite", "tensorrt") or runtime.startswith("onnxruntime"):
             return runtime
-    raise CompileError(
-        f"profile {profile.id} runs only {list(profile.runtimes)}; TFLite export is not built yet (issue 3) - "
-        "compile for a profile that lists onnxruntime, or add it to your profile's runtimes"
-    )
+    raise CompileError(f"profile {profile.id} lists no runtime this compiler emits for: {list(profile.runtimes)}")
 
 
 def _candidates(profile: DeviceProfile) -> list[str]:
-    """Variant kinds a profile may run, the int8 back-off ladder first."""
+    """Variant kinds a profile may run, the int8 back-off ladders first."""
+    if _target_runtime(profile) == "tflite":
+        return [*(["tflite-int8"] if "int8" in profile.precisions else []), "tflite-fp32"]
     kinds: list[str] = []
     if "int8" in profile.precisions:
-        kinds += [*INT8_LADDER, "int8-dynamic"]
+        kinds += [*INT8_LADDER, *DYNAMIC_LADDER]
     if "fp16" in profile.precisions:
         kinds.append("fp16")
     return [*kinds, "fp32"]
@@ -89,15 +99,16 @@ def _choose(variants: list[Variant]) -> tuple[Variant, str]:
     if not passed:
         raise GateFailed("no variant passed the accuracy gate, not even fp32; check the metric and tolerance")
     best = min(passed, key=lambda v: v.latency_ms)
-    fp32 = next(v for v in variants if v.kind == "fp32")
+    fp32 = next(v for v in variants if v.kind.endswith("fp32"))
     return best, f"{best.kind}: fastest passing variant ({best.latency_ms:.3f} ms vs fp32 {fp32.latency_ms:.3f} ms)"
 
 
-def _specs(tensors: Any) -> list[dict[str, Any]]:
-    """Manifest tensor specs from ONNX Runtime's: a dynamic dimension keeps its name ("batch" first)."""
+def _specs(tensors: Any, batch_of_one: bool = False) -> list[dict[str, Any]]:
+    """Manifest tensor specs from ONNX Runtime's: a dynamic dimension keeps its name ("batch" first);
+    ``batch_of_one`` pins the batch to 1 (TFLite artifacts)."""
     specs = []
     for t in tensors:
-        shape = [d if isinstance(d, int) else ("batch" if axis == 0 else str(d or f"dim{axis}"))
+        shape = [d if isinstance(d, int) else (1 if batch_of_one else "batch") if axis == 0 else str(d or f"dim{axis}")
                  for axis, d in enumerate(t.shape)]  # fmt: skip
         specs.append({"name": t.name, "dtype": ONNX_DTYPES.get(t.type, "float32"), "shape": shape})
     return specs
@@ -136,16 +147,25 @@ def compile_model(
         reports = []
         for profile in resolved:
             variants, attempts = [], []
-            ladder_passed = False
+            passed_ladders: set[tuple[str, ...]] = set()
             for kind in _candidates(profile):
-                if kind in INT8_LADDER and ladder_passed:
-                    continue  # a less aggressive int8 step is only a back-off
-                variant = built.get(kind) or _variant(kind, fp32, work, calib_x, val_x, reference, metric,
-                                                      tolerance, sample, progress)  # fmt: skip
+                ladder = INT8_LADDER if kind in INT8_LADDER else DYNAMIC_LADDER if kind in DYNAMIC_LADDER else ()
+                if ladder in passed_ladders:
+                    continue  # a less aggressive step of a ladder is only a back-off
+                try:
+                    variant = built.get(kind) or _variant(kind, fp32, work, calib_x, val_x, reference, metric,
+                                                          tolerance, sample, progress, source)  # fmt: skip
+                except Exception as exc:  # a variant that cannot be built is an attempt that failed
+                    if kind == "fp32":
+                        raise
+                    attempts.append({"kind": kind, "precision": kind.split("-")[0], "passed": False,
+                                     "note": f"could not be built: {type(exc).__name__}: {exc}"[:300]})  # fmt: skip
+                    continue
                 built[kind] = variant
                 variants.append(variant)
-                ladder_passed |= kind in INT8_LADDER and variant.gate.passed
-                failed = kind in INT8_LADDER and not variant.gate.passed
+                if ladder and variant.gate.passed:
+                    passed_ladders.add(ladder)
+                failed = bool(ladder) and not variant.gate.passed
                 attempts.append(_attempt(variant, "failed the gate: backing off" if failed else ""))
             chosen, reason = _choose(variants)
             progress(f"{profile.id}: {reason}")
@@ -158,12 +178,31 @@ def compile_model(
 
 
 def _variant(kind: str, fp32: Path, work: Path, calib_x: Feeds, val_x: Feeds, reference: np.ndarray,
-             metric: str, tolerance: float, sample: Feeds,
-             progress: Callable[[str], None]) -> Variant:  # fmt: skip
+             metric: str, tolerance: float, sample: Feeds, progress: Callable[[str], None],
+             source: str) -> Variant:  # fmt: skip
     progress(f"building and validating {kind}")
-    path = build(kind, fp32, work / f"{kind}.onnx", calib_x)
+    if kind in TFLITE_KINDS:
+        return _tflite_variant(kind, work, calib_x, val_x, reference, metric, tolerance, sample, source)
+    exclude = None
+    if kind == "int8-dynamic-excluding-sensitive":
+        progress("measuring which layers are most sensitive to int8")
+        exclude = sensitive_nodes(fp32, work, val_x, reference, metric, tolerance)
+    path = build(kind, fp32, work / f"{kind}.onnx", calib_x, exclude)
     result = gate(metric, tolerance, reference, predict(path, val_x))
     return Variant(kind, path, path.stat().st_size, result, median_latency_ms(path, sample))
+
+
+def _tflite_variant(kind: str, work: Path, calib_x: Feeds, val_x: Feeds, reference: np.ndarray, metric: str,
+                    tolerance: float, sample: Feeds, source: str) -> Variant:  # fmt: skip
+    fp32 = work / "tflite-fp32.tflite"
+    if not fp32.exists():
+        export_tflite(source, calib_x, fp32)
+    path = fp32
+    if kind == "tflite-int8":
+        path = work / "tflite-int8.tflite"
+        quantize_tflite(fp32, path)
+    result = gate(metric, tolerance, reference, predict_tflite(path, val_x))
+    return Variant(kind, path, path.stat().st_size, result, latency_tflite_ms(path, sample))
 
 
 def _write_artifact(
@@ -184,8 +223,8 @@ def _write_artifact(
     staging = Path(tempfile.mkdtemp(prefix=".artifact-", dir=out_dir))
     staging.chmod(0o755)
     try:
-        shutil.copyfile(chosen.path, staging / "model.onnx")
-        model = session(chosen.path)
+        shutil.copyfile(chosen.path, staging / ("model.tflite" if chosen.kind in TFLITE_KINDS else "model.onnx"))
+        model = session(fp32)  # tensor names and types: the same model
         outputs = {model.get_outputs()[0].name: reference}
         atomic_write_bytes(staging / "reference.json", canonical_json(reference_distribution(val_x, outputs)))
         now = datetime.now(UTC)
@@ -209,8 +248,8 @@ def _write_artifact(
             },
             "runtime": runtime,
             "precision": chosen.precision,
-            "inputs": _specs(model.get_inputs()),
-            "outputs": _specs(model.get_outputs()),
+            "inputs": _specs(model.get_inputs(), chosen.kind in TFLITE_KINDS),
+            "outputs": _specs(model.get_outputs(), chosen.kind in TFLITE_KINDS),
             "source_sha256": hashlib.sha256(fp32.read_bytes()).hexdigest(),
             "created_at": format_time(now),
             "expires_at": format_time(now + timedelta(days=options.expires_days)),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 from collections.abc import Iterator
@@ -32,12 +33,13 @@ class Variant:
 
     @property
     def precision(self) -> str:
-        return self.kind.split("-")[0]
+        return self.kind.removeprefix("tflite-").split("-")[0]
 
 
 # The back-off ladder for int8, most aggressive first; then fp16 (where the profile runs it), then fp32.
 INT8_LADDER = ("int8-static", "int8-static-per-channel", "int8-static-per-channel-excluding-ends")
-KINDS = (*INT8_LADDER, "int8-dynamic", "fp16", "fp32")
+DYNAMIC_LADDER = ("int8-dynamic", "int8-dynamic-excluding-sensitive")
+KINDS = (*INT8_LADDER, *DYNAMIC_LADDER, "fp16", "fp32")
 
 
 class _Calibration:
@@ -66,7 +68,10 @@ def quantize_int8_static(fp32: Path, out: Path, calib: Feeds, per_channel: bool 
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prepared = out.with_suffix(".pre.onnx")
-    quant_pre_process(str(fp32), str(prepared))
+    try:
+        quant_pre_process(str(fp32), str(prepared))
+    except Exception:  # symbolic shape inference gives up on some graphs (transformers): do without it
+        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
     weighted = _weighted_nodes(prepared)
     quantize_static(
         str(prepared), str(out), _Calibration(calib), quant_format=QuantFormat.QDQ,
@@ -77,11 +82,56 @@ def quantize_int8_static(fp32: Path, out: Path, calib: Feeds, per_channel: bool 
     prepared.unlink(missing_ok=True)
 
 
-def quantize_int8_dynamic(fp32: Path, out: Path) -> None:
+def quantize_int8_dynamic(fp32: Path, out: Path, exclude: list[str] | None = None) -> None:
     """Dynamic int8 (weights per channel, activations at run time): the fast one for transformers."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(fp32), str(out), per_channel=True, weight_type=QuantType.QInt8)
+    quantize_dynamic(str(fp32), str(out), per_channel=True, weight_type=QuantType.QInt8, nodes_to_exclude=exclude or [])
+
+
+def _role(node: str) -> str:
+    """A node's role across repeated blocks: 'layer.3/output/dense/MatMul' → 'layer.N/output/dense/MatMul'."""
+    return re.sub(r"\.\d+/", ".N/", node)
+
+
+def _minimal(fp32: Path, trial: Path, val: Feeds, reference: np.ndarray, metric: str, tolerance: float,
+             excluded: list[str]) -> list[str]:  # fmt: skip
+    """Quantize again, one at a time, the excluded nodes the gate does not need in float."""
+    needed = list(excluded)
+    for node in excluded:
+        candidate = [n for n in needed if n != node]
+        quantize_int8_dynamic(fp32, trial, candidate)
+        if gate(metric, tolerance, reference, predict(trial, val)).passed:
+            needed = candidate
+    return needed
+
+
+def sensitive_nodes(fp32: Path, work: Path, val: Feeds, reference: np.ndarray, metric: str, tolerance: float,
+                    max_roles: int = 2) -> list[str]:  # fmt: skip
+    """Measure which weighted nodes hurt most when quantized: group them by role (the same layer in
+    every block), try dynamic int8 with each role left in float, and keep the roles whose exclusion
+    helps most (greedily, up to ``max_roles``) until the gate passes."""
+    roles: dict[str, list[str]] = {}
+    for node in _weighted_nodes(fp32):
+        roles.setdefault(_role(node), []).append(node)
+    excluded: list[str] = []
+    for _ in range(max_roles):
+        best: tuple[float, str] | None = None
+        for role, nodes in roles.items():
+            if nodes[0] in excluded:
+                continue
+            trial = work / "sensitivity.onnx"
+            quantize_int8_dynamic(fp32, trial, excluded + nodes)
+            value = gate(metric, tolerance, reference, predict(trial, val))
+            score = -value.value if metric == "max_abs" else value.value
+            if best is None or score > best[0]:
+                best = (score, role)
+            if value.passed:
+                return _minimal(fp32, trial, val, reference, metric, tolerance, excluded + nodes)
+        if best is None:
+            break
+        excluded += roles[best[1]]
+    return excluded
 
 
 def convert_fp16(fp32: Path, out: Path) -> None:
@@ -92,14 +142,15 @@ def convert_fp16(fp32: Path, out: Path) -> None:
     onnx.save(convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True), str(out))
 
 
-def build(kind: str, fp32: Path, out: Path, calib: Feeds) -> Path:
-    """Write the ``kind`` variant of ``fp32`` to ``out`` (fp32 itself is returned as is)."""
+def build(kind: str, fp32: Path, out: Path, calib: Feeds, exclude: list[str] | None = None) -> Path:
+    """Write the ``kind`` variant of ``fp32`` to ``out`` (fp32 itself is returned as is); ``exclude``:
+    nodes a dynamic variant keeps in float."""
     if kind == "fp32":
         return fp32
     if kind == "fp16":
         convert_fp16(fp32, out)
-    elif kind == "int8-dynamic":
-        quantize_int8_dynamic(fp32, out)
+    elif kind.startswith("int8-dynamic"):
+        quantize_int8_dynamic(fp32, out, exclude)
     else:
         quantize_int8_static(fp32, out, calib, per_channel=kind != "int8-static", exclude_ends=kind.endswith("ends"))
     return out

@@ -94,3 +94,33 @@ def test_bad_input_is_named_and_leaves_nothing(
     with pytest.raises(SourceError, match="not a valid ONNX"):
         compile_to(out, str(tmp_path / "not.onnx"), trained, keys, ["x86-64-generic"])
     assert no_leftovers(out)
+
+
+def test_tflite_artifact_for_raspberry_pi_runs_in_litert(tmp_path: Path, trained: dict[str, Any],
+                                                         keys: tuple[Path, Path]) -> None:  # fmt: skip
+    from device_profiles import get_profile
+    from edge_agent import EdgeClient
+    from edge_agent.config import AgentConfig
+    from edge_agent.errors import InputMismatch
+    from edge_agent.protocol.signing import TrustStore
+    from edge_agent.store import ModelStore
+
+    report = compile_to(tmp_path / "pi", DIGITS, trained, keys, ["raspberry-pi-5"])[0]
+    assert report.chosen.startswith("tflite-") and all(a["kind"].startswith("tflite-") for a in report.variants)
+    artifact = Path(report.artifact)
+    assert (artifact / "model.tflite").exists() and not (artifact / "model.onnx").exists()
+    state = tmp_path / "pi-device"
+    (state / "trust").mkdir(parents=True)
+    shutil.copy(keys[1], state / "trust")
+    AgentConfig(device_id="pi", profile="raspberry-pi-5").save(state)
+    store = ModelStore(state / "models")
+    manifest = store.install(artifact, TrustStore.from_dir(state / "trust"), get_profile("raspberry-pi-5"))
+    store.activate(manifest.name, manifest.version)
+    x, y = trained["val"]
+    with EdgeClient(state, telemetry=False) as client:
+        predictions = [
+            int(client.infer("digits", {"input": x[i : i + 1]}).outputs["output"].argmax()) for i in range(100)
+        ]
+        with pytest.raises(InputMismatch):  # the converter fixed the batch at 1, and the manifest says so
+            client.infer("digits", {"input": x[:2]})
+    assert np.mean(np.array(predictions) == y[:100]) > 0.8

@@ -1,7 +1,8 @@
 """LiteRT / TFLite: ``ai_edge_litert`` when installed, else ``tflite_runtime``.
 
 An interpreter is not thread-safe, so calls are serialised by a lock; input shapes are resized on
-demand (dynamic batch)."""
+demand (dynamic batch). Converters name tensors their own way (``serving_default_args_0``), so the
+manifest's input and output names map to the interpreter's tensors by order."""
 
 from __future__ import annotations
 
@@ -33,9 +34,15 @@ class LiteRtSession:
         threads = min(profile.cpu_cores, os.cpu_count() or 1) if profile else None
         self.interpreter = load_interpreter_class()(model_path=str(directory / "model.tflite"), num_threads=threads)
         self.interpreter.allocate_tensors()
-        self.inputs = {d["name"]: d for d in self.interpreter.get_input_details()}
-        self.outputs = self.interpreter.get_output_details()
         self._lock = threading.Lock()
+        self._refresh()
+
+    def _refresh(self) -> None:
+        inputs = sorted(self.interpreter.get_input_details(), key=lambda d: d["index"])
+        outputs = sorted(self.interpreter.get_output_details(), key=lambda d: d["index"])
+        by_name = {d["name"]: d for d in inputs}
+        self.inputs = {s.name: by_name.get(s.name, d) for s, d in zip(self.manifest.inputs, inputs, strict=False)}
+        self.outputs = [(s.name, d) for s, d in zip(self.manifest.outputs, outputs, strict=False)]
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self._lock:
@@ -47,9 +54,8 @@ class LiteRtSession:
                     resized = True
             if resized:
                 self.interpreter.allocate_tensors()
-                self.inputs = {d["name"]: d for d in self.interpreter.get_input_details()}
-                self.outputs = self.interpreter.get_output_details()
+                self._refresh()
             for name, array in inputs.items():
                 self.interpreter.set_tensor(self.inputs[name]["index"], array)
             self.interpreter.invoke()
-            return {d["name"]: self.interpreter.get_tensor(d["index"]).copy() for d in self.outputs}
+            return {name: self.interpreter.get_tensor(d["index"]).copy() for name, d in self.outputs}
