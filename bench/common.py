@@ -68,7 +68,8 @@ def artifact(work: Path, name: str, make_model: Callable[[Path], None], input_sh
 
         x = np.random.default_rng(0).random((64, *input_shape[1:]), np.float32)
         outputs = ort.InferenceSession(str(directory / "model.onnx")).run(None, {"input": x})[0]
-        (directory / "reference.json").write_bytes(canonical_json(reference_distribution(x, outputs)))
+        summary = reference_distribution({"input": x}, {"output": outputs})
+        (directory / "reference.json").write_bytes(canonical_json(summary))
     now = datetime.now(UTC)
     seal(directory, {
         "name": name, "version": "1.0.0", "release": 1, "runtime": "onnxruntime", "precision": "fp32",
