@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -125,21 +126,58 @@ def serve_command(
 
 @models_app.command("add")
 def models_add(
-    path: Annotated[list[Path], typer.Argument(help="Artifact directories from model-compiler")],
+    path: Annotated[list[str], typer.Argument(help="Artifact directories; with --profile, model sources to compile")],
+    profile: Annotated[list[str] | None, typer.Option("--profile", "-p", help="Compile for this profile first")] = None,
+    calib: Annotated[Path | None, typer.Option(help="With --profile: calibration .npz")] = None,
+    val: Annotated[Path | None, typer.Option(help="With --profile: validation .npz")] = None,
+    name: Annotated[str | None, typer.Option(help="With --profile: model name")] = None,
+    version: Annotated[str | None, typer.Option(help="With --profile: model version")] = None,
+    key: Annotated[Path, typer.Option(help="With --profile: signing key")] = Path("keys/signing.key"),
+    metric: Annotated[str, typer.Option(help="With --profile: gate metric (top1, cosine, max_abs)")] = "top1",
     hub: HubUrl = None,
     token: Token = None,
     state_dir: StateDir = Path("hub-state"),
     as_json: AsJson = False,
 ) -> None:
-    """Upload signed artifacts to the hub (verified there before they are registered)."""
+    """Upload signed artifacts to the hub (verified there before they are registered). With --profile,
+    compile each source first, through the same Python API as `model-compiler compile`."""
+    directories = [Path(p) for p in path]
+    if profile:
+        directories = _compile(path, profile, calib, val, name, version, key, metric)
     client = _client(hub, token, state_dir)
     with Progress(*Progress.get_default_columns(), DownloadColumn(), console=err, transient=True) as progress:
         results = []
-        for directory in path:
+        for directory in directories:
             task = progress.add_task(f"upload {directory.name}", total=None)
             results.append(_run(lambda d=directory, t=task: client.add_artifact(
                 d, lambda done, total: progress.update(t, completed=done, total=total))))  # fmt: skip
     _show(results, ["name", "version", "profile", "precision", "artifact_id", "new"], as_json, "artifacts added")
+
+
+def _compile(sources: list[str], profiles: list[str], calib: Path | None, val: Path | None, name: str | None,
+             version: str | None, key: Path, metric: str) -> list[Path]:  # fmt: skip
+    missing = [flag for flag, value in (("--calib", calib), ("--val", val), ("--name", name), ("--version", version))
+               if value is None]  # fmt: skip
+    if missing:
+        err.print(f"[red]error:[/red] compiling with --profile also needs {', '.join(missing)}")
+        raise typer.Exit(2)
+    from model_compiler.cli import run_with_progress
+    from model_compiler.compile import CompileOptions
+    from model_compiler.errors import CompileError
+    from model_compiler.sources import load_npz
+
+    assert calib is not None and val is not None and name is not None and version is not None
+    out = Path(tempfile.mkdtemp(prefix="edgefed-compile-"))
+    options = CompileOptions(name=name, version=version, key_path=key, metric=metric)
+    try:
+        reports = []
+        for source in sources:
+            calib_data, val_data = load_npz(calib, "calib"), load_npz(val, "val")
+            reports += run_with_progress(source, profiles, calib_data, val_data, out / Path(source).stem, options)
+    except (CompileError, ValueError, OSError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    return [Path(r.artifact) for r in reports]
 
 
 @models_app.command("list")

@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from device_profiles import ProfileError
 from edge_agent.protocol.signing import generate_keypair
-from model_compiler.compile import CompileOptions, compile_model
+from model_compiler.compile import CompileOptions, ProfileReport, compile_model
 from model_compiler.errors import CompileError
 from model_compiler.sources import load_npz
 
@@ -32,10 +33,10 @@ def keygen(
 
 @app.command("compile")
 def compile_command(
-    source: Annotated[str, typer.Argument(help="PyTorch model factory: path/to/file.py:factory or module:factory")],
+    source: Annotated[str, typer.Argument(help="path/to/file.py:factory, module:factory, a .pt2 program or .onnx")],
     profile: Annotated[list[str], typer.Option("--profile", "-p", help="Target profile id; repeat for several")],
-    calib: Annotated[Path, typer.Option(help=".npz with calibration inputs 'x'")],
-    val: Annotated[Path, typer.Option(help=".npz with validation inputs 'x' (and labels 'y')")],
+    calib: Annotated[Path, typer.Option(help=".npz with calibration inputs: 'x', or one array per input")],
+    val: Annotated[Path, typer.Option(help=".npz with validation inputs ('x' or per input) and labels 'y'")],
     out: Annotated[Path, typer.Option(help="Output directory; one artifact directory per profile")],
     name: Annotated[str, typer.Option(help="Model name")],
     version: Annotated[str, typer.Option(help="Semantic version, e.g. 1.0.0")],
@@ -61,16 +62,7 @@ def compile_command(
         latency_batch=latency_batch,
     )
     try:
-        with console.status("compiling") as status:
-            reports = compile_model(
-                source,
-                profile,
-                load_npz(calib, "calib"),
-                load_npz(val, "val"),
-                out,
-                options,
-                progress=lambda msg: status.update(msg),
-            )
+        reports = run_with_progress(source, profile, load_npz(calib, "calib"), load_npz(val, "val"), out, options)
     except (CompileError, ProfileError, ValueError, OSError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
@@ -91,6 +83,27 @@ def compile_command(
     Console().print(table)
     for report in reports:
         Console().print(f"{report.profile}: {report.artifact} ({report.reason})")
+
+
+def run_with_progress(source: str, profiles: list[str], calib: Any, val: Any, out: Path,
+                      options: CompileOptions) -> list[ProfileReport]:  # fmt: skip
+    """compile_model with a progress bar over the profiles and the current step as its label."""
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("exporting", total=len(profiles))
+
+        def update(message: str) -> None:
+            progress.update(task, description=message[:70])
+            if any(message.startswith(f"{p}: ") for p in profiles):
+                progress.advance(task)
+
+        return compile_model(source, profiles, calib, val, out, options, progress=update)
 
 
 def main() -> None:

@@ -92,6 +92,9 @@ def test_enroll_then_deploy_to_groups_and_tags(hub: Hub, tmp_path: Path, keys: t
             client.deploy("gemm", "1.0.0", "group:nobody")
         with pytest.raises(HubError, match=r"400.*group:NAME"):
             client.deploy("gemm", "1.0.0", "fleet")
+        agents[2][0].stop_event.set()  # decommission dev-c, then forget it
+        agents[2][1].join(timeout=10)
+        wait_for("dev-c offline", lambda: client.request("GET", "/v1/devices/dev-c")["status"] == "offline")
         client.request("DELETE", "/v1/devices/dev-c")
         assert [d["device_id"] for d in client.request("GET", "/v1/devices")] == ["dev-a", "dev-b"]
         audit = [r[0] for r in hub.registry.db.execute("SELECT action FROM audit").fetchall()]  # type: ignore[attr-defined]
@@ -172,3 +175,25 @@ def test_deploy_refuses_an_artifact_over_the_profile_limit(
     hub.registry.upsert_device("box-1", profile="tiny-box")
     with pytest.raises(HubError, match=r"409.*over tiny-box's 1 MiB limit"):
         client.deploy("gemm", "1.0.0", "device:box-1")
+
+
+def test_models_add_compiles_through_the_compiler_api(
+    hub: Hub, tmp_path: Path, keys: tuple[Path, Path], digits_artifact: dict
+) -> None:
+    import numpy as np
+    from conftest import ROOT
+
+    from cloud_hub.cli import app as hub_cli
+
+    np.savez(tmp_path / "calib.npz", x=digits_artifact["x"][:128])
+    np.savez(tmp_path / "val.npz", x=digits_artifact["x"], y=digits_artifact["y"])
+    client = admin(hub)
+    result = CliRunner().invoke(hub_cli, [
+        "models", "add", f"{ROOT / 'examples/quickstart/digits.py'}:trained", "--profile", "x86-64-generic",
+        "--calib", str(tmp_path / "calib.npz"), "--val", str(tmp_path / "val.npz"), "--name", "digits",
+        "--version", "2.0.0", "--key", str(keys[0]), "--hub", client.url, "--token", client.token, "--json",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert [(m["name"], m["version"], m["profile"]) for m in client.request("GET", "/v1/models")] == [
+        ("digits", "2.0.0", "x86-64-generic")
+    ]
