@@ -16,7 +16,7 @@ from device_profiles import ProfileError
 from edge_agent.protocol.signing import generate_keypair
 from model_compiler.compile import CompileOptions, ProfileReport, compile_model
 from model_compiler.errors import CompileError
-from model_compiler.sources import load_npz
+from model_compiler.sources import load_data
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 console = Console(stderr=True)
@@ -35,8 +35,8 @@ def keygen(
 def compile_command(
     source: Annotated[str, typer.Argument(help="path/to/file.py:factory, module:factory, a .pt2 program or .onnx")],
     profile: Annotated[list[str], typer.Option("--profile", "-p", help="Target profile id; repeat for several")],
-    calib: Annotated[Path, typer.Option(help=".npz with calibration inputs: 'x', or one array per input")],
-    val: Annotated[Path, typer.Option(help=".npz with validation inputs ('x' or per input) and labels 'y'")],
+    calib: Annotated[str, typer.Option(help=".npz ('x', or one array per input) or file.py:fn yielding batches")],
+    val: Annotated[str, typer.Option(help="Validation data, like --calib (an .npz may add labels 'y')")],
     out: Annotated[Path, typer.Option(help="Output directory; one artifact directory per profile")],
     name: Annotated[str, typer.Option(help="Model name")],
     version: Annotated[str, typer.Option(help="Semantic version, e.g. 1.0.0")],
@@ -44,7 +44,9 @@ def compile_command(
         "keys/signing.key"
     ),
     release: Annotated[int, typer.Option(help="Release number; 0 = current Unix time (always increasing)")] = 0,
-    metric: Annotated[str, typer.Option(help="Accuracy gate metric: top1, cosine or max_abs")] = "top1",
+    metric: Annotated[
+        str, typer.Option(help="Gate metric: top1, cosine, max_abs, or file.py:fn (higher is better)")
+    ] = "top1",
     tolerance: Annotated[
         float | None, typer.Option(help="Allowed loss (top1/cosine: 1 - value; max_abs: value)")
     ] = None,
@@ -62,7 +64,7 @@ def compile_command(
         latency_batch=latency_batch,
     )
     try:
-        reports = run_with_progress(source, profile, load_npz(calib, "calib"), load_npz(val, "val"), out, options)
+        reports = run_with_progress(source, profile, load_data(calib, "calib"), load_data(val, "val"), out, options)
     except (CompileError, ProfileError, ValueError, OSError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None

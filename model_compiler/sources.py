@@ -15,16 +15,16 @@ from model_compiler.errors import DataError, SourceError
 INPUT_NAME, OUTPUT_NAME = "input", "output"
 
 
-def load_factory(spec: str) -> Any:
-    """``path/to/file.py:factory`` or ``package.module:factory`` → the object ``factory()`` returns."""
+def load_function(spec: str) -> Any:
+    """``path/to/file.py:name`` or ``package.module:name`` → that object (not called)."""
     target, sep, attr = spec.rpartition(":")
     if not sep or not target or not attr:
-        raise SourceError(f"source {spec!r}: write it as path/to/file.py:factory or module:factory")
+        raise SourceError(f"{spec!r}: write it as path/to/file.py:name or module:name")
     try:
         if target.endswith(".py"):
             path = Path(target)
             if not path.is_file():
-                raise SourceError(f"source {spec!r}: file {path} not found")
+                raise SourceError(f"{spec!r}: file {path} not found")
             module_spec = importlib.util.spec_from_file_location(f"_edgefed_src_{path.stem}", path)
             assert module_spec is not None and module_spec.loader is not None
             module = importlib.util.module_from_spec(module_spec)
@@ -32,15 +32,41 @@ def load_factory(spec: str) -> Any:
             module_spec.loader.exec_module(module)
         else:
             module = importlib.import_module(target)
-        factory = getattr(module, attr)
+        return getattr(module, attr)
     except SourceError:
         raise
     except Exception as exc:
-        raise SourceError(f"source {spec!r} could not be loaded: {exc}") from exc
+        raise SourceError(f"{spec!r} could not be loaded: {exc}") from exc
+
+
+def load_factory(spec: str) -> Any:
+    """``path/to/file.py:factory`` or ``package.module:factory`` → the object ``factory()`` returns."""
+    try:
+        factory = load_function(spec)
+    except SourceError as exc:
+        raise SourceError(f"source {exc}; a source is path/to/file.py:factory or module:factory") from None
     try:
         return factory()
     except Exception as exc:
         raise SourceError(f"source {spec!r}: the factory raised {type(exc).__name__}: {exc}") from exc
+
+
+def load_data(spec: str | Path, role: str) -> tuple[np.ndarray | dict[str, np.ndarray], np.ndarray | None]:
+    """``.npz`` (see load_npz) or ``file.py:function`` / ``module:function`` returning an iterable of
+    batches: arrays, or dicts of named arrays (several inputs); batches are joined along axis 0."""
+    text = str(spec)
+    if text.endswith(".npz") or ":" not in text:
+        return load_npz(text, role)
+    try:
+        batches = list(load_factory(text))
+    except SourceError as exc:
+        raise DataError(f"--{role} {text}: {exc}") from None
+    if not batches:
+        raise DataError(f"--{role} {text}: the callable yielded no batches")
+    if isinstance(batches[0], dict):
+        return {name: np.concatenate([np.asarray(b[name]) for b in batches]) for name in batches[0]}, None
+    joined = np.concatenate([np.asarray(b) for b in batches])
+    return (joined.astype(np.float32) if joined.dtype == np.float64 else joined), None
 
 
 def load_npz(path: str | Path, role: str) -> tuple[np.ndarray | dict[str, np.ndarray], np.ndarray | None]:

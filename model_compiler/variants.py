@@ -183,7 +183,12 @@ def gate(metric: str, tolerance: float, reference: np.ndarray, candidate: np.nda
     if metric == "max_abs":
         value = float(np.max(np.abs(ref - cand)))
         return GateResult(metric, value, tolerance, value <= tolerance)
-    raise ValueError(f"unknown metric {metric!r}; use top1, cosine or max_abs")
+    if ":" in metric:  # a user metric: fn(reference, candidate) -> score, higher is better, 1.0 = identical
+        from model_compiler.sources import load_function
+
+        value = float(load_function(metric)(reference, candidate))
+        return GateResult(metric, value, tolerance, value >= 1 - tolerance)
+    raise ValueError(f"unknown metric {metric!r}; use top1, cosine, max_abs or file.py:function")
 
 
 def median_latency_ms(path: Path, feed: Feeds, repeats: int = 30, threads: int = 0) -> float:
