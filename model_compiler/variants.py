@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import statistics
 import time
@@ -64,10 +65,17 @@ def quantize_int8_static(fp32: Path, out: Path, calib: Feeds, per_channel: bool 
                          exclude_ends: bool = False) -> None:  # fmt: skip
     """Static int8 in QDQ format (QOperator and dynamic int8 measured 3-9x slower on CPU here);
     ``exclude_ends`` keeps the first and last weighted layers in float, usually the most sensitive."""
+    fp32, out = fp32.resolve(), out.resolve()
+    prepared = out.with_suffix(".pre.onnx")
+    with contextlib.chdir(out.parent):  # ONNX Runtime's shape inference drops temporary files in the cwd
+        _quantize_static(fp32, prepared, out, calib, per_channel, exclude_ends)
+
+
+def _quantize_static(fp32: Path, prepared: Path, out: Path, calib: Feeds, per_channel: bool,
+                     exclude_ends: bool) -> None:  # fmt: skip
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    prepared = out.with_suffix(".pre.onnx")
     try:
         quant_pre_process(str(fp32), str(prepared))
     except Exception:  # symbolic shape inference gives up on some graphs (transformers): do without it
