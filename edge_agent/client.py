@@ -9,12 +9,10 @@ flight finish on the session they started with.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -22,6 +20,7 @@ from types import TracebackType
 import numpy as np
 
 from device_profiles import DeviceProfile, get_profile
+from edge_agent.cache import PredictionCache
 from edge_agent.cloud import CloudClient
 from edge_agent.config import AgentConfig, default_state_dir
 from edge_agent.errors import (
@@ -142,11 +141,7 @@ class EdgeClient:
         self._slots: dict[str, _Slot] = {}
         self._loaders: list[threading.Thread] = []
         self._lock = threading.Lock()
-        self._cache: OrderedDict[tuple[str, str, bytes], dict[str, np.ndarray]] | None = (
-            OrderedDict() if cache_size > 0 else None
-        )
-        self._cache_size = cache_size
-        self._cache_lock = threading.Lock()
+        self._cache = PredictionCache(cache_size) if cache_size > 0 else None
 
     def _config(self) -> AgentConfig | None:
         try:
@@ -258,9 +253,10 @@ class EdgeClient:
             self._record(model, version, "local", start, False)
             raise
         if self._cache is not None:
-            hit = self._cached(model, version, checked, start)
+            hit = self._cache.get(model, version, checked)
             if hit is not None:
-                return hit
+                latency_ms = self._record(model, version, "cache", start, True)
+                return InferResult(hit, model, version, "local", latency_ms, "prediction cache hit", cached=True)
         try:
             outputs = loaded.runtime.run(checked)
         except Exception as exc:
@@ -285,7 +281,7 @@ class EdgeClient:
         if self._recorder is not None:
             self._recorder.record(model, version, "local", latency_ms, True, loaded.reference, checked, outputs)
         if self._cache is not None:
-            self._remember(model, version, checked, outputs)
+            self._cache.put(model, version, checked, outputs)
         return InferResult(outputs, model, version, "local", latency_ms, reason + "active locally")
 
     def _escalate(self, model: str, inputs: Inputs, outputs: dict[str, np.ndarray], start: float,
@@ -367,36 +363,6 @@ class EdgeClient:
         if self._recorder is not None:
             self._recorder.record(model, version, route, latency_ms, ok)
         return latency_ms
-
-    # prediction cache --------------------------------------------------------------------------
-    @staticmethod
-    def _cache_key(model: str, version: str, inputs: Inputs) -> tuple[str, str, bytes]:
-        digest = hashlib.blake2b(digest_size=16)
-        for name in sorted(inputs):
-            array = np.ascontiguousarray(inputs[name])
-            digest.update(f"{name}|{array.dtype}|{array.shape}".encode())
-            digest.update(array.data)
-        return model, version, digest.digest()
-
-    def _cached(self, model: str, version: str, inputs: Inputs, start: float) -> InferResult | None:
-        assert self._cache is not None
-        key = self._cache_key(model, version, inputs)
-        with self._cache_lock:
-            outputs = self._cache.get(key)
-            if outputs is None:
-                return None
-            self._cache.move_to_end(key)
-        latency_ms = self._record(model, version, "cache", start, True)
-        return InferResult(outputs, model, version, "local", latency_ms, "prediction cache hit", cached=True)
-
-    def _remember(self, model: str, version: str, inputs: Inputs, outputs: dict[str, np.ndarray]) -> None:
-        assert self._cache is not None
-        for array in outputs.values():
-            array.flags.writeable = False  # shared with later hits
-        with self._cache_lock:
-            self._cache[self._cache_key(model, version, inputs)] = outputs
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
 
     # housekeeping ------------------------------------------------------------------------------
     def models(self) -> list[ModelInfo]:
