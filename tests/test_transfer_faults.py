@@ -97,7 +97,11 @@ def test_agent_killed_mid_download_fetches_only_missing_chunks(
         wait_for("device online", lambda: online(hub))
         assert hub.control is not None
         hub.control.deploy("gemm", "1.0.0", "device:dev-1")
-        wait_for("a third of the chunks", lambda: chunks.is_dir() and len(list(chunks.iterdir())) >= 22)
+
+        def stored() -> int:  # complete chunks only (an atomic write in flight is a dot-file)
+            return len([p for p in chunks.iterdir() if not p.name.startswith(".")]) if chunks.is_dir() else 0
+
+        wait_for("a third of the chunks", lambda: stored() >= 22)
         agent.send_signal(signal.SIGKILL)
         agent.wait(timeout=10)
         kept = {tuple(map(int, p.name.split("-"))) for p in chunks.iterdir() if not p.name.startswith(".")}
