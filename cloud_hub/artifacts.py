@@ -25,8 +25,6 @@ from edge_agent.protocol.errors import ArtifactRejected
 from edge_agent.protocol.manifest import Manifest
 from edge_agent.protocol.signing import TrustStore
 
-MAX_UPLOAD_BYTES = 4 * 1024**3
-
 
 class ArtifactStore:
     def __init__(self, root: Path, trust: TrustStore) -> None:

@@ -47,7 +47,6 @@ class Batcher:
         self.run, self.max_batch_rows, self.delay_s, self.offload = run, max_batch_rows, delay_s, offload
         self.queue_size, self.name = queue_size, name
         self.executions = 0
-        self.rows_executed = 0
         self._pending: list[Pending] = []
         self._scheduled = False
         self._task: asyncio.Task[None] | None = None
@@ -59,7 +58,6 @@ class Batcher:
             raise QueueFull(f"the queue ({self.queue_size}) is full")
         if not (self.offload or self.delay_s or self._pending or self._scheduled):
             self.executions += 1  # idle: run now, on the loop
-            self.rows_executed += len(next(iter(inputs.values()))) if inputs else 1
             return self.run(inputs)
         loop = asyncio.get_running_loop()
         pending = Pending(inputs, len(next(iter(inputs.values()))) if inputs else 1, loop.create_future())
@@ -127,7 +125,6 @@ class Batcher:
                     pending.future.set_exception(results)
             return
         self.executions += 1
-        self.rows_executed += sum(p.rows for p in group)
         for pending, outputs_i in zip(group, results, strict=True):
             if not pending.future.done():
                 pending.future.set_result(outputs_i)

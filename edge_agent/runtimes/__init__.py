@@ -17,7 +17,7 @@ import numpy as np
 
 from device_profiles import DeviceProfile
 from edge_agent.protocol.manifest import Manifest
-from edge_agent.runtimes.validation import InputValidator, validate_inputs
+from edge_agent.runtimes.validation import InputValidator
 
 
 class Runtime(Protocol):
@@ -47,4 +47,4 @@ def open_runtime(
     raise NotImplementedError(f"runtime {manifest.runtime!r} is not supported by this edgefed version")
 
 
-__all__ = ["InputValidator", "Runtime", "open_runtime", "validate_inputs"]
+__all__ = ["InputValidator", "Runtime", "open_runtime"]

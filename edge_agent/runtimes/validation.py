@@ -60,10 +60,3 @@ class InputValidator:
         for spec in self.specs:
             if spec.name not in inputs:
                 raise InputMismatch(spec.name, spec.text, "nothing")
-
-
-def validate_inputs(
-    manifest: Manifest, inputs: dict[str, np.ndarray], allow_cast: bool = False
-) -> dict[str, np.ndarray]:
-    """One-off validation (the SDK keeps a compiled InputValidator per loaded model instead)."""
-    return InputValidator(manifest)(inputs, allow_cast)

@@ -99,12 +99,3 @@ def from_contents(contents: Any, datatype: str, shape: list[int]) -> np.ndarray:
     if len(values) != count:
         raise TensorError(f"contents hold {len(values)} values, shape {shape} needs {count}")
     return np.array(values, dtype=dtype).reshape(shape)
-
-
-def fill_contents(contents: Any, array: np.ndarray) -> None:
-    _, field = DATATYPES[datatype_of(array)]
-    flat = array.reshape(-1)
-    values = (
-        [v if isinstance(v, bytes) else str(v).encode() for v in flat] if field == "bytes_contents" else flat.tolist()
-    )
-    getattr(contents, field).extend(values)
