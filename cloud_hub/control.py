@@ -8,7 +8,6 @@ import dataclasses
 import logging
 import threading
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 from cloud_hub.artifacts import ArtifactStore
@@ -17,7 +16,7 @@ from cloud_hub.registry import Registry
 from device_profiles import DeviceProfile, ProfileError, get_profile
 from edge_agent.mqtt import MqttConnection
 from edge_agent.protocol.errors import ArtifactRejected
-from edge_agent.protocol.manifest import Manifest, format_time, manifest_from_wire
+from edge_agent.protocol.manifest import Manifest, manifest_from_wire, now_text
 from edge_agent.protocol.messages import (
     Chunk,
     DesiredModel,
@@ -194,9 +193,5 @@ class ControlPlane:
                     artifact["signature"],
                 )
             )
-        state = DesiredState(deployment_id, format_time_now(), tuple(models))
+        state = DesiredState(deployment_id, now_text(), tuple(models))
         self.mqtt.publish(self.topics.desired(device_id), to_wire(state), qos=1, retain=True)
-
-
-def format_time_now() -> str:
-    return format_time(datetime.now(UTC))

@@ -12,7 +12,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from edge_agent.config import AgentConfig
 from edge_agent.mqtt import MqttConnection
 from edge_agent.protocol.artifact import check_freshness
 from edge_agent.protocol.errors import ArtifactRejected
-from edge_agent.protocol.manifest import Manifest, format_time, manifest_from_wire
+from edge_agent.protocol.manifest import Manifest, manifest_from_wire, now_text
 from edge_agent.protocol.messages import (
     Chunk,
     DesiredModel,
@@ -45,10 +44,6 @@ from edge_agent.transfer import Transfer
 
 log = logging.getLogger(__name__)
 STALL_S = 3.0
-
-
-def now_text() -> str:
-    return format_time(datetime.now(UTC))
 
 
 def health_check(directory: Path, manifest: Manifest, profile: DeviceProfile) -> None:

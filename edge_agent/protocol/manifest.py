@@ -108,6 +108,11 @@ def format_time(value: datetime) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def now_text() -> str:
+    """The current UTC time as message timestamps carry it."""
+    return format_time(datetime.now(UTC))
+
+
 def _bad(what: str) -> ArtifactRejected:
     return ArtifactRejected("manifest", what)
 
