@@ -36,12 +36,12 @@ def digits_cnn_onnx(path: Path) -> None:
     export_onnx(digits.DigitsCNN(), np.zeros((1, 1, 8, 8), np.float32), path)
 
 
-def gemm_onnx(path: Path, features: int = 32, classes: int = 30) -> None:
-    """A 1k-parameter Gemm classifier."""
+def gemm_onnx(path: Path, seed: int = 0, features: int = 32, classes: int = 30) -> None:
+    """A real 1k-parameter Gemm classifier: input 'input' [batch, features] → 'output' [batch, classes]."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     weight = numpy_helper.from_array(rng.standard_normal((features, classes)).astype(np.float32), "W")
     bias = numpy_helper.from_array(rng.standard_normal(classes).astype(np.float32), "B")
     graph = helper.make_graph(
@@ -54,10 +54,29 @@ def gemm_onnx(path: Path, features: int = 32, classes: int = 30) -> None:
     onnx.save(model, str(path))
 
 
+def broken_gemm_onnx(path: Path) -> None:
+    """Loads fine, fails at run time for batch 1 (30 values reshaped into rows of 7): a dying runtime."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["input", "W"], ["h"]), helper.make_node("Reshape", ["h", "S"], ["output"])],
+        "broken", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 32])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.ones((32, 30), np.float32), "W"),
+         numpy_helper.from_array(np.array([-1, 7], np.int64), "S")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
 def artifact(work: Path, name: str, make_model: Callable[[Path], None], input_shape: list[Any],
-             output_shape: list[Any], key: Path, reference: bool = False) -> Path:  # fmt: skip
-    """A signed fp32 ONNX artifact for x86-64-generic; with ``reference`` also a reference.json."""
-    directory = work / name
+             output_shape: list[Any], key: Path, reference: bool = False,
+             dirname: str | None = None) -> Path:  # fmt: skip
+    """A signed fp32 ONNX artifact for x86-64-generic in ``work/(dirname or name)``; with ``reference``
+    also a reference.json."""
+    directory = work / (dirname or name)
     directory.mkdir()
     make_model(directory / "model.onnx")
     if reference:
@@ -134,6 +153,10 @@ class MosquittoProcess:
         conf = work / f"mosquitto-{self.port}.conf"
         conf.write_text(MOSQUITTO_CONF.format(port=self.port))
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        if not Path(binary).exists():
+            raise RuntimeError(
+                "mosquitto is not installed; run 'make test' (it installs it) or apt-get install mosquitto"
+            )
         self.process = subprocess.Popen([binary, "-c", str(conf)], stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while True:

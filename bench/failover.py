@@ -22,7 +22,6 @@ import sys
 import tempfile
 import time
 from concurrent import futures
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +30,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import HubProcess, artifact, free_port, gemm_onnx
+from common import HubProcess, artifact, broken_gemm_onnx, free_port, gemm_onnx
 
 from device_profiles import get_profile
 from edge_agent import EdgeClient
 from edge_agent.cloud import CloudClient
 from edge_agent.config import AgentConfig
-from edge_agent.protocol.artifact import seal
-from edge_agent.protocol.manifest import format_time
 from edge_agent.protocol.oip import add_servicer
-from edge_agent.protocol.signing import TrustStore, generate_keypair, load_private_key
+from edge_agent.protocol.signing import TrustStore, generate_keypair
 from edge_agent.store import ModelStore
 
 X = np.ones((1, 32), np.float32)
@@ -49,34 +46,6 @@ DEADLINE_S = 0.1
 
 def p99(values: list[float]) -> float:
     return float(np.percentile(values, 99))
-
-
-def broken_gemm(work: Path, key: Path) -> Path:
-    """Loads fine, fails at run time for batch 1 (30 outputs reshaped into rows of 7)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    directory = work / "broken"
-    directory.mkdir()
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["input", "W"], ["h"]), helper.make_node("Reshape", ["h", "S"], ["output"])],
-        "broken", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 32])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(np.ones((32, 30), np.float32), "W"),
-         numpy_helper.from_array(np.array([-1, 7], np.int64), "S")],
-    )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(directory / "model.onnx"))
-    now = datetime.now(UTC)
-    seal(directory, {
-        "name": "gemm", "version": "1.0.0", "release": 1, "runtime": "onnxruntime", "precision": "fp32",
-        "hardware": {"profile": "x86-64-generic", "arch": "x86_64", "accelerator": "none"},
-        "inputs": [{"name": "input", "dtype": "float32", "shape": ["batch", 32]}],
-        "outputs": [{"name": "output", "dtype": "float32", "shape": ["batch", 30]}],
-        "source_sha256": "0" * 64, "created_at": format_time(now), "expires_at": format_time(now + timedelta(days=1)),
-    }, load_private_key(key))  # fmt: skip
-    return directory
 
 
 def device(work: Path, name: str, pub: Path, model: Path) -> Path:
@@ -150,8 +119,8 @@ def main() -> None:
         healthy = artifact(work, "gemm", gemm_onnx, ["batch", 32], ["batch", 30], key)
         hub = HubProcess(work, pub)
         hub.add(healthy)
-        results["local_fail_to_cloud_p99_ms"] = round(local_failing(device(work, "d1", pub, broken_gemm(work, key)),
-                                                                    hub.url, calls), 3)  # fmt: skip
+        broken = artifact(work, "gemm", broken_gemm_onnx, ["batch", 32], ["batch", 30], key, dirname="broken")
+        results["local_fail_to_cloud_p99_ms"] = round(local_failing(device(work, "d1", pub, broken), hub.url, calls), 3)
         print(f"local runtime failing: p99 {results['local_fail_to_cloud_p99_ms']} ms to the cloud answer")
 
         good_device = device(work, "d2", pub, healthy)

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import shutil
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -16,7 +13,7 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from edge_agent.protocol.artifact import seal
 from edge_agent.protocol.manifest import format_time
@@ -24,12 +21,11 @@ from edge_agent.protocol.signing import generate_keypair, load_private_key
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples" / "quickstart"))
+sys.path.insert(0, str(ROOT / "bench"))  # bench/common.py: the real models and brokers both use
 
+from common import MosquittoProcess, broken_gemm_onnx, free_port, gemm_onnx  # noqa: E402
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = ["MosquittoProcess", "broken_gemm_onnx", "free_port", "gemm_onnx"]
 
 
 def wait_for(what: str, check: Any, timeout_s: float = 30.0) -> Any:
@@ -57,23 +53,6 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return generate_keypair(tmp_path_factory.mktemp("keys"))
 
 
-def gemm_model(path: Path, seed: int = 0, features: int = 32, classes: int = 30) -> None:
-    """A real 1k-parameter Gemm classifier as ONNX (input 'input' [batch, features] → 'output')."""
-    rng = np.random.default_rng(seed)
-    weight = numpy_helper.from_array(rng.standard_normal((features, classes)).astype(np.float32), "W")
-    bias = numpy_helper.from_array(rng.standard_normal(classes).astype(np.float32), "B")
-    graph = helper.make_graph(
-        [helper.make_node("Gemm", ["input", "W", "B"], ["output"])],
-        "gemm",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", features])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", classes])],
-        [weight, bias],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-
-
 def make_artifact(
     directory: Path,
     key_path: Path,
@@ -87,7 +66,7 @@ def make_artifact(
 ) -> Path:
     """A signed Gemm artifact, small chunks so it has several."""
     directory.mkdir(parents=True)
-    gemm_model(directory / "model.onnx", seed)
+    gemm_onnx(directory / "model.onnx", seed)
     now = datetime.now(UTC)
     fields = {
         "name": "gemm",
@@ -131,57 +110,9 @@ def digits_artifact(tmp_path_factory: pytest.TempPathFactory, keys: tuple[Path, 
     return {"path": Path(reports[0].artifact), "report": reports[0], "x": x_test, "y": y_test}
 
 
-MOSQUITTO_CONF = """listener {port} 127.0.0.1
-allow_anonymous true
-persistence false
-max_queued_messages 100000
-max_inflight_messages 100
-message_size_limit 0
-"""
-
-
-def _mosquitto_binary() -> str:
-    found = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
-    if found is None:
-        raise RuntimeError("mosquitto is not installed; run 'make test' (it installs it) or apt-get install mosquitto")
-    return found
-
-
-class MosquittoBroker:
-    """A real Mosquitto on a free port with its own config (queues raised: the default drops silently)."""
-
-    def __init__(self, directory: Path) -> None:
-        self.port = free_port()
-        self.conf = directory / "mosquitto.conf"
-        self.conf.write_text(MOSQUITTO_CONF.format(port=self.port))
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen([_mosquitto_binary(), "-c", str(self.conf)], stderr=subprocess.DEVNULL)
-
-        def listening() -> bool:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return True
-            except OSError:
-                return False
-
-        wait_for("mosquitto", listening, 10)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-
-
 @pytest.fixture
-def mosquitto(tmp_path: Path) -> Iterator[MosquittoBroker]:
-    broker = MosquittoBroker(tmp_path)
-    broker.start()
+def mosquitto(tmp_path: Path) -> Iterator[MosquittoProcess]:
+    broker = MosquittoProcess(tmp_path)
     yield broker
     broker.stop()
 

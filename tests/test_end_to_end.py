@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import MosquittoBroker, free_port, wait_for
+from conftest import MosquittoProcess, free_port, wait_for
 
 from cloud_hub.api_client import AdminClient
 from cloud_hub.broker import EmbeddedBroker
@@ -28,8 +28,7 @@ from edge_agent.errors import ModelNotDeployed
 def hub(request: pytest.FixtureRequest, tmp_path: Path, keys: tuple[Path, Path]) -> Iterator[Hub]:
     external = None
     if request.param == "mosquitto":
-        external = MosquittoBroker(tmp_path)
-        external.start()
+        external = MosquittoProcess(tmp_path)
     state = tmp_path / "hub"
     (state / "trust").mkdir(parents=True)
     shutil.copy(keys[1], state / "trust")

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import MosquittoBroker, make_artifact, wait_for
+from conftest import MosquittoProcess, make_artifact, wait_for
 from typer.testing import CliRunner
 
 from cloud_hub.api_client import AdminClient
@@ -26,7 +26,7 @@ from edge_agent.store import ModelStore
 
 
 @pytest.fixture
-def hub(mosquitto: MosquittoBroker, tmp_path: Path, keys: tuple[Path, Path]) -> Iterator[Hub]:
+def hub(mosquitto: MosquittoProcess, tmp_path: Path, keys: tuple[Path, Path]) -> Iterator[Hub]:
     state = tmp_path / "hub"
     (state / "trust").mkdir(parents=True)
     shutil.copy(keys[1], state / "trust")
@@ -129,7 +129,7 @@ def test_install_service_dry_run(tmp_path: Path) -> None:
     assert result.exit_code == 0 and "Restart=always" in unit.read_text()
 
 
-def test_malformed_messages_are_counted_and_the_hub_goes_on(hub: Hub, mosquitto: MosquittoBroker) -> None:
+def test_malformed_messages_are_counted_and_the_hub_goes_on(hub: Hub, mosquitto: MosquittoProcess) -> None:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 

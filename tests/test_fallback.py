@@ -8,16 +8,14 @@ import shutil
 import time
 from collections.abc import Iterator
 from concurrent import futures
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
-import onnx
 import pytest
-from conftest import InferenceServer, make_artifact
-from onnx import TensorProto, helper, numpy_helper
+from common import artifact
+from conftest import InferenceServer, broken_gemm_onnx, make_artifact
 
 from cloud_hub.batching import Batcher, QueueFull
 from cloud_hub.inference import token_hash
@@ -26,7 +24,6 @@ from edge_agent import EdgeClient
 from edge_agent.config import AgentConfig
 from edge_agent.errors import CloudThrottled, CloudUnavailable, ModelNotDeployed
 from edge_agent.protocol.artifact import seal
-from edge_agent.protocol.manifest import format_time
 from edge_agent.protocol.oip import add_servicer
 from edge_agent.protocol.signing import TrustStore, load_private_key
 from edge_agent.routing import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, RateBudget, confidence
@@ -57,26 +54,8 @@ def _named(directory: Path, key: Path, name: str) -> Path:
 
 def broken_artifact(directory: Path, key: Path) -> Path:
     """A model that loads but fails at run time for batch 1 (Reshape of 30 values into rows of 7)."""
-    directory.mkdir(parents=True)
-    weight = numpy_helper.from_array(np.ones((32, 30), np.float32), "W")
-    shape = numpy_helper.from_array(np.array([-1, 7], np.int64), "S")
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["input", "W"], ["h"]), helper.make_node("Reshape", ["h", "S"], ["output"])],
-        "broken", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 32])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)], [weight, shape],
-    )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(directory / "model.onnx"))
-    now = datetime.now(UTC)
-    seal(directory, {
-        "name": "gemm", "version": "1.0.0", "release": 1, "runtime": "onnxruntime", "precision": "fp32",
-        "hardware": {"profile": "x86-64-generic", "arch": "x86_64", "accelerator": "none"},
-        "inputs": [{"name": "input", "dtype": "float32", "shape": ["batch", 32]}],
-        "outputs": [{"name": "output", "dtype": "float32", "shape": ["batch", 7]}],
-        "source_sha256": "0" * 64, "created_at": format_time(now), "expires_at": format_time(now + timedelta(days=1)),
-    }, load_private_key(key))  # fmt: skip
-    return directory
+    return artifact(directory.parent, "gemm", broken_gemm_onnx, ["batch", 32], ["batch", 30], key,
+                    dirname=directory.name)  # fmt: skip
 
 
 def device(tmp_path: Path, keys: tuple[Path, Path], artifact: Path | None, cloud: str | None) -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from conftest import MosquittoBroker, gemm_model, wait_for
+from conftest import MosquittoProcess, gemm_onnx, wait_for
 from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud_hub.server import Hub, HubConfig
@@ -33,7 +33,7 @@ CHUNK = 4096
 def big_artifact(directory: Path, key: Path) -> Path:
     """A Gemm artifact with a 256 KiB side file, in 4 KiB chunks: 65 chunks to move."""
     directory.mkdir(parents=True)
-    gemm_model(directory / "model.onnx")
+    gemm_onnx(directory / "model.onnx")
     (directory / "labels.bin").write_bytes(os.urandom(256 * 1024))
     now = datetime.now(UTC)
     seal(directory, {
@@ -47,7 +47,7 @@ def big_artifact(directory: Path, key: Path) -> Path:
 
 
 @pytest.fixture
-def hub(mosquitto: MosquittoBroker, tmp_path: Path, keys: tuple[Path, Path]) -> Iterator[Hub]:
+def hub(mosquitto: MosquittoProcess, tmp_path: Path, keys: tuple[Path, Path]) -> Iterator[Hub]:
     state = tmp_path / "hub"
     (state / "trust").mkdir(parents=True)
     shutil.copy(keys[1], state / "trust")
@@ -81,7 +81,7 @@ def online(hub: Hub) -> bool:
 
 
 def test_agent_killed_mid_download_fetches_only_missing_chunks(
-    hub: Hub, mosquitto: MosquittoBroker, tmp_path: Path, keys: tuple[Path, Path]
+    hub: Hub, mosquitto: MosquittoProcess, tmp_path: Path, keys: tuple[Path, Path]
 ) -> None:
     artifact_id = register(hub, big_artifact(tmp_path / "big", keys[0]))
     requests: list[FetchRequest] = []
@@ -121,7 +121,7 @@ def test_agent_killed_mid_download_fetches_only_missing_chunks(
 
 
 def test_offline_device_catches_up(
-    hub: Hub, mosquitto: MosquittoBroker, tmp_path: Path, keys: tuple[Path, Path]
+    hub: Hub, mosquitto: MosquittoProcess, tmp_path: Path, keys: tuple[Path, Path]
 ) -> None:
     register(hub, big_artifact(tmp_path / "big", keys[0]))
     state = device_state(tmp_path, keys, mosquitto.url)
