@@ -1,9 +1,12 @@
 """Cloud inference: the SDK and the hub's OIP server against tritonclient and KServe, one run, one model.
 
 1. Latency, one client: the SDK's cloud call vs `tritonclient.grpc` against the hub's server, same
-   payload (digits CNN, batch 1), interleaved blocks → `sdk_vs_tritonclient_ratio` (target ≤ 0.8).
-2. Throughput at 32 concurrent tritonclient clients (4 processes x 8 threads): hub vs KServe's Python
-   ModelServer serving the same ONNX file through ONNX Runtime → `vs_kserve_rps_ratio` (≥ 1.5).
+   payload (digits CNN, batch 1), in blocks interleaved with tritonclient against the unbatched hub and
+   KServe → `sdk_vs_tritonclient_ratio` (target ≤ 0.8).
+2. Throughput at 32 concurrent tritonclient clients (grpc.aio, a connection each, one process): the hub
+   (`--inference-processes` = CPU count) vs KServe's Python ModelServer (its gRPC server is one
+   process) serving the same ONNX file through ONNX Runtime, same session options →
+   `vs_kserve_rps_ratio` (≥ 1.5).
 3. Median latency SDK + hub vs tritonclient + KServe → `vs_kserve_latency_ratio` (≤ 0.5).
 4. Dynamic batching on vs off: throughput at 32 clients (`batching_throughput_ratio`, ≥ 1) and the
    1-client median latency it adds.
@@ -16,12 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,8 @@ from common import ROOT, HubProcess, artifact, digits_cnn_onnx, free_port
 
 KSERVE_PYTHON = ROOT / ".bench-venv" / "bin" / "python"
 X = np.random.default_rng(0).random((1, 1, 8, 8), np.float32)
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]  # gRPC would share one connection per target
+PROCESSES = str(len(os.sched_getaffinity(0)))  # the hub's --inference-processes: one per CPU
 
 
 def triton_call(port: int) -> Any:
@@ -65,43 +70,50 @@ def median_ms(call: Any, n: int) -> float:
     return statistics.median(times) * 1000
 
 
-def interleaved(a: Any, b: Any, blocks: int, n: int) -> tuple[float, float]:
-    for _ in range(20):
-        a(), b()
-    ma, mb = [], []
+def interleaved(calls: dict[str, Any], blocks: int, n: int) -> dict[str, float]:
+    """Median over blocks of each call's median latency (ms); each block runs every call ``n`` times,
+    starting from a different one each block, so drift on the machine hits every call alike."""
+    names = list(calls)
+    for name in names * 20:
+        calls[name]()
+    medians: dict[str, list[float]] = {name: [] for name in names}
     for block in range(blocks):
-        first, second = (a, b) if block % 2 == 0 else (b, a)
-        r1, r2 = median_ms(first, n), median_ms(second, n)
-        (ma, mb)[block % 2].append(r1)
-        (mb, ma)[block % 2].append(r2)
-    return statistics.median(ma), statistics.median(mb)
+        for name in names[block % len(names) :] + names[: block % len(names)]:
+            medians[name].append(median_ms(calls[name], n))
+    return {name: statistics.median(values) for name, values in medians.items()}
 
 
-def load_worker(port: int, threads: int, duration_s: float) -> None:
-    """Child process: `threads` tritonclient clients calling as fast as they can; prints the count."""
-    counts = [0] * threads
-    stop = time.monotonic() + duration_s
+def load_worker(port: int, clients: int, duration_s: float) -> None:
+    """Child process: ``clients`` tritonclient (grpc.aio) clients, each on its own connection like a
+    fleet of devices, calling as fast as they can; prints the count. The asyncio client costs the
+    shared CPU about a third of what threads of the blocking client do, leaving it to the server."""
+    import asyncio
 
-    def run(i: int) -> None:
-        call = triton_call(port)
-        while time.monotonic() < stop:
-            call()
-            counts[i] += 1
+    import tritonclient.grpc.aio as triton
 
-    pool = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
-    print(sum(counts))
+    async def run() -> int:
+        stop = time.monotonic() + duration_s
+
+        async def client_loop() -> int:
+            count = 0
+            client = triton.InferenceServerClient(f"127.0.0.1:{port}", channel_args=OWN_CONNECTION)
+            tensor = triton.InferInput("input", [1, 1, 8, 8], "FP32")
+            tensor.set_data_from_numpy(X)
+            while time.monotonic() < stop:
+                (await client.infer("digits-cnn", [tensor])).as_numpy("output")
+                count += 1
+            await client.close()
+            return count
+
+        return sum(await asyncio.gather(*(client_loop() for _ in range(clients))))
+
+    print(asyncio.run(run()))
 
 
 def throughput(port: int, clients: int, duration_s: float) -> float:
-    processes = 4 if clients >= 4 else 1
-    command = [sys.executable, __file__, "--load-worker", str(port), str(clients // processes), str(duration_s)]
+    command = [sys.executable, __file__, "--load-worker", str(port), str(clients), str(duration_s)]
     start = time.perf_counter()
-    workers = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(processes)]
-    total = sum(int(w.communicate()[0].strip() or 0) for w in workers)
+    total = int(subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True).stdout.strip() or 0)
     return total / (time.perf_counter() - start)
 
 
@@ -146,8 +158,8 @@ def main() -> None:
     try:
         key, pub = generate_keypair(work / "keys")
         model_dir = artifact(work, "digits-cnn", digits_cnn_onnx, ["batch", 1, 8, 8], ["batch", 10], key)
-        hub = HubProcess(work, pub)
-        unbatched = HubProcess(work, pub, "--max-batch-rows", "1")
+        hub = HubProcess(work, pub, "--inference-processes", PROCESSES)
+        unbatched = HubProcess(work, pub, "--inference-processes", PROCESSES, "--max-batch-rows", "1")
         servers += [hub, unbatched]
         for server in (hub, unbatched):
             server.add(model_dir)
@@ -157,32 +169,33 @@ def main() -> None:
         if peer is not None:
             servers.append(peer[0])
             ports["kserve"] = peer[1]
-        sdk, triton = sdk_call(work / "device", hub.url), triton_call(hub.grpc_port)
-        sdk_ms, triton_ms = interleaved(sdk, triton, blocks, n)
-        print(f"1 client: SDK {sdk_ms:.3f} ms vs tritonclient {triton_ms:.3f} ms (ratio {sdk_ms / triton_ms:.2f})")
-        one_client = {name: median_ms(triton_call(port), n) for name, port in ports.items()}
+        calls = {"sdk": sdk_call(work / "device", hub.url)} | {name: triton_call(port) for name, port in ports.items()}
+        ms = interleaved(calls, blocks, n)
+        print(f"1 client: SDK {ms['sdk']:.3f} ms vs tritonclient {ms['hub']:.3f} ms "
+              f"(ratio {ms['sdk'] / ms['hub']:.2f})")  # fmt: skip
         rps: dict[str, list[float]] = {name: [] for name in ports}
-        for _ in range(rounds):  # all servers up at once, measured in turn: drift hits each alike
-            for name, port in ports.items():
-                rps[name].append(throughput(port, 32, duration))
+        names = list(ports)
+        for r in range(rounds):  # all servers up at once, measured in turn (rotating who goes first)
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                rps[name].append(throughput(ports[name], 32, duration))
         rate = {name: statistics.median(values) for name, values in rps.items()}
-        results |= {"sdk_hub_ms": round(sdk_ms, 3), "tritonclient_hub_ms": round(triton_ms, 3),
-                    "sdk_vs_tritonclient_ratio": round(sdk_ms / triton_ms, 3),
+        results |= {"sdk_hub_ms": round(ms["sdk"], 3), "tritonclient_hub_ms": round(ms["hub"], 3),
+                    "sdk_vs_tritonclient_ratio": round(ms["sdk"] / ms["hub"], 3),
                     "hub_rps_32": round(rate["hub"], 1), "hub_unbatched_rps_32": round(rate["unbatched"], 1),
                     "batching_throughput_ratio": round(rate["hub"] / rate["unbatched"], 3),
-                    "batching_added_ms_1_client": round(one_client["hub"] - one_client["unbatched"], 3)}  # fmt: skip
+                    "batching_added_ms_1_client": round(ms["hub"] - ms["unbatched"], 3)}  # fmt: skip
         print(f"32 clients: hub {rate['hub']:.0f} req/s with dynamic batching, {rate['unbatched']:.0f} without; "
-              f"1 client: {one_client['hub']:.3f} vs {one_client['unbatched']:.3f} ms")  # fmt: skip
+              f"1 client: {ms['hub']:.3f} vs {ms['unbatched']:.3f} ms")  # fmt: skip
         if "kserve" not in rate:
             print("KServe not installed (make bench-venv): its figures are null")
             results |= {"kserve_rps_32": None, "vs_kserve_rps_ratio": None, "vs_kserve_latency_ratio": None}
         else:
-            results |= {"kserve_tritonclient_ms": round(one_client["kserve"], 3),
+            results |= {"kserve_tritonclient_ms": round(ms["kserve"], 3),
                         "kserve_rps_32": round(rate["kserve"], 1),
                         "vs_kserve_rps_ratio": round(rate["hub"] / rate["kserve"], 3),
-                        "vs_kserve_latency_ratio": round(sdk_ms / one_client["kserve"], 3)}  # fmt: skip
+                        "vs_kserve_latency_ratio": round(ms["sdk"] / ms["kserve"], 3)}  # fmt: skip
             print(f"KServe: {rate['kserve']:.0f} req/s at 32 clients (hub {rate['hub'] / rate['kserve']:.2f}x); "
-                  f"tritonclient+KServe {one_client['kserve']:.3f} ms vs SDK+hub {sdk_ms:.3f} ms")  # fmt: skip
+                  f"tritonclient+KServe {ms['kserve']:.3f} ms vs SDK+hub {ms['sdk']:.3f} ms")  # fmt: skip
         results["rps_rounds"] = {name: [round(v) for v in values] for name, values in rps.items()}
     finally:
         for server in servers:

@@ -1,7 +1,8 @@
 """Failover: how fast and how boundedly the SDK moves between routes when one of them fails.
 
 1. Local runtime failing (a model that loads but raises at run time), policy local_first: every
-   call's time to its cloud answer → `local_fail_to_cloud_p99_ms` (target ≤ 50 ms).
+   call's time to its cloud answer → `local_fail_to_cloud_p99_ms` (target ≤ 50 ms); the first call,
+   which also loads the local model and opens the cloud stream, on its own → `local_fail_first_call_ms`.
 2. Cloud hanging (accepts calls, never answers) and cloud unreachable (closed port), policy
    cloud_first with a 100 ms deadline: each call's latency minus the deadline →
    `cloud_dead_overrun_p99_ms` (target ≤ 20 ms; every call must be answered, locally).
@@ -70,15 +71,17 @@ class Hanging:
         return hang
 
 
-def local_failing(state: Path, url: str, calls: int) -> float:
+def local_failing(state: Path, url: str, calls: int) -> tuple[float, float]:
+    """(first call ms, p99 ms of the calls after it): the first call also loads the local model and
+    opens the cloud stream, a one-time cost reported on its own."""
     latencies = []
     with EdgeClient(state, cloud=url, telemetry=False) as client:
-        for _ in range(calls):
+        for _ in range(calls + 1):
             start = time.perf_counter()
             result = client.infer("gemm", {"input": X})
             latencies.append((time.perf_counter() - start) * 1000)
             assert result.route == "cloud", result.reason
-    return p99(latencies)
+    return latencies[0], p99(latencies[1:])
 
 
 def cloud_dead(state: Path, url: str, calls: int) -> list[float]:
@@ -120,7 +123,8 @@ def main() -> None:
         hub = HubProcess(work, pub)
         hub.add(healthy)
         broken = artifact(work, "gemm", broken_gemm_onnx, ["batch", 32], ["batch", 30], key, dirname="broken")
-        results["local_fail_to_cloud_p99_ms"] = round(local_failing(device(work, "d1", pub, broken), hub.url, calls), 3)
+        first_ms, p99_ms = local_failing(device(work, "d1", pub, broken), hub.url, calls)
+        results |= {"local_fail_to_cloud_p99_ms": round(p99_ms, 3), "local_fail_first_call_ms": round(first_ms, 3)}
         print(f"local runtime failing: p99 {results['local_fail_to_cloud_p99_ms']} ms to the cloud answer")
 
         good_device = device(work, "d2", pub, healthy)

@@ -1,6 +1,8 @@
 """The peer for bench/cloud.py: KServe's Python ModelServer serving an ONNX model through ONNX Runtime.
 
-Runs in the separate `.bench-venv` (`make bench-venv`: kserve pins its own dependencies).
+Runs in the separate `.bench-venv` (`make bench-venv`: kserve pins its own dependencies). The session
+gets the options the hub gives its own (one intra-op thread per serving process, no spinning), so the
+comparison is between the servers, not ONNX Runtime settings.
     python bench/kserve_server.py MODEL.onnx GRPC_PORT HTTP_PORT
 """
 
@@ -16,7 +18,10 @@ from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer
 class OnnxModel(Model):  # type: ignore[misc]
     def __init__(self, name: str, path: str) -> None:
         super().__init__(name)
-        self.session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         self.ready = True
 
     def predict(self, payload: InferRequest, headers: dict[str, str] | None = None) -> Any:

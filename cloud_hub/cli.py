@@ -82,7 +82,19 @@ def serve_command(
     max_batch_rows: Annotated[int, typer.Option(help="Dynamic batching: most rows per run (1 disables it)")] = 32,
     batch_delay_ms: Annotated[float, typer.Option(help="Dynamic batching: wait this long for more (0: none)")] = 0.0,
     queue_size: Annotated[int, typer.Option(help="Requests queued per model before RESOURCE_EXHAUSTED")] = 256,
-    grpc_workers: Annotated[int, typer.Option(help="Inference calls served at once")] = 64,
+    grpc_workers: Annotated[int, typer.Option(help="Inference calls served at once (per process)")] = 64,
+    inference_processes: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Processes serving the gRPC port (one Python process uses about one core); try the CPU count"
+        ),
+    ] = 1,
+    intra_op_threads: Annotated[
+        int,
+        typer.Option(
+            min=0, help="ONNX Runtime threads per model session; 0: the CPUs divided among the inference processes"
+        ),
+    ] = 0,
     max_chunk_rate: Annotated[float, typer.Option(help="Artifact chunks published per second (0: no cap)")] = 0.0,
     public_broker: Annotated[
         str | None, typer.Option(help="Broker URL enrolled devices use (default: the hub's)")
@@ -104,7 +116,8 @@ def serve_command(
         err.print("[red]error:[/red] --tls-cert and --tls-key go together")
         raise typer.Exit(2)
     inference = InferenceOptions(max_batch_rows=max_batch_rows, batch_delay_ms=batch_delay_ms, queue_size=queue_size,
-                                 workers=grpc_workers,
+                                 workers=grpc_workers, processes=inference_processes,
+                                 intra_op_threads=intra_op_threads,
                                  require_token=require_token, tls_cert=tls_cert, tls_key=tls_key)  # fmt: skip
     config = HubConfig(
         state_dir,

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from cloud_hub.admin import AdminApi
-from cloud_hub.artifacts import ArtifactStore
 from cloud_hub.broker import EmbeddedBroker
 from cloud_hub.control import ControlPlane
 from cloud_hub.errors import NotFound
@@ -28,15 +27,15 @@ from cloud_hub.inference import (
     InferenceOptions,
     InferenceServer,
     ModelRepository,
+    TokenOwners,
     UsageCounter,
     start_inference_server,
     token_hash,
 )
-from cloud_hub.registry import SQLiteRegistry
+from cloud_hub.workers import USAGE_FLUSH_S, InferenceWorkers, WorkerSpec, free_port, open_store
 from device_profiles import get_profile
 from edge_agent import __version__
 from edge_agent.protocol.atomic import atomic_write_bytes
-from edge_agent.protocol.signing import TrustStore
 from edge_agent.protocol.topics import DEFAULT_ROOT, Topics, valid_device_id
 
 log = logging.getLogger(__name__)
@@ -76,14 +75,14 @@ class Hub:
         self.config = config
         state = config.state_dir
         (state / "trust").mkdir(parents=True, exist_ok=True)
-        self.registry = SQLiteRegistry(str(state / "registry.db"))
-        self.store = ArtifactStore(state / "artifacts", TrustStore.from_dir(state / "trust"))
+        self.registry, self.store = open_store(state)
         self.topics = Topics(config.topic_root)
         self.broker = None if config.broker else EmbeddedBroker(config.broker_host, config.broker_port)
         self.broker_url = config.broker or (self.broker.url if self.broker else "")
         self.repository = ModelRepository(self.registry, self.store, platform.machine(), config.inference)
         self.usage = UsageCounter()
-        self._token_cache: dict[str, str | None] = {}
+        self.token_owner = TokenOwners(self.registry)
+        self.workers: InferenceWorkers | None = None
         self.control: ControlPlane | None = None
         self.admin: AdminApi | None = None
         self.grpc_server: InferenceServer | None = None
@@ -95,10 +94,18 @@ class Hub:
             self.broker.start()
         self.control = ControlPlane(self.broker_url, self.registry, self.store, self.topics, self.config.max_chunk_rate)
         self.control.start()
-        self.grpc_server = start_inference_server(
-            self.repository, self.config.grpc_host, self.config.grpc_port, __version__, self.usage, self.token_owner
-        )
-        self.grpc_port = self.grpc_server.port
+        if self.config.inference.processes == 1:
+            self.grpc_server = start_inference_server(
+                self.repository, self.config.grpc_host, self.config.grpc_port, __version__, self.usage, self.token_owner
+            )
+            self.grpc_port = self.grpc_server.port
+            threading.Thread(target=self.repository.warm, name="edgefed-warm", daemon=True).start()
+        else:  # inference in worker processes only: the control plane keeps this process's GIL to itself
+            self.grpc_port = self.config.grpc_port or free_port(self.config.grpc_host)
+            spec = WorkerSpec(self.config.state_dir, platform.machine(), __version__,
+                              f"{self.config.grpc_host}:{self.grpc_port}", self.config.inference,
+                              logging.getLogger().level)  # fmt: skip
+            self.workers = InferenceWorkers(spec, self.config.inference.processes, self.repository.generation)
         threading.Thread(target=self._flush_usage_periodically, name="edgefed-usage", daemon=True).start()
         self.admin = AdminApi(
             self, operator_token(self.config.state_dir), self.config.admin_host, self.config.admin_port
@@ -116,6 +123,8 @@ class Hub:
     def stop(self) -> None:
         if self.admin is not None:
             self.admin.stop()
+        if self.workers is not None:
+            self.workers.stop()
         if self.grpc_server is not None:
             self.grpc_server.stop(grace_s=2)
         self.stopped.set()
@@ -143,6 +152,8 @@ class Hub:
         manifest = self.store.add_tar(tar_path)
         new = self.registry.add_artifact(manifest, self.store.signature(manifest.artifact_id))
         self.repository.invalidate()
+        if self.grpc_server is not None:  # (workers load it themselves)
+            threading.Thread(target=self.repository.warm, args=([manifest.name],), daemon=True).start()
         self.registry.audit("operator", "models.add", {"artifact_id": manifest.artifact_id, "new": new})
         return {
             "artifact_id": manifest.artifact_id,
@@ -153,13 +164,6 @@ class Hub:
             "new": new,
         }
 
-    def token_owner(self, token: str) -> str | None:
-        """The device a bearer token belongs to (cached; tokens are only ever added)."""
-        digest = token_hash(token)
-        if self._token_cache.get(digest) is None:
-            self._token_cache[digest] = self.registry.token_owner(digest)
-        return self._token_cache[digest]
-
     def issue_token(self, device_id: str) -> dict[str, Any]:
         token = secrets.token_urlsafe(32)
         self.registry.add_device_token(device_id, token_hash(token))
@@ -167,12 +171,10 @@ class Hub:
         return {"device_id": device_id, "token": token}
 
     def flush_usage(self) -> None:
-        counts = self.usage.drain()
-        if counts:
-            self.registry.add_usage(dict(counts))
+        self.usage.flush_to(self.registry)
 
     def _flush_usage_periodically(self) -> None:
-        while not self.stopped.wait(2.0):
+        while not self.stopped.wait(USAGE_FLUSH_S):
             self.flush_usage()
 
     def enroll_token(self, groups: list[str], tags: dict[str, str], ttl_s: float) -> dict[str, Any]:

@@ -52,7 +52,10 @@ def test_gate_and_back_off_are_recorded(tmp_path: Path, trained: dict[str, Any],
     manifest = json.loads((Path(strict.artifact) / "manifest.json").read_text())
     assert manifest["precision"] == "fp32" and len(manifest["validation"]["attempts"]) == len(kinds)
     relaxed = compile_to(tmp_path / "relaxed", DIGITS, trained, keys, ["x86-64-generic", "jetson-orin-nano-8gb"])
-    assert relaxed[0].chosen.startswith("int8") and relaxed[0].variants[0]["passed"]
+    assert relaxed[0].variants[0]["kind"] == "int8-static" and relaxed[0].variants[0]["passed"]
+    # the fastest passing variant ships (int8 and fp32 time within noise of each other on this CPU)
+    fastest = min((a for a in relaxed[0].variants if a["passed"]), key=lambda a: a["latency_ms"])
+    assert relaxed[0].chosen == fastest["kind"]
     assert all(a["passed"] for a in relaxed[0].variants if a["kind"] == relaxed[0].chosen)
     jetson = Path(relaxed[1].artifact)
     assert json.loads((jetson / "trt_build.json").read_text())["shapes"]["input"]["max"] == [64, 1, 8, 8]

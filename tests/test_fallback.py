@@ -21,6 +21,7 @@ from cloud_hub.batching import Batcher, QueueFull
 from cloud_hub.inference import token_hash
 from device_profiles import get_profile
 from edge_agent import EdgeClient
+from edge_agent.cloud import CloudClient
 from edge_agent.config import AgentConfig
 from edge_agent.errors import CloudThrottled, CloudUnavailable, ModelNotDeployed
 from edge_agent.protocol.artifact import seal
@@ -104,6 +105,27 @@ def test_local_only_and_cloud_only(tmp_path: Path, keys: tuple[Path, Path], clou
         result = client.infer("gemm", {"input": X})
         assert result.route == "cloud" and result.reason == "policy cloud_only"
     assert cloud.usage.drain()[("dev-1", "gemm")] == 1  # counted per device and model
+
+
+def test_cloud_calls_from_threads_and_from_a_running_event_loop(tmp_path: Path, keys: tuple[Path, Path],
+                                                                 cloud: InferenceServer) -> None:  # fmt: skip
+    """Streams are pooled across threads (at most one per concurrent caller); a thread that already runs
+    an event loop cannot run the stream's loop, so its call goes unary and still answers."""
+    state = device(tmp_path, keys, None, cloud.url)
+    with EdgeClient(state, policy="cloud_only", telemetry=False) as client:
+        expected = client.infer("gemm", {"input": X}).outputs["output"]
+        with futures.ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda _: client.infer("gemm", {"input": X}).outputs["output"], range(40)))
+        assert all(np.array_equal(a, expected) for a in answers)
+        cloud_client = client._cloud
+        assert cloud_client is not None and 1 <= cloud_client._idle.qsize() <= 5  # one per concurrent caller
+
+        async def from_a_coroutine() -> Any:
+            return client.infer("gemm", {"input": X})
+
+        result = asyncio.run(from_a_coroutine())
+        assert result.route == "cloud" and np.array_equal(result.outputs["output"], expected)
+        assert cloud_client.streaming  # other threads keep streaming
 
 
 def test_local_first_falls_back_when_the_local_runtime_fails(tmp_path: Path, keys: tuple[Path, Path],
@@ -206,6 +228,10 @@ def test_device_token_required(tmp_path: Path, keys: tuple[Path, Path]) -> None:
         state = device(tmp_path, keys, None, server.url)
         with EdgeClient(state, telemetry=False) as client, pytest.raises(CloudUnavailable, match="UNAUTHENTICATED"):
             client.infer("gemm", {"input": X})
+        with CloudClient(server.url) as cloud:  # each call opens a stream the server aborts: a race to write
+            for _ in range(100):
+                with pytest.raises(CloudUnavailable, match="UNAUTHENTICATED"):
+                    cloud.infer("gemm", {"input": X})
         config = AgentConfig.load(state)
         AgentConfig(**{**config.__dict__, "cloud_token": "s3cret"}).save(state)
         with EdgeClient(state, telemetry=False) as client:

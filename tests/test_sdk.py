@@ -174,6 +174,7 @@ def test_process_killed_before_rename_leaves_old_version_active(
 
 CONCURRENT_WORKER = """
 import sys
+import time
 from pathlib import Path
 import numpy as np
 from device_profiles import get_profile
@@ -193,6 +194,9 @@ with EdgeClient(state) as client:
             assert exc.reason == "downgrade", exc
         except StoreError:  # installed, then pruned by another process activating newer releases: expected
             pass
+        deadline = time.monotonic() + 10
+        while store.active("gemm") is None and time.monotonic() < deadline:
+            time.sleep(0.01)  # refused as a downgrade: the newer release may be between install and activate
         for _ in range(50):
             client.infer("gemm", {"input": np.ones((1, 32), np.float32)})
             calls += 1

@@ -37,7 +37,9 @@ class OnnxRuntimeSession:
     """An ONNX Runtime session over an installed artifact's ``model.onnx`` (``run`` is thread-safe)."""
 
     def __init__(self, directory: Path, manifest: Manifest, profile: DeviceProfile | None = None,
-                 prefer_gpu: bool = False) -> None:  # fmt: skip
+                 prefer_gpu: bool = False, threads: int = 0, spinning: bool = True) -> None:  # fmt: skip
+        """``threads`` (intra-op) overrides the profile's; ``spinning=False`` stops idle intra-op threads
+        from busy-waiting, which a server that shares its cores with gRPC work wants."""
         import onnxruntime as ort
 
         self.manifest = manifest
@@ -49,6 +51,10 @@ class OnnxRuntimeSession:
             options.intra_op_num_threads = profile.intra_op_threads or min(
                 profile.cpu_cores, len(os.sched_getaffinity(0))
             )
+        if threads:
+            options.intra_op_num_threads = threads
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         available = set(ort.get_available_providers())
         providers = choose_providers(manifest, profile, available)
         if prefer_gpu and "CUDAExecutionProvider" in available and "CUDAExecutionProvider" not in providers:

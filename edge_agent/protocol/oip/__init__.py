@@ -67,9 +67,9 @@ def _types(method: str) -> tuple[Any, Any]:
 class InferenceStub:
     """Client side: one callable per RPC, e.g. ``stub.ModelInfer(request, timeout=1.0)``."""
 
-    def __init__(self, channel: grpc.Channel) -> None:
+    def __init__(self, channel: grpc.Channel | grpc.aio.Channel) -> None:
         request, response = _types(STREAM_METHOD)
-        self.ModelStreamInfer = channel.stream_stream(
+        self.ModelStreamInfer: Any = channel.stream_stream(
             f"/{SERVICE}/{STREAM_METHOD}", request_serializer=request.SerializeToString,
             response_deserializer=response.FromString, **_REGISTERED,
         )  # fmt: skip

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -23,6 +26,7 @@ DATATYPES: dict[str, tuple[Any, str]] = {
     "BYTES": (np.object_, "bytes_contents"),
 }
 _BY_NUMPY = {np.dtype(v[0]): k for k, v in DATATYPES.items() if k != "BYTES"}
+_WIRE_DTYPES = {k: np.dtype(v[0]).newbyteorder("<") for k, v in DATATYPES.items() if k != "BYTES"}
 ONNX_TYPES = {
     "tensor(float)": "FP32",
     "tensor(float16)": "FP16",
@@ -73,16 +77,18 @@ def to_raw(array: np.ndarray) -> bytes:
     """The raw little-endian bytes of a tensor (BYTES: 4-byte length prefix per element)."""
     if datatype_of(array) == "BYTES":
         return _encode_bytes(array)
-    return np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+    if array.dtype.byteorder == ">" or (array.dtype.byteorder == "=" and sys.byteorder == "big"):
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return array.tobytes()  # C order whatever the array's layout
 
 
-def from_raw(raw: bytes, datatype: str, shape: list[int]) -> np.ndarray:
-    if datatype not in DATATYPES:
-        raise TensorError(f"unknown datatype {datatype!r}")
-    count = int(np.prod(shape)) if shape else 1
+def from_raw(raw: bytes, datatype: str, shape: Sequence[int]) -> np.ndarray:
+    count = math.prod(shape)
     if datatype == "BYTES":
         return _decode_bytes(raw, count).reshape(shape)
-    dtype = np.dtype(DATATYPES[datatype][0]).newbyteorder("<")
+    dtype = _WIRE_DTYPES.get(datatype)
+    if dtype is None:
+        raise TensorError(f"unknown datatype {datatype!r}")
     if len(raw) != count * dtype.itemsize:
         raise TensorError(
             f"raw contents hold {len(raw)} bytes, shape {shape} of {datatype} needs {count * dtype.itemsize}"
@@ -90,12 +96,12 @@ def from_raw(raw: bytes, datatype: str, shape: list[int]) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
-def from_contents(contents: Any, datatype: str, shape: list[int]) -> np.ndarray:
+def from_contents(contents: Any, datatype: str, shape: Sequence[int]) -> np.ndarray:
     if datatype not in DATATYPES:
         raise TensorError(f"unknown datatype {datatype!r}")
     dtype, field = DATATYPES[datatype]
     values = list(getattr(contents, field))
-    count = int(np.prod(shape)) if shape else 1
+    count = math.prod(shape)
     if len(values) != count:
         raise TensorError(f"contents hold {len(values)} values, shape {shape} needs {count}")
     return np.array(values, dtype=dtype).reshape(shape)
