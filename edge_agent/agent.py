@@ -168,10 +168,9 @@ class Agent:
         model, transfer, _ = self.transfers.pop(artifact_id)
         self.mqtt.unroute(self.topics.chunks(artifact_id))
         try:
-            manifest = self.store.install(transfer.assemble(), self.trust, self.profile)
-            health_check(self.store.version_dir(manifest.name, manifest.version), manifest, self.profile)
-            record = self.store.activate(manifest.name, manifest.version)
-            self.reported[model.name] = ReportedModel(model.name, "active", record.version, record.artifact_id)
+            check = functools.partial(health_check, profile=self.profile)
+            manifest = self.store.install(transfer.assemble(), self.trust, self.profile, activate=True, check=check)
+            self.reported[model.name] = ReportedModel(model.name, "active", manifest.version, manifest.artifact_id)
             self.installs += 1
             log.info("activated %s@%s", manifest.name, manifest.version)
         except Exception as exc:

@@ -9,6 +9,7 @@ import signal
 import socket
 import sys
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -173,9 +174,8 @@ def install(path: Annotated[Path, typer.Argument(help="Artifact directory")], st
     try:
         state, store, config = _store_and_config(state_dir)
         profile = get_profile(config.profile)
-        manifest = store.install(path, TrustStore.from_dir(state / "trust"), profile)
-        health_check(store.version_dir(manifest.name, manifest.version), manifest, profile)
-        store.activate(manifest.name, manifest.version)
+        check = partial(health_check, profile=profile)
+        manifest = store.install(path, TrustStore.from_dir(state / "trust"), profile, activate=True, check=check)
     except (EdgefedError, ProtocolError, ProfileError, OSError) as exc:
         raise _fail(exc) from None
     err.print(

@@ -15,7 +15,7 @@ import fcntl
 import json
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -98,22 +98,30 @@ class ModelStore:
         except FileNotFoundError:
             raise StoreError(f"{name}@{version} is not installed") from None
 
-    def install(self, source: Path, trust: TrustStore, profile: DeviceProfile) -> Manifest:
-        """Verify the artifact at ``source`` and add it as a new version (not yet active).
+    def install(
+        self, source: Path, trust: TrustStore, profile: DeviceProfile, *, activate: bool = False,
+        check: Callable[[Path, Manifest], None] | None = None,
+    ) -> Manifest:  # fmt: skip
+        """Verify the artifact at ``source`` and add it as a new version.
 
         Raises ArtifactRejected, leaving the store byte-identical, when any check fails. Installing the
-        artifact that is already installed under that version is a no-op.
+        artifact that is already installed under that version is a no-op. With ``activate``, ``check``
+        (given the installed directory) runs and the version becomes active under the same writer lock,
+        so no other process can activate or prune in between.
         """
         manifest = read_manifest(source, trust)
         with self.locked():
-            if self._installed_artifact(manifest.name, manifest.version) == manifest.artifact_id:
-                return manifest
-            check_compatible(manifest, profile)
-            check_freshness(manifest, max((m.release for m in self.versions(manifest.name)), default=None))
-            if manifest.total_size > profile.max_artifact_bytes:
-                raise ArtifactRejected("too-large", f"{manifest.total_size} bytes is over {profile.id}'s limit")
-            verify_files(source, manifest)
-            self._copy_in(source, manifest)
+            if self._installed_artifact(manifest.name, manifest.version) != manifest.artifact_id:
+                check_compatible(manifest, profile)
+                check_freshness(manifest, max((m.release for m in self.versions(manifest.name)), default=None))
+                if manifest.total_size > profile.max_artifact_bytes:
+                    raise ArtifactRejected("too-large", f"{manifest.total_size} bytes is over {profile.id}'s limit")
+                verify_files(source, manifest)
+                self._copy_in(source, manifest)
+            if activate:
+                if check is not None:
+                    check(self.version_dir(manifest.name, manifest.version), manifest)
+                self._activate(manifest.name, manifest.version)
         return manifest
 
     def _copy_in(self, source: Path, manifest: Manifest) -> None:
@@ -140,15 +148,18 @@ class ModelStore:
     def activate(self, name: str, version: str) -> ActiveRecord:
         """Atomically point ``name`` at an installed ``version``; the old one becomes ``previous``."""
         with self.locked():
-            manifest = self.manifest(name, version)
-            current = self.active(name)
-            previous = current.previous if current else None
-            if current is not None and current.version != version:
-                previous = current.version
-            record = ActiveRecord(version, manifest.artifact_id, manifest.release, previous)
-            atomic_write_bytes(self.active_path(name), json.dumps(asdict(record)).encode())
-            self._prune(name, keep={version, previous or ""})
-            return record
+            return self._activate(name, version)
+
+    def _activate(self, name: str, version: str) -> ActiveRecord:
+        manifest = self.manifest(name, version)
+        current = self.active(name)
+        previous = current.previous if current else None
+        if current is not None and current.version != version:
+            previous = current.version
+        record = ActiveRecord(version, manifest.artifact_id, manifest.release, previous)
+        atomic_write_bytes(self.active_path(name), json.dumps(asdict(record)).encode())
+        self._prune(name, keep={version, previous or ""})
+        return record
 
     def rollback(self, name: str) -> ActiveRecord:
         current = self.active(name)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +20,10 @@ from tflite_builder import dense_tflite
 
 from device_profiles import get_profile
 from edge_agent import EdgeClient
+from edge_agent.agent import health_check
 from edge_agent.config import AgentConfig
 from edge_agent.protocol.artifact import seal
-from edge_agent.protocol.manifest import format_time
+from edge_agent.protocol.manifest import Manifest, format_time
 from edge_agent.protocol.signing import TrustStore, load_private_key
 from edge_agent.store import ModelStore
 from edge_agent.telemetry import Spool
@@ -172,14 +174,31 @@ def test_process_killed_before_rename_leaves_old_version_active(
     assert store.activate("gemm", "2.0.0").version == "2.0.0"  # the store still works after the crash
 
 
+
+def test_install_with_activate_runs_the_check_under_the_writer_lock(
+    tmp_path: Path, keys: tuple[Path, Path], device: tuple
+) -> None:
+    _, store, trust = device
+    install(store, trust, make_artifact(tmp_path / "a", keys[0]))
+    newer = make_artifact(tmp_path / "b", keys[0], version="2.0.0", release=2)
+
+    def failing_check(directory: Path, manifest: Manifest) -> None:
+        assert manifest.version == "2.0.0" and (directory / "model.onnx").is_file()
+        raise RuntimeError("health check produced non-finite outputs")
+
+    with pytest.raises(RuntimeError, match="non-finite"):
+        store.install(newer, trust, PROFILE, activate=True, check=failing_check)
+    assert store.active("gemm").version == "1.0.0"  # a failed check leaves the active version alone
+    store.install(newer, trust, PROFILE, activate=True, check=partial(health_check, profile=PROFILE))
+    assert (store.active("gemm").version, store.active("gemm").previous) == ("2.0.0", "1.0.0")
+
+
 CONCURRENT_WORKER = """
 import sys
-import time
 from pathlib import Path
 import numpy as np
 from device_profiles import get_profile
 from edge_agent import EdgeClient
-from edge_agent.errors import StoreError
 from edge_agent.protocol.errors import ArtifactRejected
 from edge_agent.protocol.signing import TrustStore
 from edge_agent.store import ModelStore
@@ -188,15 +207,9 @@ store, calls = ModelStore(state / "models"), 0
 with EdgeClient(state) as client:
     for artifact in artifacts:
         try:
-            m = store.install(artifact, TrustStore.from_dir(state / "trust"), get_profile("x86-64-generic"))
-            store.activate(m.name, m.version)
-        except ArtifactRejected as exc:  # another process installed a higher release first: expected
+            store.install(artifact, TrustStore.from_dir(state / "trust"), get_profile("x86-64-generic"), activate=True)
+        except ArtifactRejected as exc:  # another process installed and activated a higher release first
             assert exc.reason == "downgrade", exc
-        except StoreError:  # installed, then pruned by another process activating newer releases: expected
-            pass
-        deadline = time.monotonic() + 10
-        while store.active("gemm") is None and time.monotonic() < deadline:
-            time.sleep(0.01)  # refused as a downgrade: the newer release may be between install and activate
         for _ in range(50):
             client.infer("gemm", {"input": np.ones((1, 32), np.float32)})
             calls += 1
@@ -214,7 +227,8 @@ def test_concurrent_processes_share_the_store(tmp_path: Path, keys: tuple[Path, 
     for worker, (_, err) in zip(workers, outcomes, strict=True):
         assert worker.returncode == 0, err.decode()[-2000:]
     active = store.active("gemm")
-    assert active is not None and store.manifest("gemm", active.version).release == active.release
+    assert active is not None and active.release == 12  # install and activate are one step: never a downgrade
+    assert store.manifest("gemm", active.version).release == active.release
     assert not list((store.root / "gemm" / "versions").glob(".staging-*"))
     calls = sum(int(out.split()[-1]) for out, _ in outcomes)
     assert calls >= 50 and Spool(state / "telemetry.db").pending_calls() == calls
