@@ -77,14 +77,17 @@ class ControlPlane:
         state = from_wire(ReportedState, payload)
         if state.device_id != device_id:
             raise ValueError(f"reported state for {state.device_id} on {device_id}'s topic")
-        self.registry.upsert_device(
-            device_id, profile=state.profile, reported=dataclasses.asdict(state), last_seen=time.time()
-        )
+        fields = {"profile": state.profile, "reported": dataclasses.asdict(state), "last_seen": time.time()}
+        self._update_from_device(device_id, fields)
 
     def _on_status(self, topic: str, payload: bytes) -> None:
         if payload:
             status = from_wire(Status, payload)
-            self.registry.upsert_device(self._device(topic), status=status.state, last_seen=time.time())
+            self._update_from_device(self._device(topic), {"status": status.state, "last_seen": time.time()})
+
+    def _update_from_device(self, device_id: str, fields: dict[str, Any]) -> None:
+        if not self.registry.update_from_device(device_id, **fields):
+            log.info("ignoring a message from removed device %s (enroll it again to re-admit it)", device_id)
 
     def _on_telemetry(self, topic: str, payload: bytes) -> None:
         device_id = self._device(topic)

@@ -31,10 +31,16 @@ class Registry(Protocol):
         """One artifact row with ``manifest`` and ``signature`` decoded; NotFound when unknown."""
 
     def upsert_device(self, device_id: str, **fields: Any) -> None:
-        """Create or update a device (profile, status, reported, last_seen, groups, tags, enrolled)."""
+        """Create or update a device (profile, status, reported, last_seen, groups, tags, enrolled); a
+        removed device is admitted again."""
+
+    def update_from_device(self, device_id: str, **fields: Any) -> bool:
+        """``upsert_device`` for what a device says about itself (status, reported state), unless the
+        device was removed; False when ignored for that reason."""
 
     def remove_device(self, device_id: str) -> None:
-        """Forget a device, its desired models and its tokens; NotFound when unknown."""
+        """Forget a device, its desired models and its tokens, and ignore its own messages from now on
+        (until it is enrolled again); NotFound when unknown."""
 
     def devices_matching(self, target: str) -> list[dict[str, Any]]:
         """Devices for ``device:ID``, ``group:NAME`` or ``tag:KEY=VALUE``; ValueError for another form."""
@@ -139,6 +145,7 @@ class SQLiteRegistry:
             "audit": ({"ts": float, "actor": str, "action": str, "detail": str}, None),
             "device_tokens": ({"token_sha256": str, "device_id": str, "created": float}, "token_sha256"),
             "cloud_usage": ({"device_id": str, "model": str, "calls": int}, ("device_id", "model")),
+            "removed_devices": ({"device_id": str, "removed": float}, "device_id"),
             "enroll_tokens": (
                 {"token_sha256": str, "expires": float, "used": float, "device_id": str, "groups": str, "tags": str},
                 "token_sha256",
@@ -189,8 +196,16 @@ class SQLiteRegistry:
         for key in ("reported", "groups", "tags"):
             if key in fields:
                 fields[key] = json.dumps(fields[key])
-        with self._lock:
+        with self._lock, self.db.conn:
+            self.db.execute("DELETE FROM removed_devices WHERE device_id = ?", [device_id])
             self.db.table("devices").upsert({"device_id": device_id, **fields}, pk="device_id")
+
+    def update_from_device(self, device_id: str, **fields: Any) -> bool:
+        with self._lock:
+            if self.db.execute("SELECT 1 FROM removed_devices WHERE device_id = ?", [device_id]).fetchone():
+                return False
+            self.upsert_device(device_id, **fields)
+            return True
 
     def devices(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -217,6 +232,7 @@ class SQLiteRegistry:
         with self._lock, self.db.conn:
             for table in ("devices", "device_models", "device_tokens"):
                 self.db.execute(f"DELETE FROM {table} WHERE device_id = ?", [device_id])
+            self.db.execute("INSERT OR REPLACE INTO removed_devices VALUES (?, ?)", [device_id, time.time()])
 
     def devices_matching(self, target: str) -> list[dict[str, Any]]:
         kind, _, value = target.partition(":")

@@ -229,8 +229,9 @@ class Hub:
 
     def remove_device(self, device_id: str) -> dict[str, Any]:
         self.registry.remove_device(device_id)
-        if self.control is not None:  # clear its retained desired state on the broker
-            self.control.mqtt.publish(self.topics.desired(device_id), b"", retain=True)
+        if self.control is not None:  # clear its retained messages on the broker
+            for topic in (self.topics.desired, self.topics.reported, self.topics.status):
+                self.control.mqtt.publish(topic(device_id), b"", retain=True)
         self.registry.audit("operator", "devices.remove", {"device_id": device_id})
         return {"device_id": device_id, "removed": True}
 

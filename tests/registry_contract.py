@@ -44,6 +44,13 @@ class RegistryContract:
         self.registry.remove_device("a")
         with pytest.raises(NotFound):
             self.registry.device("a")
+        assert not self.registry.update_from_device("a", status="online")  # a removed device stays out
+        with pytest.raises(NotFound):
+            self.registry.device("a")
+        assert self.registry.update_from_device("b", status="offline")
+        self.registry.upsert_device("a", profile="x86-64-generic")  # enrolled again
+        assert self.registry.update_from_device("a", status="online")
+        assert self.registry.device("a")["status"] == "online"
 
     def test_deployments_set_desired_state(self) -> None:
         self.registry.upsert_device("a", profile="x86-64-generic")

@@ -97,6 +97,13 @@ def test_enroll_then_deploy_to_groups_and_tags(hub: Hub, tmp_path: Path, keys: t
         wait_for("dev-c offline", lambda: client.request("GET", "/v1/devices/dev-c")["status"] == "offline")
         client.request("DELETE", "/v1/devices/dev-c")
         assert [d["device_id"] for d in client.request("GET", "/v1/devices")] == ["dev-a", "dev-b"]
+        client.request("DELETE", "/v1/devices/dev-b")  # still running: its own messages must not bring it back
+        agents[1][0]._publish_reported()
+        time.sleep(0.5)
+        assert [d["device_id"] for d in client.request("GET", "/v1/devices")] == ["dev-a"]
+        enroll(url, enroll_token(client, ["lab"], {}), "dev-b", "x86-64-generic", tmp_path / "dev-b-again")
+        agents[1][0]._publish_reported()  # enrolled again: re-admitted, and its messages count again
+        wait_for("dev-b reported", lambda: client.request("GET", "/v1/devices/dev-b")["reported"] is not None)
         audit = [r[0] for r in hub.registry.db.execute("SELECT action FROM audit").fetchall()]  # type: ignore[attr-defined]
         assert {"enroll", "deploy", "devices.remove", "devices.enroll-token"} <= set(audit)
     finally:
