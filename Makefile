@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/cloud.py
 	$(BIN)/python bench/failover.py
 	$(BIN)/python bench/fanout.py
+	$(BIN)/python bench/fleet.py
 
 # grpcio-tools lives in its own venv: it pins a protobuf newer than tritonclient allows.
 proto:

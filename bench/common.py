@@ -100,6 +100,46 @@ def artifact(work: Path, name: str, make_model: Callable[[Path], None], input_sh
     return directory
 
 
+
+def sized_artifact(work: Path, name: str, size_bytes: int, key: Path, chunk_size: int) -> Path:
+    """A signed artifact of about ``size_bytes``: the Gemm model plus random weights, in ``work/name``."""
+    import os
+
+    directory = work / name
+    directory.mkdir()
+    gemm_onnx(directory / "model.onnx")
+    (directory / "weights.bin").write_bytes(os.urandom(size_bytes))
+    now = datetime.now(UTC)
+    seal(directory, {
+        "name": name, "version": "1.0.0", "release": 1, "runtime": "onnxruntime", "precision": "fp32",
+        "hardware": {"profile": "x86-64-generic", "arch": "x86_64", "accelerator": "none"},
+        "inputs": [{"name": "input", "dtype": "float32", "shape": ["batch", 32]}],
+        "outputs": [{"name": "output", "dtype": "float32", "shape": ["batch", 30]}],
+        "source_sha256": "0" * 64, "created_at": format_time(now), "expires_at": format_time(now + timedelta(days=1)),
+    }, load_private_key(key), chunk_size=chunk_size)  # fmt: skip
+    return directory
+
+
+def drive(clients: list[Any], until: Callable[[], bool], timeout_s: float) -> None:
+    """Run many paho clients from one select() loop (paho's own threads would fight for the GIL)."""
+    import selectors
+
+    selector = selectors.DefaultSelector()
+    by_socket = {}
+    for client in clients:
+        sock = client.socket()
+        by_socket[sock.fileno()] = client
+        selector.register(sock, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout_s
+    while not until() and time.monotonic() < deadline:
+        for key, _ in selector.select(timeout=0.01):
+            by_socket[key.fd].loop_read(100)
+        for client in clients:
+            if client.want_write():
+                client.loop_write()
+            client.loop_misc()
+    selector.close()
+
 class HubProcess:
     """`cloud-hub serve` in its own process (embedded broker, free ports), with artifacts uploaded."""
 

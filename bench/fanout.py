@@ -2,13 +2,13 @@
 
 1. Fan-out: every agent subscribes to the artifact's chunk topic and asks for all chunks at the same
    moment; the hub gathers the requests for `fetch_window_s` and publishes each chunk once; every agent
-   checks every chunk's sha256 against the signed manifest → `fanout_s` (target ≤ 15 s for 20 MB to
+   checks every chunk's sha256 against the signed manifest → `seconds` (target ≤ 15 s for 20 MB to
    200 agents) and `hub_egress_ratio` (bytes the hub published / artifact size, ≤ 1.1).
 2. Unicast baseline, same run: the artifact published to each agent on a topic of its own (what a
    per-device download does); measured on up to 50 agents and scaled linearly to all →
-   `fanout_speedup` (≥ 2).
+   `speedup_vs_unicast` (≥ 2).
 3. Loss: the agents drop the same 10 % of the chunks on first delivery (loss on the shared path) and
-   ask again for what they miss → `retransfer_ratio` (re-sent bytes / artifact size, ≤ 0.12).
+   ask again for what they miss → `resume_retransfer_fraction` (re-sent bytes / artifact size, ≤ 0.12).
 
 Simulated agents are paho clients driven by one select() loop per process (not full agents: no
 store, no runtime), so the figures are the transfer's.
@@ -20,14 +20,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import selectors
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -36,15 +33,15 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import MosquittoProcess, gemm_onnx
+from common import MosquittoProcess, drive, sized_artifact
 
 from cloud_hub.artifacts import ArtifactStore
 from cloud_hub.control import ControlPlane
 from cloud_hub.registry import SQLiteRegistry
-from edge_agent.protocol.artifact import seal
-from edge_agent.protocol.manifest import format_time, manifest_from_wire
+from edge_agent.protocol.artifact import read_manifest
+from edge_agent.protocol.manifest import manifest_from_wire
 from edge_agent.protocol.messages import Chunk, FetchRequest, to_wire
-from edge_agent.protocol.signing import TrustStore, generate_keypair, load_private_key
+from edge_agent.protocol.signing import TrustStore, generate_keypair
 from edge_agent.protocol.topics import Topics
 
 CHUNK = 256 * 1024
@@ -93,25 +90,6 @@ class SimAgent:
         self.client.publish(TOPICS.fetch(self.name), to_wire(request), qos=1)
 
 
-def drive(agents: list[SimAgent], until: Any, timeout_s: float) -> None:
-    """One select() loop over every client's socket (paho's own threads would fight for the GIL)."""
-    selector = selectors.DefaultSelector()
-    by_socket = {}
-    for agent in agents:
-        sock = agent.client.socket()
-        by_socket[sock.fileno()] = agent
-        selector.register(sock, selectors.EVENT_READ)
-    deadline = time.monotonic() + timeout_s
-    while not until() and time.monotonic() < deadline:
-        for key, _ in selector.select(timeout=0.01):
-            by_socket[key.fd].client.loop_read(100)
-        for agent in agents:
-            if agent.client.want_write():
-                agent.client.loop_write()
-            agent.client.loop_misc()
-    selector.close()
-
-
 def worker(port: int, first: int, count: int, manifest_path: str, mode: str, drop: float) -> None:
     """Child process: ``count`` simulated agents; waits for 'go' on stdin; prints one JSON line."""
     manifest = manifest_from_wire(json.loads(Path(manifest_path).read_text()))
@@ -120,7 +98,7 @@ def worker(port: int, first: int, count: int, manifest_path: str, mode: str, dro
     agents = [SimAgent(n, port, manifest, t, drop) for n, t in zip(names, topics, strict=True)]
     for agent in agents:
         agent.client.subscribe(agent.topic, qos=1)
-    drive(agents, lambda: False, 0.5)  # CONNACK and SUBACK
+    drive([a.client for a in agents], lambda: False, 0.5)  # CONNACK and SUBACK
     print("ready", flush=True)
     sys.stdin.readline()
     start = time.monotonic()
@@ -139,7 +117,7 @@ def worker(port: int, first: int, count: int, manifest_path: str, mode: str, dro
                 asks += 1
         return all(a.done_at for a in agents)
 
-    drive(agents, finished, 120)
+    drive([a.client for a in agents], finished, 120)
     done = [a for a in agents if a.done_at]
     print(json.dumps({"agents": count, "complete": len(done), "bad_chunks": sum(a.bad for a in agents),
                       "last_s": max((a.done_at - start for a in done), default=-1), "re_asks": asks}))  # fmt: skip
@@ -207,19 +185,8 @@ def main() -> None:
     control = None
     try:
         key, pub = generate_keypair(work / "keys")
-        directory = work / "artifact"
-        directory.mkdir()
-        gemm_onnx(directory / "model.onnx")
-        (directory / "weights.bin").write_bytes(os.urandom(size_mb * 1024 * 1024))
-        now = datetime.now(UTC)
-        manifest = seal(directory, {
-            "name": "big", "version": "1.0.0", "release": 1, "runtime": "onnxruntime", "precision": "fp32",
-            "hardware": {"profile": "x86-64-generic", "arch": "x86_64", "accelerator": "none"},
-            "inputs": [{"name": "input", "dtype": "float32", "shape": ["batch", 32]}],
-            "outputs": [{"name": "output", "dtype": "float32", "shape": ["batch", 30]}],
-            "source_sha256": "0" * 64, "created_at": format_time(now),
-            "expires_at": format_time(now + timedelta(days=1)),
-        }, load_private_key(key), chunk_size=CHUNK)  # fmt: skip
+        directory = sized_artifact(work, "big", size_mb * 1024 * 1024, key, CHUNK)
+        manifest = read_manifest(directory, TrustStore.from_dir(pub.parent))
         registry = SQLiteRegistry(str(work / "registry.db"))
         store = ArtifactStore(work / "artifacts", TrustStore.from_dir(pub.parent))
         store.add(directory)
@@ -250,11 +217,11 @@ def main() -> None:
               f"(scaled); fan-out is {unicast_all / fan['seconds']:.1f}x faster")  # fmt: skip
         results = {
             "bench": "fanout", "quick": args.quick, "artifact_mb": size_mb, "agents": agents,
-            "fanout_s": fan["seconds"], "fanout_complete": fan["complete"], "bad_chunks": fan["bad_chunks"],
-            "hub_egress_ratio": round(egress, 3), "retransfer_ratio": round(retransfer, 3),
+            "seconds": fan["seconds"], "fanout_complete": fan["complete"], "bad_chunks": fan["bad_chunks"],
+            "hub_egress_ratio": round(egress, 3), "resume_retransfer_fraction": round(retransfer, 3),
             "lossy_complete": lossy["complete"], "unicast_measured_agents": measured,
             "unicast_measured_s": uni["seconds"], "unicast_scaled_s": round(unicast_all, 2),
-            "fanout_speedup": round(unicast_all / fan["seconds"], 2),
+            "speedup_vs_unicast": round(unicast_all / fan["seconds"], 2),
         }  # fmt: skip
     finally:
         if control is not None:

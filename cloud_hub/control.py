@@ -45,6 +45,7 @@ class ControlPlane:
         self.mqtt.route(topics.all_devices("fetch"), self._on_fetch)
         self.mqtt.route(topics.all_devices("telemetry"), self._on_telemetry)
         self._pending: dict[str, set[tuple[int, int]]] = {}
+        self._sending: dict[str, set[tuple[int, int]]] = {}  # this round's chunks not yet published
         self._pending_lock = threading.Condition()
         self._stop = threading.Event()
         self._sender = threading.Thread(target=self._send_chunks, name="edgefed-chunks", daemon=True)
@@ -105,15 +106,20 @@ class ControlPlane:
             (f, c) for f, entry in enumerate(manifest.files) for c in range(len(entry.chunks))
         }
         valid = {(f, c) for f, c in wanted if 0 <= f < len(manifest.files) and 0 <= c < len(manifest.files[f].chunks)}
-        log.info("device %s fetches %d chunks of %s", device_id, len(valid), request.artifact_id[:12])
         with self._pending_lock:
-            self._pending.setdefault(request.artifact_id, set()).update(valid)
-            self._pending_lock.notify()
+            # the device subscribed to the chunk topic before it asked, so what this round has yet to
+            # publish reaches it anyway: only the rest waits for the next round
+            coming = valid & self._sending.get(request.artifact_id, set())
+            if valid - coming:
+                self._pending.setdefault(request.artifact_id, set()).update(valid - coming)
+                self._pending_lock.notify()
+        log.info("device %s fetches %d chunks of %s (%d already on their way)", device_id, len(valid),
+                 request.artifact_id[:12], len(coming))  # fmt: skip
 
     def _send_chunks(self) -> None:
         """Rounds: wait for a request, let ``fetch_window_s`` gather the others (a fleet asks at about the
-        same time), then publish the union of what was asked, each chunk once. Requests that arrive
-        during a round form the next one."""
+        same time), then publish the union of what was asked, each chunk once. A request that arrives
+        during a round is served by what the round has still to publish, and the rest forms the next."""
         while not self._stop.is_set():
             with self._pending_lock:
                 while not self._pending and not self._stop.is_set():
@@ -121,8 +127,11 @@ class ControlPlane:
             self._stop.wait(self.fetch_window_s)
             with self._pending_lock:
                 work, self._pending = self._pending, {}
+                self._sending = {artifact_id: set(chunks) for artifact_id, chunks in work.items()}
             for artifact_id, chunks in work.items():
                 self._publish_chunks(artifact_id, sorted(chunks))
+                with self._pending_lock:
+                    self._sending.pop(artifact_id, None)
 
     def _publish_chunks(self, artifact_id: str, chunks: list[tuple[int, int]]) -> None:
         try:
@@ -135,6 +144,8 @@ class ControlPlane:
             if self._stop.is_set():
                 return
             data = self.store.read_chunk(manifest, file_index, chunk_index)
+            with self._pending_lock:  # from here on, a request for this chunk needs another round
+                self._sending[artifact_id].discard((file_index, chunk_index))
             info = self.mqtt.publish(topic, Chunk(file_index, chunk_index, data).to_wire(), qos=1)
             info.wait_for_publish(timeout=30)
             if self.chunk_interval_s:

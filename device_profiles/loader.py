@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import tomllib
@@ -209,8 +210,17 @@ def parse_profile(data: dict[str, Any], file: Path) -> DeviceProfile:
 
 
 def load_profile(path: str | Path) -> DeviceProfile:
-    """Load and validate one profile file."""
+    """Load and validate one profile file (parsed again only when its size or mtime changes)."""
     file = Path(path)
+    try:
+        stat = file.stat()
+    except FileNotFoundError:
+        raise ProfileError(file, "-", "file not found", "check the path") from None
+    return _load_profile(file, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _load_profile(file: Path, mtime_ns: int, size: int) -> DeviceProfile:
     try:
         data = tomllib.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -18,7 +18,8 @@ REQUIRED_KEYS = {
         "batching_throughput_ratio",
     ),
     "failover": ("local_fail_to_cloud_p99_ms", "cloud_dead_overrun_p99_ms", "breaker_recovery_speedup"),
-    "fanout": ("fanout_s", "hub_egress_ratio", "fanout_speedup", "retransfer_ratio"),
+    "fanout": ("agents", "seconds", "hub_egress_ratio", "speedup_vs_unicast", "resume_retransfer_fraction"),
+    "fleet": ("agents", "deploy_seconds", "state_exact"),
     "compiler": ("int8_size_ratio", "int8_latency_ratio", "top1_agreement", "minilm_cosine", "minilm_speedup"),
 }
 BENCHES = sorted(p for p in (Path(__file__).resolve().parents[1] / "bench").glob("*.py") if "--quick" in p.read_text())
@@ -32,3 +33,7 @@ def test_bench_quick_mode(script: Path) -> None:
     assert figures["quick"] is True
     assert all(v > 0 for k, v in figures.items() if k.endswith(("raw_us", "sdk_us")))
     assert set(REQUIRED_KEYS.get(script.stem, ())) <= set(figures)
+
+
+def test_every_bench_an_issue_names_exists() -> None:
+    assert set(REQUIRED_KEYS) <= {p.stem for p in BENCHES}
