@@ -48,15 +48,18 @@ CHUNK = 256 * 1024
 TOPICS = Topics()
 
 
-def dropped(file_index: int, chunk_index: int, fraction: float) -> bool:
-    """The same chunks are lost for every agent (loss on the shared path), about ``fraction`` of them."""
-    digest = hashlib.sha256(f"{file_index}/{chunk_index}".encode()).digest()
+def dropped(key: tuple[int, int], fraction: float, agent: str = "") -> bool:
+    """About ``fraction`` of the chunks are lost: the same ones for every agent (loss on the shared
+    path), or with ``agent`` different ones for each (independent loss on each device's link)."""
+    digest = hashlib.sha256(f"{agent}{key[0]}/{key[1]}".encode()).digest()
     return digest[0] < 256 * fraction
 
 
 class SimAgent:
-    def __init__(self, name: str, port: int, manifest: Any, topic: str, drop: float) -> None:
+    def __init__(self, name: str, port: int, manifest: Any, topic: str, drop: float, independent: bool) -> None:
         self.name, self.manifest, self.topic, self.drop = name, manifest, topic, drop
+        self.salt = name if independent else ""
+        self.received = 0
         self.expected = {(f, c): h for f, e in enumerate(manifest.files) for c, h in enumerate(e.chunks)}
         self.have: set[tuple[int, int]] = set()
         self.lost_once: set[tuple[int, int]] = set()
@@ -72,9 +75,10 @@ class SimAgent:
         chunk = Chunk.from_wire(message.payload)
         key = (chunk.file_index, chunk.chunk_index)
         self.last_chunk = time.monotonic()
+        self.received += 1
         if key in self.have:
             return
-        if self.drop and key not in self.lost_once and dropped(*key, self.drop):
+        if self.drop and key not in self.lost_once and dropped(key, self.drop, self.salt):
             self.lost_once.add(key)
             return
         if hashlib.sha256(chunk.data).hexdigest() != self.expected.get(key):
@@ -83,6 +87,7 @@ class SimAgent:
         self.have.add(key)
         if len(self.have) == len(self.expected):
             self.done_at = time.monotonic()
+            self.client.unsubscribe(self.topic)  # as the agent does once it holds the artifact
 
     def ask(self, missing_only: bool) -> None:
         missing = sorted(set(self.expected) - self.have) if missing_only else []
@@ -94,15 +99,19 @@ def worker(port: int, first: int, count: int, manifest_path: str, mode: str, dro
     """Child process: ``count`` simulated agents; waits for 'go' on stdin; prints one JSON line."""
     manifest = manifest_from_wire(json.loads(Path(manifest_path).read_text()))
     names = [f"sim-{i:04d}" for i in range(first, first + count)]
-    topics = [TOPICS.chunks(manifest.artifact_id) if mode == "fanout" else TOPICS.device(n, "unicast") for n in names]
-    agents = [SimAgent(n, port, manifest, t, drop) for n, t in zip(names, topics, strict=True)]
+    fanout = mode.startswith("fanout")
+    topics = [TOPICS.chunks(manifest.artifact_id) if fanout else TOPICS.device(n, "unicast") for n in names]
+    independent = mode == "fanout-independent"
+    agents = [SimAgent(n, port, manifest, t, drop, independent) for n, t in zip(names, topics, strict=True)]
     for agent in agents:
         agent.client.subscribe(agent.topic, qos=1)
+        if fanout:  # the agent's own chunk topic: what only a few devices lack comes there
+            agent.client.subscribe(TOPICS.device_chunks(agent.name), qos=1)
     drive([a.client for a in agents], lambda: False, 0.5)  # CONNACK and SUBACK
     print("ready", flush=True)
     sys.stdin.readline()
     start = time.monotonic()
-    if mode == "fanout":
+    if fanout:
         for agent in agents:
             agent.ask(missing_only=False)
     asks = 0
@@ -111,7 +120,7 @@ def worker(port: int, first: int, count: int, manifest_path: str, mode: str, dro
         nonlocal asks
         now = time.monotonic()
         for agent in agents:  # a quiet agent still missing chunks asks for exactly those again
-            if not agent.done_at and mode == "fanout" and now - agent.last_chunk > 1.0:
+            if not agent.done_at and fanout and now - agent.last_chunk > 1.0:
                 agent.ask(missing_only=True)
                 agent.last_chunk = now
                 asks += 1
@@ -120,7 +129,8 @@ def worker(port: int, first: int, count: int, manifest_path: str, mode: str, dro
     drive([a.client for a in agents], finished, 120)
     done = [a for a in agents if a.done_at]
     print(json.dumps({"agents": count, "complete": len(done), "bad_chunks": sum(a.bad for a in agents),
-                      "last_s": max((a.done_at - start for a in done), default=-1), "re_asks": asks}))  # fmt: skip
+                      "last_s": max((a.done_at - start for a in done), default=-1), "re_asks": asks,
+                      "received": sum(a.received for a in agents)}))  # fmt: skip
 
 
 def run_round(port: int, agents: int, processes: int, manifest_path: Path, mode: str, drop: float,
@@ -148,7 +158,7 @@ def run_round(port: int, agents: int, processes: int, manifest_path: Path, mode:
     complete = sum(r["complete"] for r in results)
     return {"seconds": round(max(max(r["last_s"] for r in results), 0.0) if complete == agents else wall, 3),
             "complete": complete, "bad_chunks": sum(r["bad_chunks"] for r in results),
-            "re_asks": sum(r["re_asks"] for r in results)}  # fmt: skip
+            "re_asks": sum(r["re_asks"] for r in results), "received": sum(r["received"] for r in results)}  # fmt: skip
 
 
 def unicast_publisher(port: int, store: ArtifactStore, manifest: Any, devices: list[str]) -> Any:
@@ -208,6 +218,22 @@ def main() -> None:
         print(f"10 % loss: complete {lossy['complete']}/{agents} in {lossy['seconds']:.2f} s, re-sent "
               f"{retransfer:.3f}x the artifact after {lossy['re_asks']} re-asks")  # fmt: skip
 
+        def independent_loss(shared_above: float) -> tuple[dict[str, Any], float, float]:
+            """(round, hub re-sent / artifact, extra chunks each device received / chunks in the artifact)."""
+            control.shared_above = shared_above
+            sent_before = control.bytes_sent
+            outcome = run_round(broker.port, agents, processes, manifest_path, "fanout-independent", 0.10)
+            device_extra = outcome["received"] / agents / manifest.chunk_count - 1
+            return outcome, (control.bytes_sent - sent_before - total) / total, device_extra
+
+        assert control is not None
+        own, own_hub, own_device = independent_loss(0.5)  # the hub's default
+        shared, shared_hub, shared_device = independent_loss(0.0)  # every chunk on the shared topic: the union
+        control.shared_above = 0.5
+        print(f"10 % independent loss: each device received {own_device:.3f}x the artifact extra with "
+              f"per-device re-sends vs {shared_device:.3f}x with shared re-sends ({shared_device / own_device:.1f}x "
+              f"less); the hub re-sent {own_hub:.2f}x vs {shared_hub:.2f}x the artifact")  # fmt: skip
+
         measured = min(agents, 10 if args.quick else 50)
         devices = [f"sim-{i:04d}" for i in range(measured)]
         uni = run_round(broker.port, measured, max(1, processes // 2), manifest_path, "unicast", 0.0,
@@ -222,6 +248,13 @@ def main() -> None:
             "lossy_complete": lossy["complete"], "unicast_measured_agents": measured,
             "unicast_measured_s": uni["seconds"], "unicast_scaled_s": round(unicast_all, 2),
             "speedup_vs_unicast": round(unicast_all / fan["seconds"], 2),
+            "independent_loss_complete": min(own["complete"], shared["complete"]),
+            "independent_loss_s": own["seconds"], "independent_loss_s_shared_only": shared["seconds"],
+            "independent_loss_device_extra": round(own_device, 3),
+            "independent_loss_device_extra_shared_only": round(shared_device, 3),
+            "independent_loss_device_saving": round(shared_device / own_device, 2),
+            "independent_loss_hub_resent": round(own_hub, 3), "independent_loss_hub_resent_shared_only": round(
+                shared_hub, 3),
         }  # fmt: skip
     finally:
         if control is not None:

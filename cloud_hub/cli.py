@@ -96,6 +96,15 @@ def serve_command(
         ),
     ] = 0,
     max_chunk_rate: Annotated[float, typer.Option(help="Artifact chunks published per second (0: no cap)")] = 0.0,
+    shared_above: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Chunks more than this share of a round's requesting devices lack go on the artifact's shared "
+            "topic; the others to each device that asked, on its own topic (0: always shared, 1: always per device)",
+        ),
+    ] = 0.5,
     public_broker: Annotated[
         str | None, typer.Option(help="Broker URL enrolled devices use (default: the hub's)")
     ] = None,
@@ -133,6 +142,7 @@ def serve_command(
         max_chunk_rate,
         public_broker,
         public_grpc,
+        shared_above,
     )
     _run(lambda: serve(config))
 

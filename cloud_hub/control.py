@@ -37,19 +37,24 @@ log = logging.getLogger(__name__)
 
 class ControlPlane:
     def __init__(self, broker_url: str, registry: Registry, store: ArtifactStore, topics: Topics,
-                 max_chunk_rate: float = 0.0, fetch_window_s: float = 0.1) -> None:  # fmt: skip
+                 max_chunk_rate: float = 0.0, fetch_window_s: float = 0.1,
+                 shared_above: float = 0.5) -> None:  # fmt: skip
         self.registry, self.store, self.topics = registry, store, topics
         self.mqtt = MqttConnection(broker_url, client_id="edgefed-hub", clean_session=True)
         self.mqtt.route(topics.all_devices("reported"), self._on_reported)
         self.mqtt.route(topics.all_devices("status"), self._on_status)
         self.mqtt.route(topics.all_devices("fetch"), self._on_fetch)
         self.mqtt.route(topics.all_devices("telemetry"), self._on_telemetry)
-        self._pending: dict[str, set[tuple[int, int]]] = {}
+        self._pending: dict[str, dict[tuple[int, int], set[str]]] = {}  # artifact → chunk → devices
         self._sending: dict[str, set[tuple[int, int]]] = {}  # this round's chunks not yet published
         self._pending_lock = threading.Condition()
         self._stop = threading.Event()
         self._sender = threading.Thread(target=self._send_chunks, name="edgefed-chunks", daemon=True)
         self.chunks_sent = 0
+        self.unicast_chunks_sent = 0
+        # a chunk more than this share of a round's devices ask for goes on the shared topic, another to
+        # each of its askers on their own topics (0: always shared; 1: always per device)
+        self.shared_above = shared_above
         self.bytes_sent = 0
         self.chunk_interval_s = 1.0 / max_chunk_rate if max_chunk_rate > 0 else 0.0  # a cap for thin uplinks
         self.fetch_window_s = fetch_window_s
@@ -111,15 +116,19 @@ class ControlPlane:
             # publish reaches it anyway: only the rest waits for the next round
             coming = valid & self._sending.get(request.artifact_id, set())
             if valid - coming:
-                self._pending.setdefault(request.artifact_id, set()).update(valid - coming)
+                askers = self._pending.setdefault(request.artifact_id, {})
+                for chunk in valid - coming:
+                    askers.setdefault(chunk, set()).add(device_id)
                 self._pending_lock.notify()
         log.info("device %s fetches %d chunks of %s (%d already on their way)", device_id, len(valid),
                  request.artifact_id[:12], len(coming))  # fmt: skip
 
     def _send_chunks(self) -> None:
         """Rounds: wait for a request, let ``fetch_window_s`` gather the others (a fleet asks at about the
-        same time), then publish the union of what was asked, each chunk once. A request that arrives
-        during a round is served by what the round has still to publish, and the rest forms the next."""
+        same time), then publish what was asked, each chunk once on the artifact's topic; a chunk that
+        only a few of the round's devices lack (independent loss) goes to each of them on its own topic
+        instead, so the others are not sent it again. A request that arrives during a round is served by
+        what the round has still to publish on the shared topic, and the rest forms the next round."""
         while not self._stop.is_set():
             with self._pending_lock:
                 while not self._pending and not self._stop.is_set():
@@ -127,31 +136,59 @@ class ControlPlane:
             self._stop.wait(self.fetch_window_s)
             with self._pending_lock:
                 work, self._pending = self._pending, {}
-                self._sending = {artifact_id: set(chunks) for artifact_id, chunks in work.items()}
-            for artifact_id, chunks in work.items():
-                self._publish_chunks(artifact_id, sorted(chunks))
+                plans = {artifact_id: self._split(wanted) for artifact_id, wanted in work.items()}
+                self._sending = {artifact_id: set(shared) for artifact_id, (shared, _) in plans.items()}
+            for artifact_id, (shared, own) in plans.items():
+                self._publish_chunks(artifact_id, shared, own)
                 with self._pending_lock:
                     self._sending.pop(artifact_id, None)
 
-    def _publish_chunks(self, artifact_id: str, chunks: list[tuple[int, int]]) -> None:
+    def _split(
+        self, wanted: dict[tuple[int, int], set[str]]
+    ) -> tuple[list[tuple[int, int]], dict[str, list[tuple[int, int]]]]:
+        """(chunks for the shared topic, chunks per device for their own topics)."""
+        devices = len(set().union(*wanted.values()))
+        shared: list[tuple[int, int]] = []
+        own: dict[str, list[tuple[int, int]]] = {}
+        for chunk, askers in sorted(wanted.items()):
+            if len(askers) > self.shared_above * devices:
+                shared.append(chunk)
+            else:
+                for device_id in askers:
+                    own.setdefault(device_id, []).append(chunk)
+        return shared, own
+
+    def _publish_chunks(self, artifact_id: str, shared: list[tuple[int, int]],
+                        own: dict[str, list[tuple[int, int]]]) -> None:  # fmt: skip
         try:
             manifest = manifest_from_wire(self.registry.artifact(artifact_id)["manifest"])
         except (NotFound, ArtifactRejected) as exc:
             log.warning("cannot serve chunks of %s: %s", artifact_id, exc)
             return
         topic = self.topics.chunks(artifact_id)
-        for file_index, chunk_index in chunks:
-            if self._stop.is_set():
-                return
-            data = self.store.read_chunk(manifest, file_index, chunk_index)
+        for chunk in shared:
             with self._pending_lock:  # from here on, a request for this chunk needs another round
-                self._sending[artifact_id].discard((file_index, chunk_index))
-            info = self.mqtt.publish(topic, Chunk(file_index, chunk_index, data).to_wire(), qos=1)
-            info.wait_for_publish(timeout=30)
-            if self.chunk_interval_s:
-                self._stop.wait(self.chunk_interval_s)
-            self.chunks_sent += 1
-            self.bytes_sent += len(data)
+                self._sending[artifact_id].discard(chunk)
+            if not self._publish_chunk(topic, manifest, chunk):
+                return
+        for device_id, chunks in own.items():
+            for chunk in chunks:
+                if not self._publish_chunk(self.topics.device_chunks(device_id, artifact_id), manifest, chunk):
+                    return
+                self.unicast_chunks_sent += 1
+
+    def _publish_chunk(self, topic: str, manifest: Manifest, chunk: tuple[int, int]) -> bool:
+        """Publish one chunk (at most ``max_chunk_rate`` a second); False once the hub is stopping."""
+        if self._stop.is_set():
+            return False
+        data = self.store.read_chunk(manifest, *chunk)
+        info = self.mqtt.publish(topic, Chunk(*chunk, data).to_wire(), qos=1)
+        info.wait_for_publish(timeout=30)
+        if self.chunk_interval_s:
+            self._stop.wait(self.chunk_interval_s)
+        self.chunks_sent += 1
+        self.bytes_sent += len(data)
+        return True
 
     def deploy(self, name: str, version: str, target: str) -> dict[str, Any]:
         """Resolve the target, pick each device's artifact, record the deployment, publish desired state."""

@@ -59,6 +59,7 @@ class HubConfig:
     max_chunk_rate: float = 0.0  # artifact chunks per second the hub publishes; 0 = as fast as the broker takes them
     public_broker: str | None = None  # the broker URL devices use (enrollment); default: the hub's own
     public_grpc: str | None = None  # the inference URL devices use; default: grpc://grpc_host:port
+    shared_above: float = 0.5  # chunks more of a round's devices lack than this share: shared topic
 
 
 def operator_token(state_dir: Path) -> str:
@@ -92,7 +93,8 @@ class Hub:
     def start(self) -> None:
         if self.broker is not None:
             self.broker.start()
-        self.control = ControlPlane(self.broker_url, self.registry, self.store, self.topics, self.config.max_chunk_rate)
+        self.control = ControlPlane(self.broker_url, self.registry, self.store, self.topics, self.config.max_chunk_rate,
+                                    shared_above=self.config.shared_above)  # fmt: skip
         self.control.start()
         if self.config.inference.processes == 1:
             self.grpc_server = start_inference_server(

@@ -74,6 +74,7 @@ class Agent:
         )
         self.mqtt.route(self.topics.desired(self.device_id), self._enqueue(self._on_desired))
         self.mqtt.route(self.topics.telemetry_ack(self.device_id), self._enqueue(self._on_ack))
+        self.mqtt.route(self.topics.device_chunks(self.device_id), self._enqueue(self._on_chunk))
         self.events: queue.Queue[Callable[[], None]] = queue.Queue(maxsize=1024)
         self.transfers: dict[str, tuple[DesiredModel, Transfer, float]] = {}
         self.reported: dict[str, ReportedModel] = {}
@@ -150,7 +151,7 @@ class Agent:
 
     # chunks and install ----------------------------------------------------------------------------
     def _on_chunk(self, topic: str, payload: bytes) -> None:
-        artifact_id = topic.split("/")[-2]
+        artifact_id = self.topics.chunk_artifact(topic)
         if artifact_id not in self.transfers:
             return
         model, transfer, _ = self.transfers[artifact_id]

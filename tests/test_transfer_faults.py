@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import astuple
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from edge_agent.agent import Agent
 from edge_agent.config import AgentConfig
 from edge_agent.protocol.artifact import seal
 from edge_agent.protocol.manifest import format_time, manifest_from_wire
-from edge_agent.protocol.messages import FetchRequest, from_wire
+from edge_agent.protocol.messages import Chunk, FetchRequest, from_wire, to_wire
 from edge_agent.protocol.signing import load_private_key
 from edge_agent.store import ModelStore
 
@@ -174,3 +175,58 @@ def test_a_device_that_asks_mid_round_gets_the_rest_of_that_round(
     # dev-2 asked for all 65 chunks: the rest of the round reached it, the next round re-sent only what
     # had gone out before its request arrived (sent_before, plus the few published while it asked)
     assert control.chunks_sent - 65 <= sent_before + 10 < 65
+
+
+def test_chunks_few_devices_lack_go_to_each_on_its_own_topic(
+    hub: Hub, mosquitto: MosquittoProcess, tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    artifact_id = register(hub, big_artifact(tmp_path / "big", keys[0]))
+    devices = ("dev-a", "dev-b", "dev-c", "dev-d")
+    received: dict[str, set[tuple[str, int, int]]] = {d: set() for d in devices}
+    clients, subscribed = {}, threading.Semaphore(0)
+    for device in devices:
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device)
+        client.on_message = lambda c, u, m, d=device: received[d].add(  # type: ignore[misc]
+            ("own" if "/devices/" in m.topic else "shared", *astuple(Chunk.from_wire(m.payload))[:2]))
+        client.on_subscribe = lambda *args: subscribed.release()
+        client.connect("127.0.0.1", mosquitto.port)
+        client.subscribe([(hub.topics.chunks(artifact_id), 1), (hub.topics.device_chunks(device), 1)])
+        client.loop_start()
+        clients[device] = client
+    try:
+        for _ in devices:
+            assert subscribed.acquire(timeout=10)
+        for device, own_chunk in (("dev-a", 0), ("dev-b", 1), ("dev-c", 2)):  # one round: each lacks (0, 5) too
+            request = FetchRequest(artifact_id, ((0, own_chunk), (0, 5)))
+            clients[device].publish(hub.topics.fetch(device), to_wire(request), qos=1)
+        wait_for("chunks delivered", lambda: sum(map(len, received.values())) == 7)
+        time.sleep(0.5)  # and nothing more
+    finally:
+        for client in clients.values():
+            client.loop_stop()
+    assert received == {
+        "dev-a": {("own", 0, 0), ("shared", 0, 5)},
+        "dev-b": {("own", 0, 1), ("shared", 0, 5)},
+        "dev-c": {("own", 0, 2), ("shared", 0, 5)},
+        "dev-d": {("shared", 0, 5)},  # what all three lacked went once to everyone; the rest to its asker only
+    }
+
+
+def test_an_agent_installs_from_its_own_chunk_topic(
+    hub: Hub, mosquitto: MosquittoProcess, tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    register(hub, big_artifact(tmp_path / "big", keys[0]))
+    state = device_state(tmp_path, keys, mosquitto.url)
+    agent = Agent(state, AgentConfig.load(state))
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    assert hub.control is not None
+    hub.control.shared_above = 1.0  # every chunk per device
+    try:
+        wait_for("device online", lambda: online(hub))
+        hub.control.deploy("gemm", "1.0.0", "device:dev-1")
+        wait_for("active", lambda: ModelStore(state / "models").active("gemm"), timeout_s=60)
+    finally:
+        agent.stop_event.set()
+        thread.join(timeout=10)
+    assert hub.control.unicast_chunks_sent == hub.control.chunks_sent == 65

@@ -9,6 +9,7 @@ device.
     {root}/devices/{device}/fetch           device → hub   QoS 1: chunks it still needs
     {root}/devices/{device}/telemetry       device → hub   QoS 1: aggregated windows with a sequence
     {root}/devices/{device}/telemetry/ack   hub → device   QoS 1: highest sequence stored
+    {root}/devices/{device}/chunks/{artifact}  hub → device  QoS 1: a chunk few others still need
     {root}/artifacts/{artifact}/chunks      hub → devices  QoS 1: one binary chunk per message
 """
 
@@ -55,6 +56,16 @@ class Topics:
 
     def chunks(self, artifact_id: str) -> str:
         return f"{self.root}/artifacts/{artifact_id}/chunks"
+
+    def device_chunks(self, device_id: str, artifact_id: str = "+") -> str:
+        """One device's own chunk topic for ``artifact_id`` (``+``: every artifact, to subscribe)."""
+        return self.device(device_id, f"chunks/{artifact_id}")
+
+    @staticmethod
+    def chunk_artifact(topic: str) -> str:
+        """The artifact id in a shared or per-device chunk topic."""
+        levels = topic.split("/")
+        return levels[-2] if levels[-1] == "chunks" else levels[-1]
 
     def all_devices(self, leaf: str) -> str:
         """Hub-side subscription to one leaf of every device."""
