@@ -101,8 +101,9 @@ def serve_command(
         typer.Option(
             min=0.0,
             max=1.0,
-            help="Chunks more than this share of a round's requesting devices lack go on the artifact's shared "
-            "topic; the others to each device that asked, on its own topic (0: always shared, 1: always per device)",
+            help="Re-asked chunks more than this share of a round's requesting devices lack go on the artifact's "
+            "shared topic, the others to each device that asked on its own topic (0: always shared); a first "
+            "whole-artifact fetch is always served on the shared topic",
         ),
     ] = 0.5,
     public_broker: Annotated[

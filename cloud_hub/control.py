@@ -46,14 +46,16 @@ class ControlPlane:
         self.mqtt.route(topics.all_devices("fetch"), self._on_fetch)
         self.mqtt.route(topics.all_devices("telemetry"), self._on_telemetry)
         self._pending: dict[str, dict[tuple[int, int], set[str]]] = {}  # artifact → chunk → devices
+        self._pending_whole: dict[str, set[str]] = {}  # artifact → devices that asked for all of it
         self._sending: dict[str, set[tuple[int, int]]] = {}  # this round's chunks not yet published
         self._pending_lock = threading.Condition()
         self._stop = threading.Event()
         self._sender = threading.Thread(target=self._send_chunks, name="edgefed-chunks", daemon=True)
         self.chunks_sent = 0
         self.unicast_chunks_sent = 0
-        # a chunk more than this share of a round's devices ask for goes on the shared topic, another to
-        # each of its askers on their own topics (0: always shared; 1: always per device)
+        # a chunk that a device fetching the whole artifact wants, or more than this share of a round's
+        # devices, goes on the shared topic; another (a re-ask after loss) to each of its askers on their
+        # own topics (0: always shared; 1: per device unless a whole-artifact fetch wants it)
         self.shared_above = shared_above
         self.bytes_sent = 0
         self.chunk_interval_s = 1.0 / max_chunk_rate if max_chunk_rate > 0 else 0.0  # a cap for thin uplinks
@@ -119,6 +121,8 @@ class ControlPlane:
                 askers = self._pending.setdefault(request.artifact_id, {})
                 for chunk in valid - coming:
                     askers.setdefault(chunk, set()).add(device_id)
+                if not request.chunks:
+                    self._pending_whole.setdefault(request.artifact_id, set()).add(device_id)
                 self._pending_lock.notify()
         log.info("device %s fetches %d chunks of %s (%d already on their way)", device_id, len(valid),
                  request.artifact_id[:12], len(coming))  # fmt: skip
@@ -126,8 +130,8 @@ class ControlPlane:
     def _send_chunks(self) -> None:
         """Rounds: wait for a request, let ``fetch_window_s`` gather the others (a fleet asks at about the
         same time), then publish what was asked, each chunk once on the artifact's topic; a chunk that
-        only a few of the round's devices lack (independent loss) goes to each of them on its own topic
-        instead, so the others are not sent it again. A request that arrives during a round is served by
+        only a few of the round's devices ask for again (independent loss) goes to each of them on its
+        own topic instead, so the others are not sent it again. A request that arrives during a round is served by
         what the round has still to publish on the shared topic, and the rest forms the next round."""
         while not self._stop.is_set():
             with self._pending_lock:
@@ -135,8 +139,8 @@ class ControlPlane:
                     self._pending_lock.wait(timeout=1)
             self._stop.wait(self.fetch_window_s)
             with self._pending_lock:
-                work, self._pending = self._pending, {}
-                plans = {artifact_id: self._split(wanted) for artifact_id, wanted in work.items()}
+                work, whole, self._pending, self._pending_whole = self._pending, self._pending_whole, {}, {}
+                plans = {aid: self._split(wanted, whole.get(aid, set())) for aid, wanted in work.items()}
                 self._sending = {artifact_id: set(shared) for artifact_id, (shared, _) in plans.items()}
             for artifact_id, (shared, own) in plans.items():
                 self._publish_chunks(artifact_id, shared, own)
@@ -144,14 +148,14 @@ class ControlPlane:
                     self._sending.pop(artifact_id, None)
 
     def _split(
-        self, wanted: dict[tuple[int, int], set[str]]
+        self, wanted: dict[tuple[int, int], set[str]], whole: set[str]
     ) -> tuple[list[tuple[int, int]], dict[str, list[tuple[int, int]]]]:
         """(chunks for the shared topic, chunks per device for their own topics)."""
         devices = len(set().union(*wanted.values()))
         shared: list[tuple[int, int]] = []
         own: dict[str, list[tuple[int, int]]] = {}
         for chunk, askers in sorted(wanted.items()):
-            if len(askers) > self.shared_above * devices:
+            if askers & whole or len(askers) > self.shared_above * devices:
                 shared.append(chunk)
             else:
                 for device_id in askers:

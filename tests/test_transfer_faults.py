@@ -212,21 +212,34 @@ def test_chunks_few_devices_lack_go_to_each_on_its_own_topic(
     }
 
 
-def test_an_agent_installs_from_its_own_chunk_topic(
+def test_a_resuming_agent_gets_what_it_lacks_on_its_own_topic(
     hub: Hub, mosquitto: MosquittoProcess, tmp_path: Path, keys: tuple[Path, Path]
 ) -> None:
-    register(hub, big_artifact(tmp_path / "big", keys[0]))
+    artifact_id = register(hub, big_artifact(tmp_path / "big", keys[0]))
     state = device_state(tmp_path, keys, mosquitto.url)
-    agent = Agent(state, AgentConfig.load(state))
-    thread = threading.Thread(target=agent.run, daemon=True)
-    thread.start()
-    assert hub.control is not None
-    hub.control.shared_above = 1.0  # every chunk per device
+    chunks = state / "downloads" / artifact_id / "chunks"
+    control = hub.control
+    assert control is not None
+
+    def run_agent() -> tuple[Agent, threading.Thread]:
+        agent = Agent(state, AgentConfig.load(state))
+        thread = threading.Thread(target=agent.run, daemon=True)
+        thread.start()
+        return agent, thread
+
+    agent, thread = run_agent()
+    wait_for("device online", lambda: online(hub))
+    control.deploy("gemm", "1.0.0", "device:dev-1")
+    wait_for("a third of the chunks", lambda: chunks.is_dir() and len(list(chunks.iterdir())) >= 22)
+    agent.stop_event.set()
+    thread.join(timeout=10)
+    wait_for("the round is over", lambda: control.chunks_sent >= 65)
+    kept = len([p for p in chunks.iterdir() if not p.name.startswith(".")])
+    control.shared_above = 1.0  # a re-ask goes per device unless a whole-artifact fetch wants the chunk
+    agent, thread = run_agent()
     try:
-        wait_for("device online", lambda: online(hub))
-        hub.control.deploy("gemm", "1.0.0", "device:dev-1")
         wait_for("active", lambda: ModelStore(state / "models").active("gemm"), timeout_s=60)
     finally:
         agent.stop_event.set()
         thread.join(timeout=10)
-    assert hub.control.unicast_chunks_sent == hub.control.chunks_sent == 65
+    assert control.unicast_chunks_sent == 65 - kept and control.chunks_sent == 65 + 65 - kept
