@@ -3,7 +3,6 @@ chunks, and a device that was offline during a deployment catches up when it com
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -12,40 +11,27 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import astuple
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from conftest import MosquittoProcess, gemm_onnx, wait_for
+from common import sized_artifact
+from conftest import MosquittoProcess, wait_for
 from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud_hub.server import Hub, HubConfig
 from edge_agent.agent import Agent
 from edge_agent.config import AgentConfig
-from edge_agent.protocol.artifact import seal
-from edge_agent.protocol.manifest import format_time, manifest_from_wire
+from edge_agent.protocol.manifest import manifest_from_wire
 from edge_agent.protocol.messages import Chunk, FetchRequest, from_wire, to_wire
-from edge_agent.protocol.signing import load_private_key
 from edge_agent.store import ModelStore
 
 CHUNK = 4096
 
 
-def big_artifact(directory: Path, key: Path) -> Path:
+def big_artifact(work: Path, key: Path) -> Path:
     """A Gemm artifact with a 256 KiB side file, in 4 KiB chunks: 65 chunks to move."""
-    directory.mkdir(parents=True)
-    gemm_onnx(directory / "model.onnx")
-    (directory / "labels.bin").write_bytes(os.urandom(256 * 1024))
-    now = datetime.now(UTC)
-    seal(directory, {
-        "name": "gemm", "version": "1.0.0", "release": 1, "runtime": "onnxruntime", "precision": "fp32",
-        "hardware": {"profile": "x86-64-generic", "arch": "x86_64", "accelerator": "none"},
-        "inputs": [{"name": "input", "dtype": "float32", "shape": ["batch", 32]}],
-        "outputs": [{"name": "output", "dtype": "float32", "shape": ["batch", 30]}],
-        "source_sha256": "0" * 64, "created_at": format_time(now), "expires_at": format_time(now + timedelta(days=1)),
-    }, load_private_key(key), chunk_size=CHUNK)  # fmt: skip
-    return directory
+    return sized_artifact(work, "gemm", 256 * 1024, key, CHUNK)
 
 
 @pytest.fixture
@@ -85,7 +71,7 @@ def online(hub: Hub) -> bool:
 def test_agent_killed_mid_download_fetches_only_missing_chunks(
     hub: Hub, mosquitto: MosquittoProcess, tmp_path: Path, keys: tuple[Path, Path]
 ) -> None:
-    artifact_id = register(hub, big_artifact(tmp_path / "big", keys[0]))
+    artifact_id = register(hub, big_artifact(tmp_path, keys[0]))
     requests: list[FetchRequest] = []
     spy = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="spy")
     spy.on_message = lambda c, u, m: requests.append(from_wire(FetchRequest, m.payload))
@@ -125,7 +111,7 @@ def test_agent_killed_mid_download_fetches_only_missing_chunks(
 def test_offline_device_catches_up(
     hub: Hub, mosquitto: MosquittoProcess, tmp_path: Path, keys: tuple[Path, Path]
 ) -> None:
-    register(hub, big_artifact(tmp_path / "big", keys[0]))
+    register(hub, big_artifact(tmp_path, keys[0]))
     state = device_state(tmp_path, keys, mosquitto.url)
     agent = Agent(state, AgentConfig.load(state))
     thread = threading.Thread(target=agent.run, daemon=True)
@@ -151,7 +137,7 @@ def test_offline_device_catches_up(
 def test_a_device_that_asks_mid_round_gets_the_rest_of_that_round(
     hub: Hub, mosquitto: MosquittoProcess, tmp_path: Path, keys: tuple[Path, Path]
 ) -> None:
-    register(hub, big_artifact(tmp_path / "big", keys[0]))  # 65 chunks at 60/s: a round of about 1.1 s
+    register(hub, big_artifact(tmp_path, keys[0]))  # 65 chunks at 60/s: a round of about 1.1 s
     states = [device_state(tmp_path, keys, mosquitto.url, device) for device in ("dev-1", "dev-2")]
     agents = [Agent(state, AgentConfig.load(state)) for state in states]
     threads = [threading.Thread(target=agent.run, daemon=True) for agent in agents]
@@ -180,7 +166,7 @@ def test_a_device_that_asks_mid_round_gets_the_rest_of_that_round(
 def test_chunks_few_devices_lack_go_to_each_on_its_own_topic(
     hub: Hub, mosquitto: MosquittoProcess, tmp_path: Path, keys: tuple[Path, Path]
 ) -> None:
-    artifact_id = register(hub, big_artifact(tmp_path / "big", keys[0]))
+    artifact_id = register(hub, big_artifact(tmp_path, keys[0]))
     devices = ("dev-a", "dev-b", "dev-c", "dev-d")
     received: dict[str, set[tuple[str, int, int]]] = {d: set() for d in devices}
     clients, subscribed = {}, threading.Semaphore(0)
@@ -196,8 +182,8 @@ def test_chunks_few_devices_lack_go_to_each_on_its_own_topic(
     try:
         for _ in devices:
             assert subscribed.acquire(timeout=10)
-        for device, own_chunk in (("dev-a", 0), ("dev-b", 1), ("dev-c", 2)):  # one round: each lacks (0, 5) too
-            request = FetchRequest(artifact_id, ((0, own_chunk), (0, 5)))
+        for device, own_chunk in (("dev-a", 0), ("dev-b", 1), ("dev-c", 2)):  # one round: each lacks (1, 5) too
+            request = FetchRequest(artifact_id, ((1, own_chunk), (1, 5)))
             clients[device].publish(hub.topics.fetch(device), to_wire(request), qos=1)
         wait_for("chunks delivered", lambda: sum(map(len, received.values())) == 7)
         time.sleep(0.5)  # and nothing more
@@ -205,17 +191,17 @@ def test_chunks_few_devices_lack_go_to_each_on_its_own_topic(
         for client in clients.values():
             client.loop_stop()
     assert received == {
-        "dev-a": {("own", 0, 0), ("shared", 0, 5)},
-        "dev-b": {("own", 0, 1), ("shared", 0, 5)},
-        "dev-c": {("own", 0, 2), ("shared", 0, 5)},
-        "dev-d": {("shared", 0, 5)},  # what all three lacked went once to everyone; the rest to its asker only
+        "dev-a": {("own", 1, 0), ("shared", 1, 5)},
+        "dev-b": {("own", 1, 1), ("shared", 1, 5)},
+        "dev-c": {("own", 1, 2), ("shared", 1, 5)},
+        "dev-d": {("shared", 1, 5)},  # what all three lacked went once to everyone; the rest to its asker only
     }
 
 
 def test_a_resuming_agent_gets_what_it_lacks_on_its_own_topic(
     hub: Hub, mosquitto: MosquittoProcess, tmp_path: Path, keys: tuple[Path, Path]
 ) -> None:
-    artifact_id = register(hub, big_artifact(tmp_path / "big", keys[0]))
+    artifact_id = register(hub, big_artifact(tmp_path, keys[0]))
     state = device_state(tmp_path, keys, mosquitto.url)
     chunks = state / "downloads" / artifact_id / "chunks"
     control = hub.control
