@@ -333,7 +333,8 @@ def devices_show(device: Annotated[str, typer.Argument(help="Device id")], hub: 
 @devices_app.command("remove")
 def devices_remove(device: Annotated[str, typer.Argument(help="Device id")], hub: HubUrl = None, token: Token = None,
                    state_dir: StateDir = Path("hub-state")) -> None:  # fmt: skip
-    """Forget a device: its record, desired models (the retained message is cleared) and tokens."""
+    """Forget a device: its record, desired models and tokens; its retained messages are cleared and what it
+    still publishes is ignored until it enrolls again."""
     _run(lambda: _client(hub, token, state_dir).request("DELETE", f"/v1/devices/{device}"))
     err.print(f"removed {device}")
 
