@@ -155,6 +155,27 @@ class ModelRepository:
     def loaded(self) -> list[_Served]:
         return list(self._served.values())
 
+    def statistics(self) -> dict[tuple[str, str], list[int]]:
+        """(name, version) → [success, fail, success_ns, last_ms, executions] of this process."""
+        rows = {}
+        for served in self.loaded():
+            s = served.stats
+            executions = served.batcher.executions if served.batcher else s.success
+            rows[(served.manifest.name, served.manifest.version)] = [s.success, s.fail, s.success_ns, s.last_ms,
+                                                                     executions]  # fmt: skip
+        return rows
+
+
+def merge_statistics(into: dict[tuple[str, str], list[int]], rows: dict[tuple[str, str], list[int]]) -> None:
+    """Add ``rows`` (``ModelRepository.statistics``) to ``into``: counts add up, the last inference is the latest."""
+    for key, (success, fail, success_ns, last_ms, executions) in rows.items():
+        total = into.setdefault(key, [0, 0, 0, 0, 0])
+        total[0] += success
+        total[1] += fail
+        total[2] += success_ns
+        total[3] = max(total[3], last_ms)
+        total[4] += executions
+
 
 class UsageCounter:
     """Cloud calls per (device, model); drained into the registry by the hub."""
@@ -219,9 +240,11 @@ class RpcFailure(Exception):
 
 class InferenceServicer:
     def __init__(self, repository: ModelRepository, version: str, usage: UsageCounter,
-                 token_owner: Callable[[str], str | None]) -> None:  # fmt: skip
+                 token_owner: Callable[[str], str | None],
+                 peer_statistics: Callable[[], dict[tuple[str, str], list[int]]] | None = None) -> None:  # fmt: skip
         self.repository, self.version, self.usage = repository, version, usage
         self.token_owner = token_owner
+        self.peer_statistics = peer_statistics  # the other inference processes' (workers.py)
 
     async def _device(self, context: Any) -> str:
         """The calling device: from its bearer token, else its (unauthenticated) x-edgefed-device header."""
@@ -327,16 +350,16 @@ class InferenceServicer:
         self.usage.add(device, served.manifest.name)
 
     async def ModelStatistics(self, request: Any, context: grpc.ServicerContext) -> Any:
+        totals = self.peer_statistics() if self.peer_statistics else {}
+        merge_statistics(totals, self.repository.statistics())
         response = pb.ModelStatisticsResponse()
-        for served in self.repository.loaded():
-            m, s = served.manifest, served.stats
-            if (request.name and request.name != m.name) or (request.version and request.version != m.version):
+        for (name, version), (success, fail, success_ns, last_ms, executions) in sorted(totals.items()):
+            if (request.name and request.name != name) or (request.version and request.version != version):
                 continue
-            executions = served.batcher.executions if served.batcher else s.success
-            stats = response.model_stats.add(name=m.name, version=m.version, last_inference=s.last_ms,
-                                             inference_count=s.success, execution_count=executions)  # fmt: skip
-            stats.inference_stats.success.count, stats.inference_stats.success.ns = s.success, s.success_ns
-            stats.inference_stats.fail.count = s.fail
+            stats = response.model_stats.add(name=name, version=version, last_inference=last_ms,
+                                             inference_count=success, execution_count=executions)  # fmt: skip
+            stats.inference_stats.success.count, stats.inference_stats.success.ns = success, success_ns
+            stats.inference_stats.fail.count = fail
         return response
 
 

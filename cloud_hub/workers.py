@@ -8,13 +8,18 @@ Runtime sessions (every model at start, new ones within 2 s of registration), re
 and writes its usage counts to the registry every 2 s and on exit. The hub's ``invalidate`` reaches
 every worker through a shared generation counter. A worker that dies is restarted; workers stop
 within 2 s when the hub's process is gone, even killed.
-``ModelStatistics`` answers for the process that serves the call.
+``ModelStatistics`` adds up every worker: each writes its counts to ``worker-stats/{pid}.json`` in
+the state directory every 2 s and on exit, and the one that serves the call adds the others' files
+to its live counts (a worker that dies loses at most its last 2 s; the hub clears them at start).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
+import os
+import shutil
 import signal
 import socket
 import threading
@@ -33,12 +38,15 @@ from cloud_hub.inference import (
     ModelRepository,
     TokenOwners,
     UsageCounter,
+    merge_statistics,
 )
 from cloud_hub.registry import SQLiteRegistry
+from edge_agent.protocol.atomic import atomic_write_bytes
 from edge_agent.protocol.signing import TrustStore
 
 log = logging.getLogger(__name__)
 USAGE_FLUSH_S = 2.0
+STATS_DIR = "worker-stats"
 _SPAWN = multiprocessing.get_context("spawn")  # no fork: the hub's threads and gRPC core must not be copied
 
 
@@ -75,7 +83,9 @@ def _worker_main(spec: WorkerSpec, generation: Any, ready: Event) -> None:
     registry, store = open_store(spec.state_dir)
     repository = ModelRepository(registry, store, spec.arch, spec.options, generation)
     usage = UsageCounter()
-    servicer = InferenceServicer(repository, spec.version, usage, TokenOwners(registry))
+    stats_dir = spec.state_dir / STATS_DIR
+    servicer = InferenceServicer(repository, spec.version, usage, TokenOwners(registry),
+                                 lambda: peer_statistics(stats_dir))  # fmt: skip
     repository.warm()
     server = InferenceServer(servicer, spec.address, spec.options)
     ready.set()
@@ -83,6 +93,7 @@ def _worker_main(spec: WorkerSpec, generation: Any, ready: Event) -> None:
     hub = multiprocessing.parent_process()
     while not stop.wait(USAGE_FLUSH_S):
         usage.flush_to(registry)
+        write_statistics(stats_dir, repository)
         if hub is not None and not hub.is_alive():
             log.warning("the hub process is gone: this inference worker stops")
             break
@@ -91,6 +102,21 @@ def _worker_main(spec: WorkerSpec, generation: Any, ready: Event) -> None:
             repository.warm()
     server.stop(grace_s=2)
     usage.flush_to(registry)
+    write_statistics(stats_dir, repository)
+
+
+def write_statistics(directory: Path, repository: ModelRepository) -> None:
+    rows = [[name, version, *row] for (name, version), row in repository.statistics().items()]
+    atomic_write_bytes(directory / f"{os.getpid()}.json", json.dumps(rows).encode())
+
+
+def peer_statistics(directory: Path) -> dict[tuple[str, str], list[int]]:
+    """What the other worker processes (alive or not) last wrote."""
+    totals: dict[tuple[str, str], list[int]] = {}
+    for file in directory.glob("*.json"):
+        if file.stem != str(os.getpid()):
+            merge_statistics(totals, {(name, version): row for name, version, *row in json.loads(file.read_bytes())})
+    return totals
 
 
 class InferenceWorkers:
@@ -99,6 +125,8 @@ class InferenceWorkers:
 
     def __init__(self, spec: WorkerSpec, count: int, generation: Any, start_timeout_s: float = 300) -> None:
         self.spec, self.generation = spec, generation
+        shutil.rmtree(spec.state_dir / STATS_DIR, ignore_errors=True)  # statistics start with the hub
+        (spec.state_dir / STATS_DIR).mkdir()
         self.restarts = 0
         self._stopping = threading.Event()
         started = [self._spawn() for _ in range(count)]

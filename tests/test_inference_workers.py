@@ -111,3 +111,21 @@ def test_workers_stop_when_the_hub_is_killed(tmp_path: Path, keys: tuple[Path, P
     hub.process.wait(timeout=10)
     _, alive = psutil.wait_procs(workers, timeout=15)
     assert not alive, f"workers outlived the hub: {alive}"
+
+
+def test_model_statistics_add_up_every_process(hub: Hub, tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    assert hub.admin is not None
+    AdminClient(f"http://127.0.0.1:{hub.admin.port}", operator_token(hub.config.state_dir)).add_artifact(
+        make_artifact(tmp_path / "v1", keys[0])
+    )
+    stubs = connections(hub.grpc_port)
+    for stub in stubs:
+        for _ in range(3):
+            infer(stub)
+    assert len(serving_pids(hub)) == 2
+
+    def counts() -> set[int]:  # as each connection's process answers
+        request = pb.ModelStatisticsRequest(name="gemm")
+        return {stub.ModelStatistics(request, timeout=5).model_stats[0].inference_count for stub in stubs}
+
+    wait_for("every process's calls in the statistics", lambda: counts() == {3 * CONNECTIONS}, timeout_s=10)
