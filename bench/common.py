@@ -186,10 +186,10 @@ message_size_limit 0
 class MosquittoProcess:
     """Mosquitto on a free port with its own config (its default queue of 1,000 drops silently)."""
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, port: int = 0) -> None:
         import shutil
 
-        self.port = free_port()
+        self.port = port or free_port()
         conf = work / f"mosquitto-{self.port}.conf"
         conf.write_text(MOSQUITTO_CONF.format(port=self.port))
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"

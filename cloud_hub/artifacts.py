@@ -18,6 +18,7 @@ from edge_agent.protocol.artifact import (
     check_freshness,
     read_chunk,
     read_manifest,
+    verify_chunk,
     verify_files,
 )
 from edge_agent.protocol.atomic import publish_dir
@@ -35,13 +36,20 @@ class ArtifactStore:
         return self.root / artifact_id
 
     def add(self, source: Path) -> Manifest:
-        """Verify an artifact directory with the hub's trusted keys and store it under its id."""
+        """Verify an artifact directory with the hub's trusted keys and store it under its id; adding it
+        again replaces a stored copy that no longer verifies (disk rot)."""
         manifest = read_manifest(source, self.trust)
         check_freshness(manifest, installed_release=None)
         verify_files(source, manifest)
         final = self.path(manifest.artifact_id)
         if final.exists():
-            return manifest
+            try:
+                verify_files(final, manifest)
+                return manifest
+            except ArtifactRejected:
+                corrupt = Path(tempfile.mkdtemp(prefix=".corrupt-", dir=self.root))
+                final.rename(corrupt / "artifact")
+                shutil.rmtree(corrupt, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.root))
         try:
             for name in [*RESERVED, *(f.path for f in manifest.files)]:
@@ -76,4 +84,7 @@ class ArtifactStore:
         return data
 
     def read_chunk(self, manifest: Manifest, file_index: int, chunk_index: int) -> bytes:
-        return read_chunk(self.path(manifest.artifact_id), manifest, file_index, chunk_index)
+        """One chunk, checked against the manifest: ArtifactRejected when the copy on disk has rotted."""
+        data = read_chunk(self.path(manifest.artifact_id), manifest, file_index, chunk_index)
+        verify_chunk(manifest, file_index, chunk_index, data)
+        return data

@@ -53,6 +53,7 @@ class ControlPlane:
         self._sender = threading.Thread(target=self._send_chunks, name="edgefed-chunks", daemon=True)
         self.chunks_sent = 0
         self.unicast_chunks_sent = 0
+        self.corrupt_chunks = 0  # chunks not sent because the hub's copy fails its sha256
         # a chunk that a device fetching the whole artifact wants, or more than this share of a round's
         # devices, goes on the shared topic; another (a re-ask after loss) to each of its askers on their
         # own topics (0: always shared; 1: per device unless a whole-artifact fetch wants it)
@@ -143,7 +144,10 @@ class ControlPlane:
                 plans = {aid: self._split(wanted, whole.get(aid, set())) for aid, wanted in work.items()}
                 self._sending = {artifact_id: set(shared) for artifact_id, (shared, _) in plans.items()}
             for artifact_id, (shared, own) in plans.items():
-                self._publish_chunks(artifact_id, shared, own)
+                try:
+                    self._publish_chunks(artifact_id, shared, own)
+                except Exception:  # this thread must outlive any one round
+                    log.exception("chunk round for %s failed", artifact_id[:12])
                 with self._pending_lock:
                     self._sending.pop(artifact_id, None)
 
@@ -182,12 +186,21 @@ class ControlPlane:
                 self.unicast_chunks_sent += 1
 
     def _publish_chunk(self, topic: str, manifest: Manifest, chunk: tuple[int, int]) -> bool:
-        """Publish one chunk (at most ``max_chunk_rate`` a second); False once the hub is stopping."""
+        """Publish one chunk (at most ``max_chunk_rate`` a second); False when the round must end (the hub
+        is stopping, the broker is gone)."""
         if self._stop.is_set():
             return False
-        data = self.store.read_chunk(manifest, *chunk)
-        info = self.mqtt.publish(topic, Chunk(*chunk, data).to_wire(), qos=1)
-        info.wait_for_publish(timeout=30)
+        try:
+            data = self.store.read_chunk(manifest, *chunk)
+        except (ArtifactRejected, OSError) as exc:  # never publish what devices would refuse; say so loudly
+            self.corrupt_chunks += 1
+            log.error("artifact %s is unreadable in the hub's store (%s): add it again", manifest.artifact_id[:12], exc)
+            return True
+        try:
+            self.mqtt.publish(topic, Chunk(*chunk, data).to_wire(), qos=1).wait_for_publish(timeout=30)
+        except RuntimeError as exc:  # the broker is gone: end the round; agents ask again once reconnected
+            log.warning("chunk round for %s stopped: %s", manifest.artifact_id[:12], exc)
+            return False
         if self.chunk_interval_s:
             self._stop.wait(self.chunk_interval_s)
         self.chunks_sent += 1

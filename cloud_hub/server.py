@@ -147,6 +147,7 @@ class Hub:
             "devices": len(self.registry.devices()),
             "artifacts": len(self.registry.artifacts()),
             "chunks_sent": control.chunks_sent if control else 0,
+            "corrupt_chunks": control.corrupt_chunks if control else 0,
             "malformed_messages": control.mqtt.malformed if control else 0,
         }
 

@@ -1,8 +1,10 @@
 """Deployment faults on a real Mosquitto: an agent killed mid-download resumes with only the missing
-chunks, and a device that was offline during a deployment catches up when it comes back."""
+chunks, a device that was offline catches up, the broker killed mid-transfer, a forged chunk on the
+wire, a chunk rotten on the hub's disk; and how chunk rounds serve late and re-asking devices."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -229,3 +231,94 @@ def test_a_resuming_agent_gets_what_it_lacks_on_its_own_topic(
         agent.stop_event.set()
         thread.join(timeout=10)
     assert control.unicast_chunks_sent == 65 - kept and control.chunks_sent == 65 + 65 - kept
+
+
+def run_agent(state: Path) -> tuple[Agent, threading.Thread]:
+    agent = Agent(state, AgentConfig.load(state))
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    return agent, thread
+
+
+def stored_chunks(state: Path, artifact_id: str) -> int:
+    chunks = state / "downloads" / artifact_id / "chunks"
+    return len([p for p in chunks.iterdir() if not p.name.startswith(".")]) if chunks.is_dir() else 0
+
+
+def test_broker_killed_mid_transfer_the_download_completes_when_it_is_back(
+    hub: Hub, mosquitto: MosquittoProcess, tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    artifact_id = register(hub, big_artifact(tmp_path, keys[0]))
+    state = device_state(tmp_path, keys, mosquitto.url)
+    agent, thread = run_agent(state)
+    revived = None
+    try:
+        wait_for("device online", lambda: online(hub))
+        assert hub.control is not None
+        hub.control.deploy("gemm", "1.0.0", "device:dev-1")
+        wait_for("a third of the chunks", lambda: stored_chunks(state, artifact_id) >= 22)
+        mosquitto.process.kill()  # the broker dies mid-transfer, its sessions with it (no persistence)
+        mosquitto.process.wait()
+        assert not ModelStore(state / "models").active("gemm")
+        revived = MosquittoProcess(tmp_path, port=mosquitto.port)
+        wait_for("active after the broker came back", lambda: ModelStore(state / "models").active("gemm"),
+                 timeout_s=90)  # fmt: skip
+        wait_for("the hub sees it active", lambda: (hub.registry.device("dev-1")["reported"] or {})
+                 .get("models", [{}])[0].get("state") == "active", timeout_s=30)  # fmt: skip
+    finally:
+        agent.stop_event.set()
+        thread.join(timeout=10)
+        if revived is not None:
+            revived.stop()
+
+
+def test_a_corrupt_chunk_on_the_wire_is_refused(
+    hub: Hub, mosquitto: MosquittoProcess, tmp_path: Path, keys: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    artifact_id = register(hub, big_artifact(tmp_path, keys[0]))
+    state = device_state(tmp_path, keys, mosquitto.url)
+    agent, thread = run_agent(state)
+    forger = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="forger")
+    forger.connect("127.0.0.1", mosquitto.port)
+    forger.loop_start()
+    try:
+        wait_for("device online", lambda: online(hub))
+        assert hub.control is not None
+        hub.control.deploy("gemm", "1.0.0", "device:dev-1")
+        wait_for("the download under way", lambda: stored_chunks(state, artifact_id) >= 5)
+        forged = Chunk(1, 60, os.urandom(CHUNK)).to_wire()  # the real (1, 60) is about 55 chunks behind
+        forger.publish(hub.topics.chunks(artifact_id), forged, qos=1).wait_for_publish(timeout=5)
+        wait_for("active", lambda: ModelStore(state / "models").active("gemm"), timeout_s=60)
+    finally:
+        forger.loop_stop()
+        agent.stop_event.set()
+        thread.join(timeout=10)
+    assert "bad chunk" in caplog.text and "wrong sha256" in caplog.text
+    active = ModelStore(state / "models").active("gemm")
+    assert active is not None and active.artifact_id == artifact_id  # the store verified every file again
+
+
+def test_the_hub_never_sends_a_chunk_rotten_on_its_disk_and_adding_again_repairs_it(
+    hub: Hub, mosquitto: MosquittoProcess, tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    source = big_artifact(tmp_path, keys[0])
+    artifact_id = register(hub, source)
+    rotten = hub.store.path(artifact_id) / "weights.bin"
+    data = bytearray(rotten.read_bytes())
+    data[3 * CHUNK + 7] ^= 0xFF  # one bit flip in chunk (1, 3) of the hub's copy
+    rotten.write_bytes(bytes(data))
+    state = device_state(tmp_path, keys, mosquitto.url)
+    agent, thread = run_agent(state)
+    control = hub.control
+    assert control is not None
+    try:
+        wait_for("device online", lambda: online(hub))
+        control.deploy("gemm", "1.0.0", "device:dev-1")
+        wait_for("the rotten chunk held back", lambda: control.corrupt_chunks >= 1)
+        wait_for("the rest delivered", lambda: stored_chunks(state, artifact_id) == 64)
+        assert not ModelStore(state / "models").active("gemm")
+        hub.store.add(source)  # the operator adds the artifact again: the rotten copy is replaced
+        wait_for("active after the repair", lambda: ModelStore(state / "models").active("gemm"), timeout_s=30)
+    finally:
+        agent.stop_event.set()
+        thread.join(timeout=10)
