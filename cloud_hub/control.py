@@ -132,8 +132,8 @@ class ControlPlane:
         """Rounds: wait for a request, let ``fetch_window_s`` gather the others (a fleet asks at about the
         same time), then publish what was asked, each chunk once on the artifact's topic; a chunk that
         only a few of the round's devices ask for again (independent loss) goes to each of them on its
-        own topic instead, so the others are not sent it again. A request that arrives during a round is served by
-        what the round has still to publish on the shared topic, and the rest forms the next round."""
+        own topic instead, so the others are not sent it again. A request that arrives during a round
+        is served by what the round has still to publish on the shared topic; the rest forms the next."""
         while not self._stop.is_set():
             with self._pending_lock:
                 while not self._pending and not self._stop.is_set():
