@@ -73,7 +73,7 @@ def test_deploy_infer_locally_and_in_the_cloud_and_collect_telemetry(
     try:
         wait_for(
             "device online",
-            lambda: [d for d in admin.request("GET", "/v1/devices") if d["status"] == "online"],
+            lambda: [d for d in admin.request("GET", "/v1/devices") if d["status"] == "online" and d["profile"]],
         )
         x, y = digits_artifact["x"], digits_artifact["y"]
         with EdgeClient(device_state) as client:

@@ -67,7 +67,8 @@ def agent_process(state: Path) -> subprocess.Popen[bytes]:
 
 
 def online(hub: Hub) -> bool:
-    return any(d["status"] == "online" for d in hub.registry.devices())
+    """A device is online and has reported its profile (status and reported state are two messages)."""
+    return any(d["status"] == "online" and d["profile"] for d in hub.registry.devices())
 
 
 def test_agent_killed_mid_download_fetches_only_missing_chunks(
@@ -148,7 +149,8 @@ def test_a_device_that_asks_mid_round_gets_the_rest_of_that_round(
     control = hub.control
     assert control is not None
     try:
-        wait_for("both online", lambda: sum(d["status"] == "online" for d in hub.registry.devices()) == 2)
+        wait_for("both online", lambda: sum(d["status"] == "online" and bool(d["profile"])
+                                            for d in hub.registry.devices()) == 2)  # fmt: skip
         control.deploy("gemm", "1.0.0", "device:dev-1")
         wait_for("round under way", lambda: control.chunks_sent >= 20)
         sent_before = control.chunks_sent
