@@ -18,7 +18,6 @@ import multiprocessing
 import os
 import threading
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from cloud_hub.accounting import Statistics, UsageCounter, merge_statistics
 from cloud_hub.artifacts import ArtifactStore
 from cloud_hub.batching import Batcher, QueueFull
 from cloud_hub.errors import NotFound
@@ -155,7 +155,7 @@ class ModelRepository:
     def loaded(self) -> list[_Served]:
         return list(self._served.values())
 
-    def statistics(self) -> dict[tuple[str, str], list[int]]:
+    def statistics(self) -> Statistics:
         """(name, version) → [success, fail, success_ns, last_ms, executions] of this process."""
         rows = {}
         for served in self.loaded():
@@ -164,39 +164,6 @@ class ModelRepository:
             rows[(served.manifest.name, served.manifest.version)] = [s.success, s.fail, s.success_ns, s.last_ms,
                                                                      executions]  # fmt: skip
         return rows
-
-
-def merge_statistics(into: dict[tuple[str, str], list[int]], rows: dict[tuple[str, str], list[int]]) -> None:
-    """Add ``rows`` (``ModelRepository.statistics``) to ``into``: counts add up, the last inference is the latest."""
-    for key, (success, fail, success_ns, last_ms, executions) in rows.items():
-        total = into.setdefault(key, [0, 0, 0, 0, 0])
-        total[0] += success
-        total[1] += fail
-        total[2] += success_ns
-        total[3] = max(total[3], last_ms)
-        total[4] += executions
-
-
-class UsageCounter:
-    """Cloud calls per (device, model); drained into the registry by the hub."""
-
-    def __init__(self) -> None:
-        self.counts: Counter[tuple[str, str]] = Counter()
-        self._lock = threading.Lock()
-
-    def add(self, device: str, model: str) -> None:
-        with self._lock:
-            self.counts[(device, model)] += 1
-
-    def drain(self) -> Counter[tuple[str, str]]:
-        with self._lock:
-            drained, self.counts = self.counts, Counter()
-        return drained
-
-    def flush_to(self, registry: Registry) -> None:
-        counts = self.drain()
-        if counts:
-            registry.add_usage(dict(counts))
 
 
 class TokenOwners:
@@ -241,7 +208,7 @@ class RpcFailure(Exception):
 class InferenceServicer:
     def __init__(self, repository: ModelRepository, version: str, usage: UsageCounter,
                  token_owner: Callable[[str], str | None],
-                 peer_statistics: Callable[[], dict[tuple[str, str], list[int]]] | None = None) -> None:  # fmt: skip
+                 peer_statistics: Callable[[], Statistics] | None = None) -> None:  # fmt: skip
         self.repository, self.version, self.usage = repository, version, usage
         self.token_owner = token_owner
         self.peer_statistics = peer_statistics  # the other inference processes' (workers.py)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cloud_hub.accounting import UsageCounter
 from cloud_hub.admin import AdminApi
 from cloud_hub.broker import EmbeddedBroker
 from cloud_hub.control import ControlPlane
@@ -28,7 +29,6 @@ from cloud_hub.inference import (
     InferenceServer,
     ModelRepository,
     TokenOwners,
-    UsageCounter,
     start_inference_server,
     token_hash,
 )

@@ -15,10 +15,8 @@ to its live counts (a worker that dies loses at most its last 2 s; the hub clear
 
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing
-import os
 import shutil
 import signal
 import socket
@@ -30,6 +28,7 @@ from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any
 
+from cloud_hub.accounting import UsageCounter, peer_statistics, write_statistics
 from cloud_hub.artifacts import ArtifactStore
 from cloud_hub.inference import (
     InferenceOptions,
@@ -37,11 +36,8 @@ from cloud_hub.inference import (
     InferenceServicer,
     ModelRepository,
     TokenOwners,
-    UsageCounter,
-    merge_statistics,
 )
 from cloud_hub.registry import SQLiteRegistry
-from edge_agent.protocol.atomic import atomic_write_bytes
 from edge_agent.protocol.signing import TrustStore
 
 log = logging.getLogger(__name__)
@@ -93,7 +89,7 @@ def _worker_main(spec: WorkerSpec, generation: Any, ready: Event) -> None:
     hub = multiprocessing.parent_process()
     while not stop.wait(USAGE_FLUSH_S):
         usage.flush_to(registry)
-        write_statistics(stats_dir, repository)
+        write_statistics(stats_dir, repository.statistics())
         if hub is not None and not hub.is_alive():
             log.warning("the hub process is gone: this inference worker stops")
             break
@@ -102,21 +98,7 @@ def _worker_main(spec: WorkerSpec, generation: Any, ready: Event) -> None:
             repository.warm()
     server.stop(grace_s=2)
     usage.flush_to(registry)
-    write_statistics(stats_dir, repository)
-
-
-def write_statistics(directory: Path, repository: ModelRepository) -> None:
-    rows = [[name, version, *row] for (name, version), row in repository.statistics().items()]
-    atomic_write_bytes(directory / f"{os.getpid()}.json", json.dumps(rows).encode())
-
-
-def peer_statistics(directory: Path) -> dict[tuple[str, str], list[int]]:
-    """What the other worker processes (alive or not) last wrote."""
-    totals: dict[tuple[str, str], list[int]] = {}
-    for file in directory.glob("*.json"):
-        if file.stem != str(os.getpid()):
-            merge_statistics(totals, {(name, version): row for name, version, *row in json.loads(file.read_bytes())})
-    return totals
+    write_statistics(stats_dir, repository.statistics())
 
 
 class InferenceWorkers:

@@ -149,11 +149,11 @@ class InferenceServer:
     """The hub's OIP gRPC server on port 0 over a real registry and artifact store (no MQTT needed)."""
 
     def __init__(self, root: Path, keys: tuple[Path, Path], **options: Any) -> None:
+        from cloud_hub.accounting import UsageCounter
         from cloud_hub.artifacts import ArtifactStore
         from cloud_hub.inference import (
             InferenceOptions,
             ModelRepository,
-            UsageCounter,
             start_inference_server,
             token_hash,
         )
