@@ -193,19 +193,22 @@ class SQLiteRegistry:
         return {**row, "manifest": json.loads(row["manifest"]), "signature": json.loads(row["signature"])}
 
     def upsert_device(self, device_id: str, **fields: Any) -> None:
-        for key in ("reported", "groups", "tags"):
-            if key in fields:
-                fields[key] = json.dumps(fields[key])
         with self._lock, self.db.conn:
             self.db.execute("DELETE FROM removed_devices WHERE device_id = ?", [device_id])
-            self.db.table("devices").upsert({"device_id": device_id, **fields}, pk="device_id")
+            self._upsert_device(device_id, fields)
 
     def update_from_device(self, device_id: str, **fields: Any) -> bool:
         with self._lock:
             if self.db.execute("SELECT 1 FROM removed_devices WHERE device_id = ?", [device_id]).fetchone():
                 return False
-            self.upsert_device(device_id, **fields)
+            self._upsert_device(device_id, fields)
             return True
+
+    def _upsert_device(self, device_id: str, fields: dict[str, Any]) -> None:
+        for key in ("reported", "groups", "tags"):
+            if key in fields:
+                fields[key] = json.dumps(fields[key])
+        self.db.table("devices").upsert({"device_id": device_id, **fields}, pk="device_id")
 
     def devices(self) -> list[dict[str, Any]]:
         with self._lock:
