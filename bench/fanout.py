@@ -229,7 +229,6 @@ def main() -> None:
         assert control is not None
         own, own_hub, own_device = independent_loss(0.5)  # the hub's default
         shared, shared_hub, shared_device = independent_loss(0.0)  # every chunk on the shared topic: the union
-        control.shared_above = 0.5
         print(f"10 % independent loss: each device received {own_device:.3f}x the artifact extra with "
               f"per-device re-sends vs {shared_device:.3f}x with shared re-sends ({shared_device / own_device:.1f}x "
               f"less); the hub re-sent {own_hub:.2f}x vs {shared_hub:.2f}x the artifact")  # fmt: skip
