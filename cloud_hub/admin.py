@@ -87,7 +87,8 @@ class AdminApi:
             route("GET", "/v1/status", lambda r, p, q: hub.status()),
             route("GET", "/v1/models", lambda r, p, q: hub.registry.artifacts()),
             route("GET", "/v1/models/{name}", lambda r, p, q: self._model(p["name"])),
-            route("POST", "/v1/artifacts", lambda r, p, q: self._upload(r)),
+            route("GET", "/v1/models/{name}/{version}", lambda r, p, q: hub.model_version(p["name"], p["version"])),
+            route("POST", "/v1/artifacts", lambda r, p, q: self._upload(r, q.get("allow_interface_change") == ["1"])),
             route("GET", "/v1/devices", lambda r, p, q: hub.registry.devices()),
             route("GET", "/v1/devices/{id}", lambda r, p, q: hub.registry.device(p["id"])),
             route("DELETE", "/v1/devices/{id}", lambda r, p, q: hub.remove_device(p["id"])),
@@ -149,11 +150,11 @@ class AdminApi:
                 raise ValueError(f"field {key!r} is required ({kind.__name__})")
         return body
 
-    def _upload(self, request: BaseHTTPRequestHandler) -> dict[str, Any]:
+    def _upload(self, request: BaseHTTPRequestHandler, allow_interface_change: bool) -> dict[str, Any]:
         with tempfile.NamedTemporaryFile(suffix=".tar") as tmp:
             tmp.write(self._body(request, MAX_UPLOAD_BYTES))
             tmp.flush()
-            result: dict[str, Any] = self.hub.add_artifact(Path(tmp.name))
+            result: dict[str, Any] = self.hub.add_artifact(Path(tmp.name), allow_interface_change)
             return result
 
     def _deploy(self, request: BaseHTTPRequestHandler) -> dict[str, Any]:

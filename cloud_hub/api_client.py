@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cloud_hub.errors import HubError
+from cloud_hub.errors import Conflict, HubError, NotFound
 
 
 class _Counting(io.RawIOBase):
@@ -55,13 +55,15 @@ class AdminClient:
                 message = json.loads(exc.read()).get("error", exc.reason)
             except ValueError:
                 message = exc.reason
-            raise HubError(f"{method} {path}: {exc.code} {message}") from None
+            kind = {404: NotFound, 409: Conflict}.get(exc.code, HubError)
+            raise kind(f"{method} {path}: {exc.code} {message}") from None
         except (urllib.error.URLError, OSError) as exc:
             raise HubError(
                 f"cannot reach the hub at {self.url} ({exc}); is 'cloud-hub serve' running? Set --hub or {HUB_URL_ENV}"
             ) from None
 
-    def add_artifact(self, directory: Path, progress: Callable[[int, int], None] | None = None) -> Any:
+    def add_artifact(self, directory: Path, progress: Callable[[int, int], None] | None = None,
+                     allow_interface_change: bool = False) -> Any:  # fmt: skip
         """Upload an artifact directory as a tar; ``progress(bytes_sent, total)`` as it goes."""
         if not (directory / "manifest.json").is_file():
             raise HubError(f"{directory} is not an artifact directory (no manifest.json)")
@@ -71,7 +73,8 @@ class AdminClient:
                 if path.is_file():
                     tar.add(path, arcname=path.name)
         body = buffer.getvalue()
-        return self.request("POST", "/v1/artifacts", _Counting(body, progress) if progress else body,
+        route = "/v1/artifacts?allow_interface_change=1" if allow_interface_change else "/v1/artifacts"
+        return self.request("POST", route, _Counting(body, progress) if progress else body,
                             "application/x-tar", len(body))  # fmt: skip
 
     def deploy(self, model: str, version: str, target: str) -> Any:

@@ -79,6 +79,10 @@ class ArtifactStore:
                 raise ArtifactRejected("manifest", f"upload is not a tar archive: {exc}") from None
             return self.add(Path(tmp))
 
+    def discard(self, artifact_id: str) -> None:
+        """Remove a stored artifact the registry refused."""
+        shutil.rmtree(self.path(artifact_id), ignore_errors=True)
+
     def signature(self, artifact_id: str) -> dict[str, Any]:
         data: dict[str, Any] = json.loads((self.path(artifact_id) / SIGNATURE_FILE).read_text())
         return data

@@ -31,18 +31,19 @@ from cloud_hub.artifacts import ArtifactStore
 from cloud_hub.batching import Batcher, QueueFull
 from cloud_hub.errors import NotFound
 from cloud_hub.registry import Registry
+from device_profiles import DeviceProfile
 from edge_agent.errors import InputMismatch
+from edge_agent.protocol.errors import ArtifactRejected
 from edge_agent.protocol.manifest import Manifest, manifest_from_wire
 from edge_agent.protocol.oip import add_servicer, pb
-from edge_agent.protocol.oip.tensors import TensorError, datatype_of, from_contents, from_raw, to_raw
+from edge_agent.protocol.oip.tensors import OIP_DATATYPES, TensorError, datatype_of, from_contents, from_raw, to_raw
 from edge_agent.runtimes import InputValidator
 from edge_agent.runtimes.onnxruntime import OnnxRuntimeSession
+from edge_agent.store import check_compatible
 
 log = logging.getLogger(__name__)
 SERVER_NAME = "edgefed-hub"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-_OIP_NAMES = {"float32": "FP32", "float16": "FP16", "float64": "FP64", "int64": "INT64", "int32": "INT32",
-              "int8": "INT8", "uint8": "UINT8", "bool": "BOOL", "bytes": "BYTES"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -78,15 +79,19 @@ class _Served:
 
 
 class ModelRepository:
-    """Picks and loads the artifact that answers for (name, version) on this hub.
+    """Picks and loads the artifact that answers for (name, version) on this hub: the one compiled for
+    ``serving_profile`` (the profile of the machine the hub runs on), else one that profile can run
+    (a CPU artifact for the same arch and an ONNX Runtime runtime, as an agent would accept).
 
-    ``generation`` is a counter shared with the other serving processes (a ``multiprocessing``
-    RawValue): ``invalidate`` bumps it, and every repository that shares it re-resolves.
+    A version is a registered version name or, Triton-style, an integer release number; an empty
+    version means the newest version this hub can serve. ``generation`` is a counter shared with the
+    other serving processes (a ``multiprocessing`` RawValue): ``invalidate`` bumps it, and every
+    repository that shares it re-resolves.
     """
 
-    def __init__(self, registry: Registry, store: ArtifactStore, arch: str = "x86_64",
+    def __init__(self, registry: Registry, store: ArtifactStore, serving_profile: DeviceProfile,
                  options: InferenceOptions | None = None, generation: Any = None) -> None:  # fmt: skip
-        self.registry, self.store, self.arch = registry, store, arch
+        self.registry, self.store, self.profile = registry, store, serving_profile
         self.options = options or InferenceOptions()
         self.generation = generation if generation is not None else multiprocessing.get_context("spawn").RawValue("Q")
         self._seen = self.generation.value
@@ -99,18 +104,40 @@ class ModelRepository:
         after registering an artifact."""
         self.generation.value += 1
 
+    def servable(self, manifest: dict[str, Any]) -> bool:
+        """Whether this hub's ONNX Runtime can serve the artifact on its serving profile."""
+        if not str(manifest["runtime"]).startswith("onnxruntime"):
+            return False
+        try:
+            check_compatible(manifest_from_wire(manifest), self.profile)
+        except ArtifactRejected:
+            return False
+        return True
+
     def _pick(self, name: str, version: str) -> dict[str, Any]:
-        rows = self.registry.artifacts(name, version or None)
+        rows = self.registry.artifacts(name)
         if not rows:
-            raise NotFound(f"model {name}{'@' + version if version else ''} is not registered")
-        rows = [r for r in rows if r["release"] == rows[0]["release"]]  # newest release of that version
-        manifests = [self.registry.artifact(r["artifact_id"])["manifest"] for r in rows]
-        ranked: list[dict[str, Any]] = sorted(
-            manifests,
-            key=lambda m: (m["hardware"]["accelerator"] == "nvidia-gpu", m["hardware"]["arch"] == self.arch),
-            reverse=True,
-        )
-        return ranked[0]
+            raise NotFound(f"model {name} is not registered")
+        if version:
+            wanted = [r for r in rows if r["version"] == version]
+            if not wanted and version.isdigit():  # a Triton-style integer version: a release number
+                wanted = [r for r in rows if r["release"] == int(version)]
+            if not wanted:
+                raise NotFound(f"model {name}@{version} is not registered (versions: "
+                               f"{', '.join(sorted({r['version'] for r in rows}))})")  # fmt: skip
+            rows = wanted
+        manifests = [self.registry.artifact(r["artifact_id"])["manifest"] for r in rows]  # newest release first
+        servable = [m for m in manifests if self.servable(m)]
+        if not servable:
+            label = f"{name}@{version}" if version else name
+            built_for = ", ".join(sorted({m["hardware"]["profile"] for m in manifests}))
+            raise NotFound(
+                f"{label} has no artifact this hub can serve (built for {built_for}; the hub serves profile "
+                f"{self.profile.id}): compile it with --profile {self.profile.id} and add it with "
+                "'cloud-hub models add'"
+            )
+        newest = [m for m in servable if m["release"] == servable[0]["release"]]
+        return next((m for m in newest if m["hardware"]["profile"] == self.profile.id), newest[0])
 
     def get(self, name: str, version: str) -> _Served:
         """The served model for (name, version); a dict lookup once resolved (the per-call path)."""
@@ -126,11 +153,13 @@ class ModelRepository:
         return served
 
     def warm(self, names: list[str] | None = None) -> None:
-        """Load the newest release of each model (all registered ones by default) before a call needs
-        it: a first call would otherwise wait for the session to load (≈ 80 ms for the digits CNN)."""
+        """Load the newest servable version of each model (all registered ones by default) before a call
+        needs it: a first call would otherwise wait for the session to load (≈ 80 ms for the digits CNN)."""
         for name in names if names is not None else sorted({r["name"] for r in self.registry.artifacts()}):
             try:
                 self.get(name, "")
+            except NotFound as exc:
+                log.warning("not serving %s: %s", name, exc)
             except Exception:
                 log.exception("could not load %s ahead of its first call", name)
 
@@ -182,21 +211,33 @@ class TokenOwners:
 
 def _tensor_metadata(specs: Any) -> list[Any]:
     return [pb.ModelMetadataResponse.TensorMetadata(
-        name=s.name, datatype=_OIP_NAMES.get(s.dtype, s.dtype.upper()),
+        name=s.name, datatype=OIP_DATATYPES[s.dtype],
         shape=[d if isinstance(d, int) else -1 for d in s.shape]) for s in specs]  # fmt: skip
 
 
 def decode_inputs(request: Any) -> dict[str, np.ndarray]:
+    """A request's input tensors by name; BYTES become text (ONNX Runtime's strings), so bytes that are
+    not UTF-8 are the caller's error, as is a name given twice."""
     inputs = {}
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise TensorError("raw_input_contents must hold one entry per input")
     for index, tensor in enumerate(request.inputs):
+        if tensor.name in inputs:
+            raise TensorError(f"input {tensor.name!r} is given twice")
         if raw:
-            inputs[tensor.name] = from_raw(raw[index], tensor.datatype, tensor.shape)
+            array = from_raw(raw[index], tensor.datatype, tensor.shape)
         else:
-            inputs[tensor.name] = from_contents(tensor.contents, tensor.datatype, tensor.shape)
+            array = from_contents(tensor.contents, tensor.datatype, tensor.shape)
+        inputs[tensor.name] = _as_text(tensor.name, array) if tensor.datatype == "BYTES" else array
     return inputs
+
+
+def _as_text(name: str, array: np.ndarray) -> np.ndarray:
+    try:
+        return np.array([item.decode() for item in array.reshape(-1)], dtype=object).reshape(array.shape)
+    except UnicodeDecodeError:
+        raise TensorError(f"input {name!r}: BYTES elements must be UTF-8 text for this model") from None
 
 
 class RpcFailure(Exception):
@@ -317,6 +358,9 @@ class InferenceServicer:
         self.usage.add(device, served.manifest.name)
 
     async def ModelStatistics(self, request: Any, context: grpc.ServicerContext) -> Any:
+        if request.name and not self.repository.registry.artifacts(request.name, request.version or None):
+            label = f"{request.name}@{request.version}" if request.version else request.name
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"model {label} is not registered")
         totals = self.peer_statistics() if self.peer_statistics else {}
         merge_statistics(totals, self.repository.statistics())
         response = pb.ModelStatisticsResponse()

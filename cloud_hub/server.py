@@ -10,7 +10,6 @@ in one process that owns the hub's state directory.
 from __future__ import annotations
 
 import logging
-import platform
 import secrets
 import signal
 import threading
@@ -23,7 +22,7 @@ from cloud_hub.accounting import UsageCounter
 from cloud_hub.admin import AdminApi
 from cloud_hub.broker import EmbeddedBroker
 from cloud_hub.control import ControlPlane
-from cloud_hub.errors import NotFound
+from cloud_hub.errors import Conflict, NotFound
 from cloud_hub.inference import (
     InferenceOptions,
     InferenceServer,
@@ -32,8 +31,10 @@ from cloud_hub.inference import (
     start_inference_server,
     token_hash,
 )
+from cloud_hub.registration import check_registration
 from cloud_hub.workers import USAGE_FLUSH_S, InferenceWorkers, WorkerSpec, free_port, open_store
-from device_profiles import get_profile
+from device_profiles import DeviceProfile, ProfileError, get_profile, load_profiles
+from device_profiles.detect import detect_profile
 from edge_agent import __version__
 from edge_agent.protocol.atomic import atomic_write_bytes
 from edge_agent.protocol.topics import DEFAULT_ROOT, Topics, valid_device_id
@@ -60,6 +61,17 @@ class HubConfig:
     public_broker: str | None = None  # the broker URL devices use (enrollment); default: the hub's own
     public_grpc: str | None = None  # the inference URL devices use; default: grpc://grpc_host:port
     shared_above: float = 0.5  # chunks more of a round's devices lack than this share: shared topic
+    serving_profile: str | None = None  # the profile whose artifacts the OIP server runs; None: detected
+
+
+def serving_profile(profile_id: str | None) -> DeviceProfile:
+    """The profile the hub's inference server runs artifacts for: ``profile_id``, else this machine's."""
+    if profile_id:
+        return get_profile(profile_id)
+    found = detect_profile(load_profiles())
+    if found is None:
+        raise ProfileError("<host>", "serving_profile", "no profile matches this machine", "pass --serving-profile ID")
+    return found.profile
 
 
 def operator_token(state_dir: Path) -> str:
@@ -80,7 +92,8 @@ class Hub:
         self.topics = Topics(config.topic_root)
         self.broker = None if config.broker else EmbeddedBroker(config.broker_host, config.broker_port)
         self.broker_url = config.broker or (self.broker.url if self.broker else "")
-        self.repository = ModelRepository(self.registry, self.store, platform.machine(), config.inference)
+        self.serving_profile = serving_profile(config.serving_profile)
+        self.repository = ModelRepository(self.registry, self.store, self.serving_profile, config.inference)
         self.usage = UsageCounter()
         self.token_owner = TokenOwners(self.registry)
         self.workers: InferenceWorkers | None = None
@@ -89,6 +102,7 @@ class Hub:
         self.grpc_server: InferenceServer | None = None
         self.grpc_port = 0
         self.stopped = threading.Event()
+        self._registering = threading.Lock()  # one upload's checks and registration at a time
 
     def start(self) -> None:
         if self.broker is not None:
@@ -104,7 +118,7 @@ class Hub:
             threading.Thread(target=self.repository.warm, name="edgefed-warm", daemon=True).start()
         else:  # inference in worker processes only: the control plane keeps this process's GIL to itself
             self.grpc_port = self.config.grpc_port or free_port(self.config.grpc_host)
-            spec = WorkerSpec(self.config.state_dir, platform.machine(), __version__,
+            spec = WorkerSpec(self.config.state_dir, self.serving_profile.id, __version__,
                               f"{self.config.grpc_host}:{self.grpc_port}", self.config.inference,
                               logging.getLogger().level)  # fmt: skip
             self.workers = InferenceWorkers(spec, self.config.inference.processes, self.repository.generation)
@@ -143,6 +157,7 @@ class Hub:
             "broker": self.broker_url,
             "embedded_broker": self.broker is not None,
             "grpc": f"grpc://{self.config.grpc_host}:{self.grpc_port}",
+            "serving_profile": self.serving_profile.id,
             "topic_root": self.config.topic_root,
             "devices": len(self.registry.devices()),
             "artifacts": len(self.registry.artifacts()),
@@ -151,21 +166,48 @@ class Hub:
             "malformed_messages": control.mqtt.malformed if control else 0,
         }
 
-    def add_artifact(self, tar_path: Path) -> dict[str, Any]:
-        manifest = self.store.add_tar(tar_path)
-        new = self.registry.add_artifact(manifest, self.store.signature(manifest.artifact_id))
+    def add_artifact(self, tar_path: Path, allow_interface_change: bool = False) -> dict[str, Any]:
+        """Verify, check against the version's other artifacts (registration.py) and register."""
+        with self._registering:
+            manifest = self.store.add_tar(tar_path)
+            try:
+                check_registration(self.registry, manifest, allow_interface_change)
+            except Conflict:
+                self.store.discard(manifest.artifact_id)  # (one already registered is never refused)
+                raise
+            new = self.registry.add_artifact(manifest, self.store.signature(manifest.artifact_id))
         self.repository.invalidate()
         if self.grpc_server is not None:  # (workers load it themselves)
             threading.Thread(target=self.repository.warm, args=([manifest.name],), daemon=True).start()
-        self.registry.audit("operator", "models.add", {"artifact_id": manifest.artifact_id, "new": new})
+        self.registry.audit("operator", "models.add", {"artifact_id": manifest.artifact_id, "new": new,
+                                                       "allow_interface_change": allow_interface_change})  # fmt: skip
         return {
             "artifact_id": manifest.artifact_id,
             "name": manifest.name,
             "version": manifest.version,
+            "release": manifest.release,
             "profile": manifest.hardware.profile,
             "precision": manifest.precision,
             "new": new,
         }
+
+    def model_version(self, name: str, version: str) -> dict[str, Any]:
+        """One model version: its release, interface, and per profile the artifact, whether this hub's
+        inference server can serve it, and the compiler's validation and latency."""
+        rows = [r for r in self.registry.artifacts(name) if r["version"] == version]
+        if not rows:
+            raise NotFound(f"{name}@{version} is not registered; see 'cloud-hub models show {name}'")
+        manifests = [self.registry.artifact(r["artifact_id"])["manifest"] for r in rows]
+        artifacts = [
+            {**row, "runtime": m["runtime"], "servable": self.repository.servable(m),
+             "validation": {k: v for k, v in m.get("validation", {}).items() if k != "attempts"},
+             "latency_ms": m.get("latency_ms", {})}
+            for row, m in zip(rows, manifests, strict=True)
+        ]  # fmt: skip
+        first = manifests[0]
+        interface = {"inputs": first["inputs"], "outputs": first["outputs"], "max_batch": first.get("max_batch", 0)}
+        return {"name": name, "version": version, "release": rows[0]["release"], "interface": interface,
+                "serving_profile": self.serving_profile.id, "artifacts": artifacts}  # fmt: skip
 
     def issue_token(self, device_id: str) -> dict[str, Any]:
         token = secrets.token_urlsafe(32)

@@ -38,6 +38,7 @@ from cloud_hub.inference import (
     TokenOwners,
 )
 from cloud_hub.registry import SQLiteRegistry
+from device_profiles import get_profile
 from edge_agent.protocol.signing import TrustStore
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class WorkerSpec:
     """What a worker process needs to serve like the hub does (picklable)."""
 
     state_dir: Path
-    arch: str
+    serving_profile: str
     version: str
     address: str
     options: InferenceOptions
@@ -77,7 +78,7 @@ def _worker_main(spec: WorkerSpec, generation: Any, ready: Event) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the hub stops its workers itself
     registry, store = open_store(spec.state_dir)
-    repository = ModelRepository(registry, store, spec.arch, spec.options, generation)
+    repository = ModelRepository(registry, store, get_profile(spec.serving_profile), spec.options, generation)
     usage = UsageCounter()
     stats_dir = spec.state_dir / STATS_DIR
     servicer = InferenceServicer(repository, spec.version, usage, TokenOwners(registry),

@@ -7,6 +7,7 @@ never stalls the network loop and a malformed message never stops the daemon.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import queue
 import threading
@@ -21,6 +22,7 @@ from edge_agent import __version__
 from edge_agent.config import AgentConfig
 from edge_agent.mqtt import MqttConnection
 from edge_agent.protocol.artifact import check_freshness
+from edge_agent.protocol.atomic import atomic_write_bytes
 from edge_agent.protocol.errors import ArtifactRejected
 from edge_agent.protocol.manifest import Manifest, manifest_from_wire, now_text
 from edge_agent.protocol.messages import (
@@ -37,20 +39,20 @@ from edge_agent.protocol.messages import (
 )
 from edge_agent.protocol.signing import TrustStore, verify_document
 from edge_agent.protocol.topics import Topics
-from edge_agent.runtimes import open_runtime
+from edge_agent.runtimes import open_runtime, zero_inputs
 from edge_agent.store import ModelStore, check_compatible
 from edge_agent.telemetry import SPOOL_FILE, Spool
 from edge_agent.transfer import Transfer
 
 log = logging.getLogger(__name__)
 STALL_S = 3.0
+AGENT_STATUS_FILE = "agent-status.json"
 
 
 def health_check(directory: Path, manifest: Manifest, profile: DeviceProfile) -> None:
     """Load the runtime and run one zero input shaped like the signature (dynamic axes = 1)."""
     runtime = open_runtime(directory, manifest, profile)
-    feed = {s.name: np.zeros([d if isinstance(d, int) else 1 for d in s.shape], dtype=s.dtype) for s in manifest.inputs}
-    outputs = runtime.run(feed)
+    outputs = runtime.run(zero_inputs(manifest.inputs))
     if not all(np.all(np.isfinite(v)) for v in outputs.values() if v.dtype.kind == "f"):
         raise RuntimeError("health check produced non-finite outputs")
 
@@ -71,6 +73,7 @@ class Agent:
             clean_session=False,
             will=(self.topics.status(config.device_id), offline),
             on_connect=self._on_connect,
+            on_state=self._broker_state,
         )
         self.mqtt.route(self.topics.desired(self.device_id), self._enqueue(self._on_desired))
         self.mqtt.route(self.topics.telemetry_ack(self.device_id), self._enqueue(self._on_ack))
@@ -83,6 +86,11 @@ class Agent:
 
     def _enqueue(self, handler: Callable[[str, bytes], None]) -> Callable[[str, bytes], None]:
         return lambda topic, payload: self.events.put(lambda: handler(topic, payload))
+
+    def _broker_state(self, connected: bool, error: str | None) -> None:
+        """What `edge-agent status` shows about the broker link (``AGENT_STATUS_FILE``, written atomically)."""
+        state = {"broker": self.config.broker, "connected": connected, "error": error, "since": now_text()}
+        atomic_write_bytes(self.state_dir / AGENT_STATUS_FILE, json.dumps(state).encode())
 
     def _on_connect(self) -> None:
         self.mqtt.publish(self.topics.status(self.device_id), to_wire(Status("online", now_text())), retain=True)
@@ -200,7 +208,8 @@ class Agent:
 
     # main loop ----------------------------------------------------------------------------------
     def run(self) -> None:
-        self.mqtt.start(timeout_s=30)
+        self._broker_state(False, "connecting")
+        self.mqtt.start_in_background()
         next_telemetry = time.monotonic()
         try:
             while not self.stop_event.is_set():
@@ -222,3 +231,4 @@ class Agent:
             if self.mqtt.connected:
                 self.mqtt.publish(self.topics.status(self.device_id), offline, retain=True).wait_for_publish(timeout=2)
             self.mqtt.stop()
+            self._broker_state(False, "the agent stopped")

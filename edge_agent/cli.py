@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from device_profiles import ProfileError, get_profile, load_profiles
@@ -44,7 +45,7 @@ def _state(state_dir: Path | None) -> Path:
 
 
 def _fail(exc: Exception) -> typer.Exit:
-    err.print(f"[red]error:[/red] {exc}")
+    err.print(f"[red]error:[/red] {escape(str(exc))}")
     return typer.Exit(2)
 
 
@@ -244,17 +245,26 @@ def status(state_dir: StateDir = None) -> None:
     spool = Spool(state / SPOOL_FILE)
     store = ModelStore(state / "models")
     active = {n: (store.active(n).version if store.active(n) else None) for n in store.names()}  # type: ignore[union-attr]
-    print(
-        json.dumps(
-            {
-                "config": asdict(config),
-                "active": active,
-                "spooled_calls": spool.pending_calls(),
-                "dropped": spool.counter("dropped"),
-            },
-            indent=2,
-        )
-    )
+    report = {
+        "config": {**asdict(config), "cloud_token": "***" if config.cloud_token else None},
+        "broker": _broker_status(state),
+        "active": active,
+        "spooled_calls": spool.pending_calls(),
+        "dropped": spool.counter("dropped"),
+        "budget_breaches": spool.counter("budget_breaches"),
+    }
+    print(json.dumps(report, indent=2))
+
+
+def _broker_status(state: Path) -> dict[str, Any]:
+    """The running agent's broker link, as it last wrote it (``connected`` false when none has run)."""
+    from edge_agent.agent import AGENT_STATUS_FILE
+
+    try:
+        found: dict[str, Any] = json.loads((state / AGENT_STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return {"connected": False, "error": "no agent has run here yet (edge-agent run)"}
+    return found
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ import numpy as np
 from device_profiles import DeviceProfile, get_profile
 from edge_agent.cache import PredictionCache
 from edge_agent.cloud import CloudClient
-from edge_agent.config import AgentConfig, default_state_dir
+from edge_agent.config import STATE_DIR_ENV, AgentConfig, default_state_dir
 from edge_agent.errors import (
     CloudThrottled,
     CloudUnavailable,
@@ -31,9 +31,10 @@ from edge_agent.errors import (
     InputMismatch,
     ModelNotDeployed,
 )
+from edge_agent.protocol.manifest import Interface
 from edge_agent.reference import ReferenceBins
 from edge_agent.routing import POLICIES, CircuitBreaker, Confidence, RateBudget, confidence
-from edge_agent.runtimes import InputValidator, Runtime, open_runtime
+from edge_agent.runtimes import InputValidator, Runtime, open_runtime, zero_inputs
 from edge_agent.store import ActiveRecord, ModelStore
 from edge_agent.telemetry import SPOOL_FILE, Spool, TelemetryRecorder
 
@@ -58,6 +59,7 @@ class ModelInfo:
     name: str
     active_version: str | None
     versions: tuple[str, ...]
+    interface: Interface | None = None  # what the model takes and returns, the same on every route
 
 
 @dataclass(frozen=True)
@@ -78,9 +80,8 @@ class _Slot:
 
 
 def _warm_up(runtime: Runtime) -> None:
-    specs = runtime.manifest.inputs
-    if all(s.dtype != "bytes" for s in specs):
-        runtime.run({s.name: np.zeros([d if isinstance(d, int) else 1 for d in s.shape], s.dtype) for s in specs})
+    """One call on zeros (empty strings for BYTES), so lazy initialisation never lands on a caller."""
+    runtime.run(zero_inputs(runtime.manifest.inputs))
 
 
 class EdgeClient:
@@ -109,6 +110,11 @@ class EdgeClient:
         cloud_retries: int = 2,
     ) -> None:
         self.state_dir = Path(state_dir) if state_dir else default_state_dir()
+        if not self.state_dir.is_dir():
+            raise ConfigError(
+                f"state directory {self.state_dir} does not exist: pass the directory 'edge-agent init --state-dir' "
+                f"wrote, or set {STATE_DIR_ENV}"
+            )
         config = self._config()
         self.profile: DeviceProfile | None = get_profile(config.profile) if config else None
         self.store = ModelStore(self.state_dir / "models")
@@ -139,6 +145,8 @@ class EdgeClient:
         self._budget = RateBudget(cloud_budget_per_minute) if cloud_budget_per_minute else None
         self._recorder = TelemetryRecorder(Spool(self.state_dir / SPOOL_FILE)) if telemetry else None
         self._slots: dict[str, _Slot] = {}
+        self._cloud_interfaces: dict[str, tuple[Interface, InputValidator]] = {}  # models with no local version
+        self.budget_breaches = 0  # local calls over the latency budget (also counted in telemetry)
         self._loaders: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._cache = PredictionCache(cache_size) if cache_size > 0 else None
@@ -183,14 +191,14 @@ class EdgeClient:
         elif slot.loaded is not None and slot.loaded.record == record:
             slot.stamp = stamp
         elif slot.loaded is None:
-            slot.loaded, slot.stamp = self._open(name), stamp
+            slot.loaded, slot.stamp = self._open(name, warm=True), stamp
         else:
             slot.loading = True
             loader = threading.Thread(target=self._swap, args=(name, slot, stamp), daemon=True)
             self._loaders = [t for t in self._loaders if t.is_alive()] + [loader]
             loader.start()
 
-    def _open(self, name: str) -> _Loaded | None:
+    def _open(self, name: str, warm: bool = False) -> _Loaded | None:
         """Load the active version under the store's shared lock, so no process prunes it meanwhile."""
         with self.store.locked(shared=True):
             record = self.store.active(name)
@@ -199,14 +207,14 @@ class EdgeClient:
             directory = self.store.version_dir(name, record.version)
             manifest = self.store.manifest(name, record.version)
             runtime = open_runtime(directory, manifest, self.profile, self.state_dir / "engines")
+        if warm:
+            _warm_up(runtime)
         return _Loaded(record, runtime, InputValidator(manifest), ReferenceBins.load(directory))
 
     def _swap(self, name: str, slot: _Slot, stamp: tuple[int, int]) -> None:
         """Load and warm the new version off the caller's path, then switch in one assignment."""
         try:
-            loaded = self._open(name)
-            if loaded is not None:
-                _warm_up(loaded.runtime)
+            loaded = self._open(name, warm=True)
         except Exception:
             log.exception("could not load the new active version of %s; staying on the current one", name)
             loaded = None
@@ -218,18 +226,24 @@ class EdgeClient:
 
     # inference ---------------------------------------------------------------------------------
     def infer(self, model: str, inputs: Inputs | np.ndarray) -> InferResult:
-        """Answer with the route the policy picks; the result says which route answered and why."""
-        start = time.perf_counter()
+        """Answer with the route the policy picks; the result says which route answered and why.
+
+        Inputs are checked against the model version's interface before either route is tried, and
+        the outputs carry the interface's names whichever route answered. Loading a model (the first
+        call, in this process) is not part of ``latency_ms`` nor of the latency budget.
+        """
         loaded = self._local(model)
+        start = time.perf_counter()
         if type(inputs) is not dict:
             inputs = self._single_input(model, inputs, loaded)  # type: ignore[arg-type]
+        inputs = self._checked(model, inputs, loaded, start)  # type: ignore[arg-type]
         policy = self.policy
         if policy == "cloud_only":
-            return self._cloud_infer(model, inputs, start, "policy cloud_only", "")
+            return self._cloud_infer(model, inputs, start, "policy cloud_only", self._version(loaded))
         reason = ""
         if policy == "cloud_first":
             try:
-                return self._cloud_infer(model, inputs, start, "policy cloud_first", "")
+                return self._cloud_infer(model, inputs, start, "policy cloud_first", self._version(loaded))
             except CloudUnavailable as exc:
                 if loaded is None:
                     raise
@@ -241,17 +255,49 @@ class EdgeClient:
             return self._cloud_infer(model, inputs, start, "no local version", "")
         return self._local_infer(model, inputs, loaded, start, reason)
 
-    def _local_infer(self, model: str, inputs: Inputs, loaded: _Loaded, start: float, reason: str) -> InferResult:
+    @staticmethod
+    def _version(loaded: _Loaded | None) -> str:
+        """The version a cloud call asks for: the one active here, so both routes answer alike."""
+        return loaded.record.version if loaded is not None else ""
+
+    def _checked(self, model: str, inputs: Inputs, loaded: _Loaded | None, start: float) -> Inputs:
+        """Inputs checked (and cast, with ``allow_cast``) against the interface: the local version's,
+        else the cloud's (asked once per model); a caller's mistake never reaches a route."""
+        if loaded is not None:
+            try:
+                return loaded.validator(inputs, self.allow_cast)
+            except InputMismatch:
+                self._record(model, loaded.record.version, "local", start, False)
+                raise
+        validator = self._cloud_validator(model)
+        return validator(inputs, self.allow_cast) if validator is not None else inputs
+
+    def _cloud_validator(self, model: str) -> InputValidator | None:
+        known = self._cloud_interfaces.get(model)
+        if known is not None:
+            return known[1]
+        if self._cloud is None or self.policy == "local_only":
+            return None
+        try:
+            interface = self._cloud.interface(model, "", self.cloud_timeout_s)
+        except CloudUnavailable:
+            return None  # the call itself will say why the cloud cannot answer
+        self._cloud_interfaces[model] = (interface, InputValidator(interface))
+        return self._cloud_interfaces[model][1]
+
+    def _output_names(self, model: str) -> tuple[str, ...] | None:
+        slot = self._slots.get(model)
+        if slot is not None and slot.loaded is not None:
+            return tuple(s.name for s in slot.loaded.runtime.manifest.outputs)
+        known = self._cloud_interfaces.get(model)
+        return tuple(s.name for s in known[0].outputs) if known else None
+
+    def _local_infer(self, model: str, checked: Inputs, loaded: _Loaded, start: float, reason: str) -> InferResult:
         version = loaded.record.version
         breaker = self._local_breakers.get(model) or self._local_breakers.setdefault(model, CircuitBreaker(3, 5.0))
         can_fall_back = self._cloud is not None and self.policy in ("local_first", "cascade")
         if can_fall_back and not breaker.allow():
-            return self._cloud_infer(model, inputs, start, "local breaker open (recent errors or slow calls)", version)
-        try:
-            checked = loaded.validator(inputs, self.allow_cast)
-        except InputMismatch:
-            self._record(model, version, "local", start, False)
-            raise
+            return self._cloud_infer(model, checked, start, "local breaker open (recent runtime errors)", version)
         if self._cache is not None:
             hit = self._cache.get(model, version, checked)
             if hit is not None:
@@ -267,19 +313,20 @@ class EdgeClient:
             if not can_fall_back:
                 raise InferenceFailed(f"{model}@{version}: {exc} ({reason.strip('; ')})") from exc
             return self._cloud_infer(model, checked, start, f"local runtime failed: {exc}", version)
+        breaker.success()
         elapsed = time.perf_counter() - start
-        if elapsed > self.latency_budget_s:
-            breaker.failure()  # too slow counts against the local route
-            reason += f"over the {self.latency_budget_s * 1000:.0f} ms budget; "
-        else:
-            breaker.success()
+        over_budget = elapsed > self.latency_budget_s
+        if over_budget:  # reported (telemetry, status), never a reason to leave the local route
+            self.budget_breaches += 1
+            reason += f"over the {self.latency_budget_s * 1000:g} ms budget; "
         if self.policy == "cascade":
             escalated = self._escalate(model, checked, outputs, start, version)
             if escalated is not None:
                 return escalated
         latency_ms = elapsed * 1000
         if self._recorder is not None:
-            self._recorder.record(model, version, "local", latency_ms, True, loaded.reference, checked, outputs)
+            self._recorder.record(model, version, "local", latency_ms, True, loaded.reference, checked, outputs,
+                                  over_budget=over_budget)  # fmt: skip
         if self._cache is not None:
             self._cache.put(model, version, checked, outputs)
         return InferResult(outputs, model, version, "local", latency_ms, reason + "active locally")
@@ -307,6 +354,7 @@ class EdgeClient:
         if self._cloud is None:
             raise CloudUnavailable("no cloud endpoint is configured")
         deadline = start + (deadline_s if deadline_s is not None else self.cloud_timeout_s)
+        names = self._output_names(model)
         for attempt in range(self.cloud_retries + 1):
             if not self.cloud_breaker.allow():
                 self._record(model, version, "cloud", start, False)
@@ -316,7 +364,7 @@ class EdgeClient:
                 raise CloudThrottled("cloud budget (calls per minute) spent for this device")
             remaining = deadline - time.perf_counter()
             try:
-                answered, outputs = self._cloud.infer(model, inputs, version, max(remaining, 0.001))
+                answered, outputs = self._cloud.infer(model, inputs, version, max(remaining, 0.001), names)
             except CloudUnavailable as exc:
                 self.cloud_breaker.failure()
                 backoff = 0.01 * (2**attempt)
@@ -365,13 +413,26 @@ class EdgeClient:
         return latency_ms
 
     # housekeeping ------------------------------------------------------------------------------
+    def model_info(self, name: str) -> ModelInfo:
+        """A model's versions here and its interface: the active local version's, else the cloud's."""
+        active = self.store.active(name)
+        versions = tuple(m.version for m in self.store.versions(name))
+        if active is not None:
+            interface = self.store.manifest(name, active.version).interface
+        else:
+            if self._cloud_validator(name) is None:
+                raise ModelNotDeployed(f"{name} is not installed in {self.state_dir} and no cloud can describe it")
+            interface = self._cloud_interfaces[name][0]
+        return ModelInfo(name, active.version if active else None, versions, interface)
+
     def models(self) -> list[ModelInfo]:
         """Installed models with their active version."""
         infos = []
         for name in self.store.names():
             active = self.store.active(name)
             versions = tuple(m.version for m in self.store.versions(name))
-            infos.append(ModelInfo(name, active.version if active else None, versions))
+            interface = self.store.manifest(name, active.version).interface if active else None
+            infos.append(ModelInfo(name, active.version if active else None, versions, interface))
         return infos
 
     def close(self) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,10 @@ import grpc
 import numpy as np
 
 from edge_agent.config import parse_endpoint
-from edge_agent.errors import CloudUnavailable, InputMismatch, ModelNotDeployed
+from edge_agent.errors import CloudUnavailable, InferenceFailed, InputMismatch, ModelNotDeployed
+from edge_agent.protocol.manifest import Interface, TensorSpec
 from edge_agent.protocol.oip import InferenceStub, pb
-from edge_agent.protocol.oip.tensors import datatype_of, from_contents, from_raw, to_raw
+from edge_agent.protocol.oip.tensors import MANIFEST_DTYPES, datatype_of, from_contents, from_raw, to_raw
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
@@ -83,6 +85,11 @@ class _Stream:
         self.call.cancel()
 
     def close(self) -> None:
+        if _running_loop() is not None:  # e.g. EdgeClient.close() inside an app's event loop: not this thread
+            closer = threading.Thread(target=self.close, name="edgefed-stream-close")
+            closer.start()
+            closer.join()
+            return
         if self.call is not None:
             self.call.cancel()
         self.loop.run_until_complete(self.channel.close(grace=None))
@@ -128,10 +135,19 @@ class CloudClient:
         self._closed = False
 
     def infer(
-        self, model: str, inputs: dict[str, np.ndarray], version: str = "", timeout_s: float | None = None
+        self,
+        model: str,
+        inputs: dict[str, np.ndarray],
+        version: str = "",
+        timeout_s: float | None = None,
+        outputs: tuple[str, ...] | None = None,
     ) -> tuple[str, dict[str, np.ndarray]]:
-        """(version that answered, outputs). Raises ModelNotDeployed, InputMismatch or CloudUnavailable."""
+        """(version that answered, outputs). ``outputs``: the interface's output names, asked for by name
+        and used as the result's keys whatever the server calls them (KServe says ``output-0``).
+        Raises ModelNotDeployed, InputMismatch, InferenceFailed or CloudUnavailable."""
         request = pb.ModelInferRequest(model_name=model, model_version=version)
+        for name in outputs or ():
+            request.outputs.add(name=name)
         for name, array in inputs.items():
             if type(array) is not np.ndarray:
                 array = np.asarray(array)
@@ -146,7 +162,20 @@ class CloudClient:
                 response = self.stub.ModelInfer(request, timeout=remaining, metadata=self.metadata)
             except grpc.RpcError as exc:
                 raise _mapped(self.endpoint, exc.code(), exc.details() or "") from None
-        return response.model_version, decode_outputs(response)
+        answered = response.model_version or version  # KServe answers with an empty version
+        return answered, named_outputs(decode_outputs(response), outputs, f"cloud {self.endpoint}: {model}")
+
+    def interface(self, model: str, version: str = "", timeout_s: float | None = None) -> Interface:
+        """The model's interface from the server's ModelMetadata (dynamic dimensions are ``-1`` there)."""
+        request = pb.ModelMetadataRequest(name=model, version=version)
+        try:
+            reply = self.stub.ModelMetadata(request, timeout=timeout_s or self.timeout_s, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise _mapped(self.endpoint, exc.code(), exc.details() or "") from None
+        try:
+            return Interface(tuple(_spec(t) for t in reply.inputs), tuple(_spec(t) for t in reply.outputs))
+        except KeyError as exc:
+            raise CloudUnavailable(f"cloud {self.endpoint}: {model} has a tensor of datatype {exc}") from None
 
     def _over_stream(self, request: Any, timeout_s: float) -> Any | None:
         """The response over a pooled stream; None when it cannot stream (then use unary)."""
@@ -215,6 +244,22 @@ def _mapped(endpoint: str, code: grpc.StatusCode, details: str) -> Exception:
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InputMismatch("-", "inputs the cloud model accepts", details or "rejected")
     return CloudUnavailable(f"cloud {endpoint}: {code.name} {details}", code in RETRYABLE)
+
+
+def _spec(tensor: Any) -> TensorSpec:
+    shape = tuple(d if d >= 0 else ("batch" if axis == 0 else f"dim{axis}") for axis, d in enumerate(tensor.shape))
+    return TensorSpec(tensor.name, MANIFEST_DTYPES[tensor.datatype], shape)
+
+
+def named_outputs(outputs: dict[str, np.ndarray], names: tuple[str, ...] | None, what: str) -> dict[str, np.ndarray]:
+    """The outputs under the interface's ``names``: by name when the server used them, else by position."""
+    if not names or tuple(outputs) == names:
+        return outputs
+    if all(n in outputs for n in names):
+        return {n: outputs[n] for n in names}
+    if len(outputs) == len(names):
+        return dict(zip(names, outputs.values(), strict=True))
+    raise InferenceFailed(f"{what} answered outputs {list(outputs)}; its interface has {list(names)}")
 
 
 def decode_outputs(response: Any) -> dict[str, np.ndarray]:

@@ -30,7 +30,9 @@ class MqttConnection:
         on_connect: Callable[[], None] | None = None,
         will: tuple[str, bytes] | None = None,
         clean_session: bool = True,
+        on_state: Callable[[bool, str | None], None] | None = None,
     ) -> None:
+        """``on_state(connected, error)`` hears every connect, refusal, failed attempt and disconnect."""
         self.host, self.port = parse_endpoint(url, "mqtt", "broker", 1883)
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
@@ -45,7 +47,10 @@ class MqttConnection:
         if will is not None:
             self.client.will_set(will[0], will[1], qos=1, retain=True)
         self.client.on_connect = self._connected
+        self.client.on_connect_fail = self._connect_failed
+        self.client.on_disconnect = self._disconnected
         self.client.on_message = self._message
+        self._on_state = on_state or (lambda connected, error: None)
         self._handlers: list[tuple[str, int, Handler]] = []
         self._on_connect = on_connect
         self._connected_event = threading.Event()
@@ -63,13 +68,25 @@ class MqttConnection:
 
     def _connected(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if reason.is_failure:
-            log.warning("MQTT connection refused: %s", reason)
+            log.warning("MQTT connection to %s:%d refused: %s", self.host, self.port, reason)
+            self._on_state(False, f"connection refused: {reason}")
             return
+        log.info("connected to the MQTT broker at %s:%d", self.host, self.port)
+        self._on_state(True, None)
         for pattern, qos, _ in self._handlers:
             client.subscribe(pattern, qos)
         self._connected_event.set()
         if self._on_connect is not None:
             self._on_connect()
+
+    def _connect_failed(self, client: mqtt.Client, userdata: Any) -> None:
+        log.warning("cannot reach the MQTT broker at %s:%d; retrying", self.host, self.port)
+        self._on_state(False, f"cannot reach the MQTT broker at {self.host}:{self.port}")
+
+    def _disconnected(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if reason.is_failure:
+            log.warning("lost the MQTT broker at %s:%d (%s); reconnecting", self.host, self.port, reason)
+            self._on_state(False, f"disconnected: {reason}")
 
     def _message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         for pattern, _, handler in list(self._handlers):
@@ -79,6 +96,12 @@ class MqttConnection:
                 except Exception as exc:  # a bad message must never stop the loop
                     self.malformed += 1
                     log.warning("dropped message on %s: %s", message.topic, exc)
+
+    def start_in_background(self) -> None:
+        """Connect without waiting: failed attempts are logged and retried with backoff (a device may
+        boot before its network or broker is up)."""
+        self.client.connect_async(self.host, self.port, keepalive=30)
+        self.client.loop_start()
 
     def start(self, timeout_s: float = 10.0) -> None:
         try:

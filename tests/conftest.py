@@ -158,12 +158,13 @@ class InferenceServer:
             token_hash,
         )
         from cloud_hub.registry import SQLiteRegistry
+        from device_profiles import get_profile
         from edge_agent.protocol.signing import TrustStore
 
         root.mkdir(parents=True, exist_ok=True)
         self.registry = SQLiteRegistry(str(root / "registry.db"))
         self.store = ArtifactStore(root / "artifacts", TrustStore.from_dir(keys[1].parent))
-        self.repository = ModelRepository(self.registry, self.store, "x86_64", InferenceOptions(**options))
+        self.repository = ModelRepository(self.registry, self.store, get_profile("x86-64-generic"), InferenceOptions(**options))
         self.usage = UsageCounter()
         self.tokens: dict[str, str] = {}
         self.server = start_inference_server(

@@ -6,6 +6,7 @@ is what gets signed, and the sha256 of that canonical JSON is the artifact id.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -14,9 +15,11 @@ from typing import Any
 from edge_agent.protocol.canonical import canonical_json, sha256_hex
 from edge_agent.protocol.errors import ArtifactRejected
 
-SCHEMA = "edgefed.manifest/1"
+SCHEMA = "edgefed.manifest/2"  # /2 added max_batch: the interface is one contract per version
+OLD_SCHEMAS = ("edgefed.manifest/1",)
 DEFAULT_CHUNK_SIZE = 256 * 1024
-DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool", "bytes")
+DTYPES = ("float32", "float16", "float64", "int64", "int32", "int16", "int8", "uint64", "uint32", "uint16", "uint8",
+          "bool", "bytes")  # fmt: skip
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -28,6 +31,50 @@ class TensorSpec:
     name: str
     dtype: str
     shape: tuple[int | str, ...]
+
+
+@dataclass(frozen=True)
+class Interface:
+    """A model version's contract with its callers: input and output names, dtypes, shapes (a string
+    names a dynamic axis) and the most rows a call may carry (0: no limit)."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    max_batch: int = 0
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = json.loads(json.dumps(asdict(self)))  # tuples as JSON lists
+        return wire
+
+    def differences(self, other: Interface) -> list[str]:
+        """What changes from ``self`` to ``other``, one line each (empty: the same interface)."""
+        lines = []
+        for role, mine, theirs in (("input", self.inputs, other.inputs), ("output", self.outputs, other.outputs)):
+            old, new = {t.name: t for t in mine}, {t.name: t for t in theirs}
+            changed = [f"{role} {n!r} removed" for n in old if n not in new]
+            changed += [f"{role} {n!r} added ({new[n].dtype} {list(new[n].shape)})" for n in new if n not in old]
+            for name in (n for n in old if n in new and old[n] != new[n]):
+                was, now = old[name], new[name]
+                changed.append(f"{role} {name!r}: {was.dtype} {list(was.shape)} -> {now.dtype} {list(now.shape)}")
+            if not changed and list(old) != list(new):
+                changed.append(f"{role} order: {list(old)} -> {list(new)}")
+            lines += changed
+        if self.max_batch != other.max_batch:
+            lines.append(f"max_batch: {self.max_batch or 'no limit'} -> {other.max_batch or 'no limit'}")
+        return lines
+
+
+def interface_from_wire(data: Any) -> Interface:
+    """An interface document (``Interface.to_wire``); raises ArtifactRejected('manifest') naming the field."""
+    if not isinstance(data, dict):
+        raise _bad("interface is not an object")
+    return Interface(_tensors(data, "inputs"), _tensors(data, "outputs"), _get(data, "max_batch", int))
+
+
+def semver_major(version: str) -> int | None:
+    """The major number of a semantic version ('2.1.0' → 2), None when the version is not semver."""
+    match = re.match(r"^v?(\d+)\.\d+", version)
+    return int(match.group(1)) if match else None
 
 
 @dataclass(frozen=True)
@@ -68,6 +115,7 @@ class Manifest:
     tools: dict[str, str] = field(default_factory=dict)
     validation: dict[str, Any] = field(default_factory=dict)
     latency_ms: dict[str, Any] = field(default_factory=dict)
+    max_batch: int = 0  # the most rows one call may carry; 0: no limit (part of the interface)
 
     def to_wire(self) -> dict[str, Any]:
         data = asdict(self)
@@ -92,6 +140,11 @@ class Manifest:
             if entry.path == path:
                 return entry
         raise KeyError(path)
+
+    @property
+    def interface(self) -> Interface:
+        """What callers see: the same for every artifact of one ``name@version``."""
+        return Interface(self.inputs, self.outputs, self.max_batch)
 
     def is_expired(self, now: datetime | None = None) -> bool:
         return (now or datetime.now(UTC)) >= parse_time(self.expires_at)
@@ -136,6 +189,14 @@ def _tensor(data: Any) -> TensorSpec:
     return TensorSpec(name=_get(data, "name", str), dtype=dtype, shape=tuple(shape))
 
 
+def _tensors(data: dict[str, Any], key: str) -> tuple[TensorSpec, ...]:
+    tensors = tuple(_tensor(t) for t in _get(data, key, list))
+    names = [t.name for t in tensors]
+    if len(set(names)) != len(names):
+        raise _bad(f"{key} names {names} are not unique")
+    return tensors
+
+
 def _file(data: Any) -> FileEntry:
     if not isinstance(data, dict):
         raise _bad("file entry is not an object")
@@ -168,6 +229,8 @@ def _hardware(data: Any) -> Hardware:
 
 def manifest_from_wire(data: Any) -> Manifest:
     """Validate a decoded manifest document; raises ArtifactRejected('manifest') naming the field."""
+    if isinstance(data, dict) and data.get("schema") in OLD_SCHEMAS:
+        raise _bad(f"schema {data['schema']!r} comes from an older compiler; compile the model again")
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         raise _bad(f"schema is not {SCHEMA!r}")
     name, version = _get(data, "name", str), _get(data, "version", str)
@@ -176,6 +239,9 @@ def manifest_from_wire(data: Any) -> Manifest:
     release, chunk_size = _get(data, "release", int), _get(data, "chunk_size", int)
     if release < 1 or chunk_size < 1:
         raise _bad("release and chunk_size must be positive")
+    max_batch = _get({"max_batch": 0, **data}, "max_batch", int)
+    if max_batch < 0:
+        raise _bad("max_batch must be 0 (no limit) or positive")
     files = tuple(_file(f) for f in _get(data, "files", list))
     if len({f.path for f in files}) != len(files) or not files:
         raise _bad("files must be non-empty with unique paths")
@@ -194,8 +260,8 @@ def manifest_from_wire(data: Any) -> Manifest:
         hardware=_hardware(data.get("hardware")),
         runtime=_get(data, "runtime", str),
         precision=_get(data, "precision", str),
-        inputs=tuple(_tensor(t) for t in _get(data, "inputs", list)),
-        outputs=tuple(_tensor(t) for t in _get(data, "outputs", list)),
+        inputs=_tensors(data, "inputs"),
+        outputs=_tensors(data, "outputs"),
         files=files,
         chunk_size=chunk_size,
         source_sha256=_get(data, "source_sha256", str),
@@ -204,4 +270,5 @@ def manifest_from_wire(data: Any) -> Manifest:
         tools=_get({"tools": {}, **data}, "tools", dict),
         validation=_get({"validation": {}, **data}, "validation", dict),
         latency_ms=_get({"latency_ms": {}, **data}, "latency_ms", dict),
+        max_batch=max_batch,
     )

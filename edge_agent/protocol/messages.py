@@ -142,6 +142,7 @@ class TelemetryWindow:
     errors: int
     latency_ms_sum: float
     latency_hist: tuple[int, ...] = ()  # counts on LATENCY_EDGES_MS plus one overflow bin
+    budget_breaches: int = 0  # successful local calls that took longer than the SDK's latency budget
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,8 @@ class TensorHistogram:
     tensor: str
     edges: tuple[float, ...]
     counts: tuple[int, ...]
+    calls: int = 0  # calls of this model version in the period (0: not recorded)
+    summarised: int = 0  # of those, the calls whose tensors were counted; scale counts by calls / summarised
 
 
 @dataclass(frozen=True)

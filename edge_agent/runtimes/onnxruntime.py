@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from device_profiles import DeviceProfile
+from edge_agent.errors import InputMismatch
 from edge_agent.protocol.manifest import Manifest
 
 GRAPH_LEVELS = {
@@ -62,15 +64,39 @@ class OnnxRuntimeSession:
         self.session = ort.InferenceSession(str(directory / "model.onnx"), options, providers=providers)
         self.providers = self.session.get_providers()
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self.string_inputs = [s.name for s in manifest.inputs if s.dtype == "bytes"]
+        self.string_inputs = [i.name for i in self.session.get_inputs() if i.type == "tensor(string)"]
+        self.string_outputs = [o.name for o in self.session.get_outputs() if o.type == "tensor(string)"]
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.string_inputs:  # ORT string tensors take str; the wire (and callers) may hand bytes
-            inputs = {**inputs, **{n: _as_str(inputs[n]) for n in self.string_inputs if n in inputs}}
-        return dict(zip(self.output_names, self.session.run(self.output_names, inputs), strict=True))
+        if self.string_inputs:  # ORT reads bytes objects as "b'..'" and |S arrays as garbage: give it str
+            inputs = {**inputs, **{n: _as_str(n, inputs[n]) for n in self.string_inputs if n in inputs}}
+        outputs = dict(zip(self.output_names, self.session.run(self.output_names, inputs), strict=True))
+        for name in self.string_outputs:  # BYTES as the interface (and the cloud route) gives them
+            outputs[name] = _as_bytes(outputs[name])
+        return outputs
 
 
-def _as_str(array: np.ndarray) -> np.ndarray:
-    return np.array([v.decode() if isinstance(v, bytes) else v for v in array.reshape(-1)], dtype=object).reshape(
-        array.shape
-    )
+def _as_str(name: str, array: np.ndarray) -> np.ndarray:
+    """An object array of str; bytes are decoded as UTF-8 (ONNX strings are UTF-8)."""
+    return _objects([_text(name, i, v) for i, v in enumerate(array.reshape(-1))], array.shape)
+
+
+def _text(name: str, index: int, value: Any) -> Any:
+    if not isinstance(value, bytes):
+        return value
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        raise InputMismatch(
+            name, "UTF-8 text (ONNX strings are UTF-8)", f"bytes not UTF-8 at element {index}"
+        ) from None
+
+
+def _as_bytes(array: np.ndarray) -> np.ndarray:
+    return _objects([v.encode() if isinstance(v, str) else v for v in array.reshape(-1)], array.shape)
+
+
+def _objects(values: list[Any], shape: tuple[int, ...]) -> np.ndarray:
+    result = np.empty(len(values), dtype=object)
+    result[:] = values
+    return result.reshape(shape)

@@ -25,6 +25,11 @@ DATATYPES: dict[str, tuple[Any, str]] = {
     "FP64": (np.float64, "fp64_contents"),
     "BYTES": (np.object_, "bytes_contents"),
 }
+# manifest dtype → OIP datatype, and back
+OIP_DATATYPES = {"bool": "BOOL", "uint8": "UINT8", "uint16": "UINT16", "uint32": "UINT32", "uint64": "UINT64",
+                 "int8": "INT8", "int16": "INT16", "int32": "INT32", "int64": "INT64", "float16": "FP16",
+                 "float32": "FP32", "float64": "FP64", "bytes": "BYTES"}  # fmt: skip
+MANIFEST_DTYPES = {oip: dtype for dtype, oip in OIP_DATATYPES.items()}
 _BY_NUMPY = {np.dtype(v[0]): k for k, v in DATATYPES.items() if k != "BYTES"}
 _WIRE_DTYPES = {k: np.dtype(v[0]).newbyteorder("<") for k, v in DATATYPES.items() if k != "BYTES"}
 ONNX_TYPES = {

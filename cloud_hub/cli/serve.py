@@ -1,0 +1,109 @@
+"""`cloud-hub serve`: the hub daemon; its flags map one to one to HubConfig."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cloud_hub.cli import (
+    StateDir,
+    app,
+    err,
+    run,
+)
+from cloud_hub.inference import InferenceOptions
+from cloud_hub.server import HubConfig, serve
+
+
+@app.command("serve")
+def serve_command(
+    state_dir: StateDir = Path("hub-state"),
+    broker: Annotated[
+        str | None, typer.Option(help="External broker mqtt://host:port; default: embedded broker")
+    ] = None,
+    broker_host: Annotated[str, typer.Option(help="Embedded broker bind address")] = "127.0.0.1",
+    broker_port: Annotated[int, typer.Option(help="Embedded broker port")] = 1883,
+    grpc_host: Annotated[str, typer.Option(help="Inference (OIP gRPC) bind address")] = "127.0.0.1",
+    grpc_port: Annotated[int, typer.Option(help="Inference (OIP gRPC) port; 0 picks a free one")] = 8001,
+    admin_host: Annotated[str, typer.Option(help="Admin API bind address")] = "127.0.0.1",
+    admin_port: Annotated[int, typer.Option(help="Admin API port; 0 picks a free one")] = 8080,
+    trust: Annotated[list[Path] | None, typer.Option(help="Public key (.pub) to trust for uploads; repeatable")] = None,
+    topic_root: Annotated[str, typer.Option(help="MQTT topic root")] = "edgefed/v1",
+    max_batch_rows: Annotated[int, typer.Option(help="Dynamic batching: most rows per run (1 disables it)")] = 32,
+    batch_delay_ms: Annotated[float, typer.Option(help="Dynamic batching: wait this long for more (0: none)")] = 0.0,
+    queue_size: Annotated[int, typer.Option(help="Requests queued per model before RESOURCE_EXHAUSTED")] = 256,
+    grpc_workers: Annotated[int, typer.Option(help="Inference calls served at once (per process)")] = 64,
+    inference_processes: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Processes serving the gRPC port (one Python process uses about one core); try the CPU count"
+        ),
+    ] = 1,
+    intra_op_threads: Annotated[
+        int,
+        typer.Option(
+            min=0, help="ONNX Runtime threads per model session; 0: the CPUs divided among the inference processes"
+        ),
+    ] = 0,
+    max_chunk_rate: Annotated[float, typer.Option(help="Artifact chunks published per second (0: no cap)")] = 0.0,
+    shared_above: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Re-asked chunks more than this share of a round's requesting devices lack go on the artifact's "
+            "shared topic, the others to each device that asked on its own topic (0: always shared); a first "
+            "whole-artifact fetch is always served on the shared topic",
+        ),
+    ] = 0.5,
+    public_broker: Annotated[
+        str | None, typer.Option(help="Broker URL enrolled devices use (default: the hub's)")
+    ] = None,
+    public_grpc: Annotated[
+        str | None, typer.Option(help="Inference URL enrolled devices use (default: grpc://host:port)")
+    ] = None,
+    require_token: Annotated[bool, typer.Option(help="Refuse inference calls without a device token")] = False,
+    tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate: serve gRPC over TLS")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key for --tls-cert")] = None,
+    serving_profile: Annotated[
+        str | None,
+        typer.Option(
+            help="Profile whose artifacts the inference server runs (default: detected, as edge-agent "
+            "detect-profile does)"
+        ),
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
+) -> None:
+    """Run the hub: registry, MQTT control plane, OIP gRPC inference and the admin API."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s hub %(levelname)s %(name)s: %(message)s")
+    (state_dir / "trust").mkdir(parents=True, exist_ok=True)
+    for key in trust or []:
+        (state_dir / "trust" / key.name).write_bytes(key.read_bytes())
+    if (tls_cert is None) != (tls_key is None):
+        err.print("[red]error:[/red] --tls-cert and --tls-key go together")
+        raise typer.Exit(2)
+    inference = InferenceOptions(max_batch_rows=max_batch_rows, batch_delay_ms=batch_delay_ms, queue_size=queue_size,
+                                 workers=grpc_workers, processes=inference_processes,
+                                 intra_op_threads=intra_op_threads,
+                                 require_token=require_token, tls_cert=tls_cert, tls_key=tls_key)  # fmt: skip
+    config = HubConfig(
+        state_dir,
+        broker,
+        broker_host,
+        broker_port,
+        grpc_host,
+        grpc_port,
+        admin_host,
+        admin_port,
+        topic_root,
+        inference,
+        max_chunk_rate,
+        public_broker,
+        public_grpc,
+        shared_above,
+        serving_profile,
+    )
+    run(lambda: serve(config))
