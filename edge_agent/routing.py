@@ -4,11 +4,15 @@ the cascade, and a per-device cloud budget.
 Policies:
     local_only    never call the cloud
     cloud_only    always call the cloud
-    local_first   local; the cloud when there is no local version, the local runtime fails, or its
-                  breaker is open (errors or calls over the latency budget trip it)
+    local_first   local; the cloud when there is no local version, the local runtime raises, or its
+                  breaker is open (3 runtime errors in a row open it for 5 s)
     cloud_first   cloud; local when the cloud fails, is throttled or its breaker is open
     cascade       local, then the cloud's (bigger) model when the local answer's confidence is below
                   the threshold, within the latency budget; the local answer when the cloud cannot help
+
+A local call slower than the latency budget is never a reason to leave the local route: it is counted
+(``EdgeClient.budget_breaches``, telemetry windows' ``budget_breaches``, `edge-agent status`) and said
+in the result's ``reason``. Loading and warming a model never count against the budget.
 """
 
 from __future__ import annotations
