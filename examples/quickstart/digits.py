@@ -1,6 +1,8 @@
 """A 284k-parameter CNN for scikit-learn's bundled 8x8 digits, trained in seconds on a CPU.
 
-``trained()`` is the factory the compiler calls (``digits.py:trained``); it loads the weights that
+``python digits.py [DIR]`` trains it and writes ``digits_cnn.pt``, ``calib.npz`` and ``val.npz`` into DIR
+(default: the working directory). ``trained()`` is the factory the compiler calls (``digits.py:trained``);
+it loads the weights that
 ``train()`` saved (``$DIGITS_WEIGHTS``, default ``digits_cnn.pt`` in the working directory).
 """
 
@@ -67,3 +69,10 @@ def trained() -> DigitsCNN:
     weights = Path(os.environ.get("DIGITS_WEIGHTS", "digits_cnn.pt"))
     model.load_state_dict(torch.load(weights, weights_only=True))
     return model.eval()
+
+
+if __name__ == "__main__":  # python examples/quickstart/digits.py [DIR]: train and write the tour's files
+    import sys
+
+    target = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
+    print(f"held-out accuracy {train(target):.3f}; wrote digits_cnn.pt, calib.npz and val.npz in {target}")
