@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
+import os
+import sys
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from device_profiles import ProfileError
 from edge_agent.protocol.signing import generate_keypair
@@ -19,7 +26,8 @@ from model_compiler.errors import CompileError
 from model_compiler.sources import load_data
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # a message is one line, however long
+WIDE = 200  # table width when stdout is not a terminal (Rich would cut it to 80 columns)
 
 
 @app.command()
@@ -28,7 +36,7 @@ def keygen(
 ) -> None:
     """Create an Ed25519 signing key pair. Give signing.pub to agents (`edge-agent init --trust`)."""
     key, pub = generate_keypair(out)
-    console.print(f"wrote {key} (keep it secret) and {pub} (give it to agents)")
+    console.print(f"wrote {key} (keep it secret) and {pub} (give it to agents)", markup=False)
 
 
 @app.command("compile")
@@ -43,7 +51,13 @@ def compile_command(
     key: Annotated[Path, typer.Option(help="Ed25519 private key from `model-compiler keygen`")] = Path(
         "keys/signing.key"
     ),
-    release: Annotated[int, typer.Option(help="Release number; 0 = current Unix time (always increasing)")] = 0,
+    release: Annotated[
+        int,
+        typer.Option(
+            help="Release number; 0 = the release of this version's artifacts already in --out, else "
+            "the current Unix time"
+        ),
+    ] = 0,
     metric: Annotated[
         str, typer.Option(help="Gate metric: top1, cosine, max_abs, or file.py:fn (higher is better)")
     ] = "top1",
@@ -51,48 +65,89 @@ def compile_command(
         float | None, typer.Option(help="Allowed loss (top1/cosine: 1 - value; max_abs: value)")
     ] = None,
     latency_batch: Annotated[int, typer.Option(help="Batch size used to time each variant")] = 1,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout")] = False,
+    max_batch: Annotated[int, typer.Option(help="Most rows one call may carry (the interface's); 0 = no limit")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON, and only that, on stdout")] = False,
 ) -> None:
-    """Export, quantize, gate against fp32, time, and write a signed artifact for each profile."""
-    options = CompileOptions(
-        name=name,
-        version=version,
-        key_path=key,
-        release=release,
-        metric=metric,
-        tolerance=tolerance,
-        latency_batch=latency_batch,
-    )
+    """Export, quantize, gate against fp32, time, and write a signed artifact for each profile.
+    Exits 1 when a profile failed (the others are still written and reported), 2 when nothing could be."""
+    options = CompileOptions(name=name, version=version, key_path=key, release=release, metric=metric,
+                             tolerance=tolerance, latency_batch=latency_batch, max_batch=max_batch)  # fmt: skip
     try:
-        reports = run_with_progress(source, profile, load_data(calib, "calib"), load_data(val, "val"), out, options)
+        with stdout_to_stderr():  # converters print to stdout, from Python and from C
+            data = load_data(calib, "calib"), load_data(val, "val")
+            reports = run_with_progress(source, profile, *data, out, options, keep_failures=True)
     except (CompileError, ProfileError, ValueError, OSError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from None
+    for report in reports:
+        for warning in report.warnings:
+            console.print(f"[yellow]warning:[/yellow] {escape(f'{report.profile}: {warning}')}")
     if as_json:
         print(json.dumps([asdict(r) for r in reports], indent=2))
-        return
-    table = Table("profile", "variant", "gate", "size", "latency ms", "chosen")
+    else:
+        print_table(reports)
+    if any(r.error for r in reports):
+        raise typer.Exit(1)
+
+
+def print_table(reports: list[ProfileReport]) -> None:
+    """Every attempt per profile, then one line per profile: its artifact, or why it has none."""
+    out = Console(width=None if sys.stdout.isatty() else WIDE, soft_wrap=True)
+    table = Table("profile", "runtime", "variant", "gate", "size", "latency ms", "chosen")
     for report in reports:
         for attempt in report.variants:
-            table.add_row(
-                report.profile,
-                attempt["kind"],
-                f"{attempt['metric']} {attempt['value']:.4f}",
-                f"{attempt['size'] / 1024:.0f} KiB",
-                f"{attempt['latency_ms']:.3f}",
-                "✓" if attempt["kind"] == report.chosen else attempt["note"],
-            )
-    Console().print(table)
+            table.add_row(*(Text(cell) for cell in _row(report, attempt)))
+    out.print(table)
     for report in reports:
-        Console().print(f"{report.profile}: {report.artifact} ({report.reason})")
+        line = f"{report.artifact} ({report.reason})" if not report.error else f"FAILED: {report.error}"
+        out.print(f"{report.profile}: {line}", markup=False, highlight=False)
 
 
-def run_with_progress(source: str, profiles: list[str], calib: Any, val: Any, out: Path,
-                      options: CompileOptions) -> list[ProfileReport]:  # fmt: skip
-    """compile_model with a progress bar over the profiles and the current step as its label."""
+def _row(report: ProfileReport, attempt: dict[str, Any]) -> list[str]:
+    gated = "metric" in attempt  # an attempt that could not be built has no gate, size or latency
+    return [
+        report.profile,
+        attempt.get("runtime", ""),
+        attempt["kind"],
+        f"{attempt['metric']} {attempt['value']:.4f}" if gated else "-",
+        f"{attempt['size'] / 1024:.0f} KiB" if gated else "-",
+        f"{attempt['latency_ms']:.3f}" if gated else "-",
+        "✓" if attempt["kind"] == report.chosen and not report.error else attempt["note"],
+    ]
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send what is written to stdout meanwhile, by Python code (``sys.stdout``) or by C code (file
+    descriptor 1), to stderr, so that stdout carries only the report."""
+    sys.stdout.flush()
+    _flush_c_stdio()
+    saved, previous = os.dup(1), sys.stdout
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        _flush_c_stdio()  # what C code buffered belongs to stderr too
+        sys.stdout = previous
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _flush_c_stdio() -> None:
+    with contextlib.suppress(Exception):  # no C library to flush: nothing buffered there
+        ctypes.CDLL(None).fflush(None)
+
+
+def run_with_progress(source: str, profiles: list[str], calib: Any, val: Any, out: Path, options: CompileOptions,
+                      keep_failures: bool = False) -> list[ProfileReport]:  # fmt: skip
+    """compile_model with a progress bar over the profiles and the current step as its label. A profile
+    that failed raises CompileError naming each failure (after every profile was tried), unless
+    ``keep_failures``: then it is a report with ``error`` set."""
     columns = (
         SpinnerColumn(),
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
@@ -105,7 +160,11 @@ def run_with_progress(source: str, profiles: list[str], calib: Any, val: Any, ou
             if any(message.startswith(f"{p}: ") for p in profiles):
                 progress.advance(task)
 
-        return compile_model(source, profiles, calib, val, out, options, progress=update)
+        reports = compile_model(source, profiles, calib, val, out, options, progress=update)
+    failed = [f"{r.profile}: {r.error}" for r in reports if r.error]
+    if failed and not keep_failures:
+        raise CompileError(f"{len(failed)} of {len(reports)} profiles failed: {'; '.join(failed)}")
+    return reports
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from model_compiler.data import Feeds, rows, take
+from model_compiler.data import Feeds, is_numeric, rows, take
 
 
 @dataclass(frozen=True)
@@ -34,13 +34,19 @@ class Variant:
 
     @property
     def precision(self) -> str:
-        return self.kind.removeprefix("tflite-").split("-")[0]
+        return precision_of(self.kind)
+
+
+def precision_of(kind: str) -> str:
+    """'int8-static-per-channel' → 'int8', 'tflite-fp32' → 'fp32'."""
+    return kind.removeprefix("tflite-").split("-")[0]
 
 
 # The back-off ladder for int8, most aggressive first; then fp16 (where the profile runs it), then fp32.
 INT8_LADDER = ("int8-static", "int8-static-per-channel", "int8-static-per-channel-excluding-ends")
 DYNAMIC_LADDER = ("int8-dynamic", "int8-dynamic-excluding-sensitive")
 KINDS = (*INT8_LADDER, *DYNAMIC_LADDER, "fp16", "fp32")
+BUILT_IN = ("top1", "cosine", "max_abs")
 
 
 class _Calibration:
@@ -179,17 +185,23 @@ def predict(path: Path, feeds: Feeds, batch: int = 256) -> np.ndarray:
 
 
 def gate(metric: str, tolerance: float, reference: np.ndarray, candidate: np.ndarray) -> GateResult:
-    """top1 (agreement ≥ 1 - tolerance), cosine (min cosine ≥ 1 - tolerance), max_abs (≤ tolerance)."""
+    """top1 (agreement ≥ 1 - tolerance), cosine (min cosine ≥ 1 - tolerance), max_abs (≤ tolerance).
+    Outputs that are not float scores (integer labels, strings) are compared row by row for equality:
+    top1 and cosine are then the share of equal rows, max_abs the share that differ (see _exact)."""
     ref, cand = reference.reshape(len(reference), -1), candidate.reshape(len(candidate), -1)
+    not_scores = reference.dtype.kind != "f"
+    if metric in BUILT_IN and not_scores and (metric == "top1" or not is_numeric(reference)):
+        return _exact(metric, tolerance, ref, cand)
     if metric == "top1":
         value = float(np.mean(ref.argmax(1) == cand.argmax(1)))
         return GateResult(metric, value, tolerance, value >= 1 - tolerance)
     if metric == "cosine":
+        ref, cand = ref.astype(np.float64), cand.astype(np.float64)
         norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
         value = float(np.min(np.sum(ref * cand, axis=1) / np.maximum(norms, 1e-12)))
         return GateResult(metric, value, tolerance, value >= 1 - tolerance)
     if metric == "max_abs":
-        value = float(np.max(np.abs(ref - cand)))
+        value = float(np.max(np.abs(ref.astype(np.float64) - cand.astype(np.float64))))
         return GateResult(metric, value, tolerance, value <= tolerance)
     if ":" in metric:  # a user metric: fn(reference, candidate) -> score, higher is better, 1.0 = identical
         from model_compiler.sources import load_function
@@ -197,6 +209,17 @@ def gate(metric: str, tolerance: float, reference: np.ndarray, candidate: np.nda
         value = float(load_function(metric)(reference, candidate))
         return GateResult(metric, value, tolerance, value >= 1 - tolerance)
     raise ValueError(f"unknown metric {metric!r}; use top1, cosine, max_abs or file.py:function")
+
+
+def _exact(metric: str, tolerance: float, ref: np.ndarray, cand: np.ndarray) -> GateResult:
+    """Labels (top1) and strings (any metric): top1 and cosine are the share of rows equal to the
+    reference, max_abs the share of rows that differ."""
+    if ref.shape != cand.shape:
+        raise ValueError(f"the variant's output is shaped {list(cand.shape)}, the reference {list(ref.shape)}")
+    equal = float(np.mean(np.all(ref == cand, axis=1))) if len(ref) else 1.0
+    if metric == "max_abs":
+        return GateResult(metric, 1 - equal, tolerance, 1 - equal <= tolerance)
+    return GateResult(metric, equal, tolerance, equal >= 1 - tolerance)
 
 
 def median_latency_ms(path: Path, feed: Feeds, repeats: int = 30, threads: int = 0) -> float:

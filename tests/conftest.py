@@ -164,7 +164,9 @@ class InferenceServer:
         root.mkdir(parents=True, exist_ok=True)
         self.registry = SQLiteRegistry(str(root / "registry.db"))
         self.store = ArtifactStore(root / "artifacts", TrustStore.from_dir(keys[1].parent))
-        self.repository = ModelRepository(self.registry, self.store, get_profile("x86-64-generic"), InferenceOptions(**options))
+        self.repository = ModelRepository(
+            self.registry, self.store, get_profile("x86-64-generic"), InferenceOptions(**options)
+        )
         self.usage = UsageCounter()
         self.tokens: dict[str, str] = {}
         self.server = start_inference_server(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -34,7 +35,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def compile_to(out: Path, source: str, trained: dict[str, Any], keys: tuple[Path, Path], profiles: list[str],
                **options: Any) -> list[Any]:  # fmt: skip
-    opts = CompileOptions(name="digits", version="1.0.0", key_path=keys[0], release=1, **options)
+    opts = CompileOptions(**{"name": "digits", "version": "1.0.0", "key_path": keys[0], "release": 1, **options})
     return compile_model(source, profiles, trained["calib"], trained["val"], out, opts)
 
 
@@ -118,17 +119,33 @@ def test_bad_input_is_named_and_leaves_nothing(
     assert no_leftovers(out)
 
 
-def test_tflite_artifact_for_raspberry_pi_runs_in_litert(tmp_path: Path, trained: dict[str, Any],
-                                                         keys: tuple[Path, Path]) -> None:  # fmt: skip
+def test_one_interface_and_release_across_profiles_and_the_pi_artifact_runs(
+    tmp_path: Path, trained: dict[str, Any], keys: tuple[Path, Path]
+) -> None:
     from device_profiles import get_profile
     from edge_agent import EdgeClient
     from edge_agent.config import AgentConfig
-    from edge_agent.errors import InputMismatch
+    from edge_agent.protocol.manifest import manifest_from_wire
     from edge_agent.protocol.signing import TrustStore
     from edge_agent.store import ModelStore
 
-    report = compile_to(tmp_path / "pi", DIGITS, trained, keys, ["raspberry-pi-5"])[0]
-    assert report.chosen.startswith("tflite-") and all(a["kind"].startswith("tflite-") for a in report.variants)
+    def manifest(report: Any) -> Any:
+        assert not report.error, report.error
+        return manifest_from_wire(json.loads((Path(report.artifact) / "manifest.json").read_text()))
+
+    out = tmp_path / "out"  # one call for two profiles, then a third profile later: no --release given
+    x86, pi4 = (manifest(r) for r in compile_to(out, DIGITS, trained, keys, ["x86-64-generic", "raspberry-pi-4"],
+                                                release=0))  # fmt: skip
+    report = compile_to(out, DIGITS, trained, keys, ["raspberry-pi-5"], release=0)[0]
+    pi5 = manifest(report)
+    assert x86.release == pi4.release == pi5.release > 1
+    assert x86.interface == pi4.interface == pi5.interface and not x86.interface.differences(pi5.interface)
+    assert [(t.name, t.shape) for t in pi5.inputs] == [("input", ("batch", 1, 8, 8))]  # batch not pinned to 1
+    if importlib.util.find_spec("litert_torch") is None:  # no converter: ONNX Runtime, and the report says why
+        assert pi5.runtime == "onnxruntime" and "fell back to onnxruntime" in report.warnings[0]
+        return
+    assert pi5.runtime == "tflite" and report.chosen.startswith("tflite-")
+    assert all(a["kind"].startswith("tflite-") for a in report.variants)
     artifact = Path(report.artifact)
     assert (artifact / "model.tflite").exists() and not (artifact / "model.onnx").exists()
     state = tmp_path / "pi-device"
@@ -136,13 +153,13 @@ def test_tflite_artifact_for_raspberry_pi_runs_in_litert(tmp_path: Path, trained
     shutil.copy(keys[1], state / "trust")
     AgentConfig(device_id="pi", profile="raspberry-pi-5").save(state)
     store = ModelStore(state / "models")
-    manifest = store.install(artifact, TrustStore.from_dir(state / "trust"), get_profile("raspberry-pi-5"))
-    store.activate(manifest.name, manifest.version)
+    installed = store.install(artifact, TrustStore.from_dir(state / "trust"), get_profile("raspberry-pi-5"))
+    store.activate(installed.name, installed.version)
     x, y = trained["val"]
     with EdgeClient(state, telemetry=False) as client:
         predictions = [
             int(client.infer("digits", {"input": x[i : i + 1]}).outputs["output"].argmax()) for i in range(100)
         ]
-        with pytest.raises(InputMismatch):  # the converter fixed the batch at 1, and the manifest says so
-            client.infer("digits", {"input": x[:2]})
+        batched = client.infer("digits", {"input": x[:3]}).outputs["output"]  # the runtime splits the batch
     assert np.mean(np.array(predictions) == y[:100]) > 0.8
+    assert batched.shape == (3, 10) and list(batched.argmax(1)) == predictions[:3]

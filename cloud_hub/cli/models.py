@@ -96,7 +96,9 @@ def _compile(sources: list[str], profiles: list[str], calib: Path | None, val: P
         reports = []
         for source in sources:
             calib_data, val_data = load_npz(calib, "calib"), load_npz(val, "val")
-            reports += run_with_progress(source, profiles, calib_data, val_data, out / Path(source).stem, options)
+            reports += run_with_progress(
+                source, profiles, calib_data, val_data, out / Path(source).stem, options, keep_failures=True
+            )
     except (CompileError, ValueError, OSError) as exc:
         raise fail(exc) from None
     for report in reports:
