@@ -133,3 +133,62 @@ def test_embedded_broker_port_taken_says_how_to_fix() -> None:
             EmbeddedBroker(port=port).start()
     finally:
         first.stop()
+
+
+@pytest.fixture(scope="module")
+def x86_and_pi(tmp_path_factory: pytest.TempPathFactory, keys: tuple[Path, Path],
+               digits_artifact: dict[str, Any]) -> list[Path]:  # fmt: skip
+    """The digits CNN compiled in one call for an x86 profile and a Raspberry Pi profile (LiteRT)."""
+    from conftest import ROOT
+
+    from model_compiler import CompileOptions, compile_model
+
+    work = digits_artifact["path"].parents[1]
+    options = CompileOptions(name="digits-pi", version="1.0.0", key_path=keys[0])
+    reports = compile_model(f"{ROOT / 'examples/quickstart/digits.py'}:trained", ["x86-64-generic", "raspberry-pi-4"],
+                            (np.load(work / "calib.npz")["x"], None), (digits_artifact["x"], digits_artifact["y"]),
+                            tmp_path_factory.mktemp("x86-and-pi"), options)  # fmt: skip
+    assert not [r.error for r in reports if r.error]
+    return [Path(r.artifact) for r in reports]
+
+
+@pytest.mark.parametrize("hub", ["embedded"], indirect=True)
+def test_one_version_on_x86_and_a_pi_shares_release_interface_and_result_keys(
+    hub: Hub, tmp_path: Path, keys: tuple[Path, Path], x86_and_pi: list[Path], digits_artifact: dict[str, Any]
+) -> None:
+    """Issue 10's end-to-end check: one release, identical interfaces, and the cloud answering from the
+    x86 artifact with the same output keys as the local route on a Pi-profile device."""
+    from device_profiles import get_profile
+    from edge_agent.protocol.artifact import read_manifest
+    from edge_agent.protocol.signing import TrustStore
+    from edge_agent.store import ModelStore
+
+    assert hub.admin is not None
+    admin = AdminClient(f"http://127.0.0.1:{hub.admin.port}", operator_token(hub.config.state_dir))
+    added = [admin.add_artifact(path) for path in x86_and_pi]
+    assert [a["profile"] for a in added] == ["x86-64-generic", "raspberry-pi-4"]
+    assert len({a["release"] for a in added}) == 1
+    shown = admin.request("GET", "/v1/models/digits-pi/1.0.0")
+    servable = {a["profile"]: (a["runtime"], a["servable"]) for a in shown["artifacts"]}
+    assert servable == {"x86-64-generic": ("onnxruntime", True), "raspberry-pi-4": ("tflite", False)}
+    trust = TrustStore.from_dir(keys[1].parent)
+    x86, pi = (read_manifest(path, trust) for path in x86_and_pi)
+    assert x86.interface == pi.interface and x86.interface.inputs[0].shape[0] == "batch"
+
+    state = tmp_path / "pi-device"
+    (state / "trust").mkdir(parents=True)
+    shutil.copy(keys[1], state / "trust")
+    AgentConfig(device_id="pi-1", profile="raspberry-pi-4", cloud=f"grpc://127.0.0.1:{hub.grpc_port}").save(state)
+    ModelStore(state / "models").install(x86_and_pi[1], trust, get_profile("raspberry-pi-4"), activate=True)
+    x = digits_artifact["x"][:6]
+    with EdgeClient(state, telemetry=False) as client:
+        local = client.infer("digits-pi", {"input": x})
+        client.policy = "cloud_only"
+        cloud = client.infer("digits-pi", {"input": x})
+    assert (local.route, cloud.route) == ("local", "cloud") and local.version == cloud.version == "1.0.0"
+    assert list(local.outputs) == list(cloud.outputs) == ["output"]
+    assert np.array_equal(local.outputs["output"].argmax(1), cloud.outputs["output"].argmax(1))
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(x86_and_pi[0] / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert np.allclose(cloud.outputs["output"], session.run(None, {"input": x})[0], atol=1e-5)  # the x86 artifact
