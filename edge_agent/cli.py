@@ -28,7 +28,7 @@ from edge_agent.protocol.signing import TrustStore
 from edge_agent.store import ModelStore
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # messages are never cut or wrapped mid-word
 StateDir = Annotated[
     Path | None,
     typer.Option(
@@ -208,7 +208,7 @@ def models(state_dir: StateDir = None, as_json: AsJson = False) -> None:
     table = Table("name", "version", "release", "precision", "active")
     for row in rows:
         table.add_row(row["name"], row["version"], str(row["release"]), row["precision"], "✓" if row["active"] else "")
-    Console().print(table)
+    (Console() if sys.stdout.isatty() else Console(width=1000)).print(table)  # a pipe gets the whole table
 
 
 @app.command()

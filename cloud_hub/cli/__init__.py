@@ -30,7 +30,7 @@ deployments_app = typer.Typer(help="List deployments and follow their progress."
 app.add_typer(models_app, name="models")
 app.add_typer(devices_app, name="devices")
 app.add_typer(deployments_app, name="deployments")
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # messages are never cut or wrapped mid-word
 STATE_ENV = "EDGEFED_HUB_STATE_DIR"
 HubUrl = Annotated[str | None, typer.Option("--hub", envvar=HUB_URL_ENV, help="Admin API URL")]
 Token = Annotated[
