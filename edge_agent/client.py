@@ -22,6 +22,7 @@ import numpy as np
 from device_profiles import DeviceProfile, get_profile
 from edge_agent.cache import PredictionCache
 from edge_agent.cloud import CloudClient
+from edge_agent.cloud_interfaces import CloudInterfaces
 from edge_agent.config import STATE_DIR_ENV, AgentConfig, default_state_dir
 from edge_agent.errors import (
     CloudThrottled,
@@ -145,8 +146,9 @@ class EdgeClient:
         self._budget = RateBudget(cloud_budget_per_minute) if cloud_budget_per_minute else None
         self._recorder = TelemetryRecorder(Spool(self.state_dir / SPOOL_FILE)) if telemetry else None
         self._slots: dict[str, _Slot] = {}
-        self._cloud_interfaces: dict[str, tuple[Interface, InputValidator]] = {}  # models with no local version
+        self._interfaces = CloudInterfaces(self._cloud, self.cloud_breaker, cloud_timeout_s) if self._cloud else None
         self.budget_breaches = 0  # local calls over the latency budget (also counted in telemetry)
+        self._breaches_lock = threading.Lock()
         self._loaders: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._cache = PredictionCache(cache_size) if cache_size > 0 else None
@@ -244,7 +246,7 @@ class EdgeClient:
         if policy == "cloud_first":
             try:
                 return self._cloud_infer(model, inputs, start, "policy cloud_first", self._version(loaded))
-            except CloudUnavailable as exc:
+            except (CloudUnavailable, ModelNotDeployed) as exc:  # (the cloud may lack the version active here)
                 if loaded is None:
                     raise
                 reason = f"cloud failed ({exc}); "
@@ -269,28 +271,17 @@ class EdgeClient:
             except InputMismatch:
                 self._record(model, loaded.record.version, "local", start, False)
                 raise
-        validator = self._cloud_validator(model)
+        if self._interfaces is None or self.policy == "local_only":
+            return inputs
+        validator = self._interfaces.validator(model)
         return validator(inputs, self.allow_cast) if validator is not None else inputs
-
-    def _cloud_validator(self, model: str) -> InputValidator | None:
-        known = self._cloud_interfaces.get(model)
-        if known is not None:
-            return known[1]
-        if self._cloud is None or self.policy == "local_only":
-            return None
-        try:
-            interface = self._cloud.interface(model, "", self.cloud_timeout_s)
-        except CloudUnavailable:
-            return None  # the call itself will say why the cloud cannot answer
-        self._cloud_interfaces[model] = (interface, InputValidator(interface))
-        return self._cloud_interfaces[model][1]
 
     def _output_names(self, model: str) -> tuple[str, ...] | None:
         slot = self._slots.get(model)
         if slot is not None and slot.loaded is not None:
             return tuple(s.name for s in slot.loaded.runtime.manifest.outputs)
-        known = self._cloud_interfaces.get(model)
-        return tuple(s.name for s in known[0].outputs) if known else None
+        known = self._interfaces.cached(model) if self._interfaces else None
+        return tuple(s.name for s in known.outputs) if known else None
 
     def _local_infer(self, model: str, checked: Inputs, loaded: _Loaded, start: float, reason: str) -> InferResult:
         version = loaded.record.version
@@ -305,6 +296,9 @@ class EdgeClient:
                 return InferResult(hit, model, version, "local", latency_ms, "prediction cache hit", cached=True)
         try:
             outputs = loaded.runtime.run(checked)
+        except InputMismatch:  # the caller's data (e.g. ids beyond int32): not a runtime failure
+            self._record(model, version, "local", start, False)
+            raise
         except Exception as exc:
             breaker.failure()
             self._record(model, version, "local", start, False)
@@ -317,7 +311,8 @@ class EdgeClient:
         elapsed = time.perf_counter() - start
         over_budget = elapsed > self.latency_budget_s
         if over_budget:  # reported (telemetry, status), never a reason to leave the local route
-            self.budget_breaches += 1
+            with self._breaches_lock:
+                self.budget_breaches += 1
             reason += f"over the {self.latency_budget_s * 1000:g} ms budget; "
         if self.policy == "cascade":
             escalated = self._escalate(model, checked, outputs, start, version)
@@ -417,12 +412,11 @@ class EdgeClient:
         """A model's versions here and its interface: the active local version's, else the cloud's."""
         active = self.store.active(name)
         versions = tuple(m.version for m in self.store.versions(name))
-        if active is not None:
-            interface = self.store.manifest(name, active.version).interface
-        else:
-            if self._cloud_validator(name) is None:
-                raise ModelNotDeployed(f"{name} is not installed in {self.state_dir} and no cloud can describe it")
-            interface = self._cloud_interfaces[name][0]
+        interface = self.store.manifest(name, active.version).interface if active else None
+        if interface is None and self._interfaces is not None:
+            interface = self._interfaces.interface(name)
+        if interface is None:
+            raise ModelNotDeployed(f"{name} is not installed in {self.state_dir} and no cloud describes it")
         return ModelInfo(name, active.version if active else None, versions, interface)
 
     def models(self) -> list[ModelInfo]:

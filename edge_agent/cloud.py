@@ -165,12 +165,15 @@ class CloudClient:
         answered = response.model_version or version  # KServe answers with an empty version
         return answered, named_outputs(decode_outputs(response), outputs, f"cloud {self.endpoint}: {model}")
 
-    def interface(self, model: str, version: str = "", timeout_s: float | None = None) -> Interface:
-        """The model's interface from the server's ModelMetadata (dynamic dimensions are ``-1`` there)."""
+    def interface(self, model: str, version: str = "", timeout_s: float | None = None) -> Interface | None:
+        """The model's interface from the server's ModelMetadata (dynamic dimensions are ``-1`` there);
+        None when the server has no ModelMetadata."""
         request = pb.ModelMetadataRequest(name=model, version=version)
         try:
             reply = self.stub.ModelMetadata(request, timeout=timeout_s or self.timeout_s, metadata=self.metadata)
         except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                return None
             raise _mapped(self.endpoint, exc.code(), exc.details() or "") from None
         try:
             return Interface(tuple(_spec(t) for t in reply.inputs), tuple(_spec(t) for t in reply.outputs))

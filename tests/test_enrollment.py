@@ -4,6 +4,7 @@ plus the admin API's OpenAPI description and the systemd unit."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 import time
@@ -204,3 +205,28 @@ def test_models_add_compiles_through_the_compiler_api(
     assert [(m["name"], m["version"], m["profile"]) for m in client.request("GET", "/v1/models")] == [
         ("digits", "2.0.0", "x86-64-generic")
     ]
+
+
+def test_refused_registrations_leave_nothing_and_models_show_names_the_interface(
+    hub: Hub, tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    from test_interface_contract import resealed
+
+    from cloud_hub.cli import app as hub_cli
+    from cloud_hub.errors import Conflict
+
+    client = admin(hub)
+    client.add_artifact(make_artifact(tmp_path / "1.0.0", keys[0], release=1))
+    renamed = [{"name": "logits", "dtype": "float32", "shape": ["batch", 30]}]
+    minor = resealed(make_artifact(tmp_path / "1.1.0", keys[0], version="1.1.0", release=2), keys[0], outputs=renamed)
+    stored = sorted(p.name for p in (hub.config.state_dir / "artifacts").iterdir())
+    with pytest.raises(Conflict, match=r"409 .*output 'output' removed; output 'logits' added"):
+        client.add_artifact(minor)
+    assert sorted(p.name for p in (hub.config.state_dir / "artifacts").iterdir()) == stored  # nothing kept
+    assert client.add_artifact(minor, allow_interface_change=True)["new"]
+    result = CliRunner().invoke(hub_cli, ["models", "show", "gemm@1.1.0", "--hub", client.url, "--token",
+                                          client.token])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert re.search(r"output\W+logits\W+float32\W+\['batch', 30\]", result.output), result.output
+    assert "gemm@1.1.0: release 2, max batch no limit" in result.output
+    assert re.search(r"x86-64-generic\W+onnxruntime\W+fp32.*serves", result.output), result.output

@@ -16,7 +16,7 @@ from edge_agent.protocol.canonical import canonical_json, sha256_hex
 from edge_agent.protocol.errors import ArtifactRejected
 
 SCHEMA = "edgefed.manifest/2"  # /2 added max_batch: the interface is one contract per version
-OLD_SCHEMAS = ("edgefed.manifest/1",)
+SCHEMA_V1 = "edgefed.manifest/1"  # still read (max_batch 0) and written back as it was, so its id holds
 DEFAULT_CHUNK_SIZE = 256 * 1024
 DTYPES = ("float32", "float16", "float64", "int64", "int32", "int16", "int8", "uint64", "uint32", "uint16", "uint8",
           "bool", "bytes")  # fmt: skip
@@ -116,10 +116,12 @@ class Manifest:
     validation: dict[str, Any] = field(default_factory=dict)
     latency_ms: dict[str, Any] = field(default_factory=dict)
     max_batch: int = 0  # the most rows one call may carry; 0: no limit (part of the interface)
+    schema: str = SCHEMA
 
     def to_wire(self) -> dict[str, Any]:
         data = asdict(self)
-        data["schema"] = SCHEMA
+        if self.schema == SCHEMA_V1:
+            del data["max_batch"]
         return data
 
     @property
@@ -229,9 +231,7 @@ def _hardware(data: Any) -> Hardware:
 
 def manifest_from_wire(data: Any) -> Manifest:
     """Validate a decoded manifest document; raises ArtifactRejected('manifest') naming the field."""
-    if isinstance(data, dict) and data.get("schema") in OLD_SCHEMAS:
-        raise _bad(f"schema {data['schema']!r} comes from an older compiler; compile the model again")
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+    if not isinstance(data, dict) or data.get("schema") not in (SCHEMA, SCHEMA_V1):
         raise _bad(f"schema is not {SCHEMA!r}")
     name, version = _get(data, "name", str), _get(data, "version", str)
     if not _NAME_RE.match(name) or not _NAME_RE.match(version):
@@ -239,7 +239,7 @@ def manifest_from_wire(data: Any) -> Manifest:
     release, chunk_size = _get(data, "release", int), _get(data, "chunk_size", int)
     if release < 1 or chunk_size < 1:
         raise _bad("release and chunk_size must be positive")
-    max_batch = _get({"max_batch": 0, **data}, "max_batch", int)
+    max_batch = _get({"max_batch": 0, **data}, "max_batch", int) if data["schema"] == SCHEMA else 0
     if max_batch < 0:
         raise _bad("max_batch must be 0 (no limit) or positive")
     files = tuple(_file(f) for f in _get(data, "files", list))
@@ -271,4 +271,5 @@ def manifest_from_wire(data: Any) -> Manifest:
         validation=_get({"validation": {}, **data}, "validation", dict),
         latency_ms=_get({"latency_ms": {}, **data}, "latency_ms", dict),
         max_batch=max_batch,
+        schema=data["schema"],
     )

@@ -24,7 +24,8 @@ def numpy_dtype(dtype: str) -> np.dtype[Any]:
 @dataclass(frozen=True)
 class TensorCast:
     """Casts one input to the dtype a runtime's tensor takes (planned once per model): int64 token ids
-    to an int32 tensor only when every value fits, else ``ValueError`` naming the input."""
+    to an int32 tensor only when every value fits, else ``InputMismatch`` naming the input (the
+    caller's data, not a runtime failure: it never moves traffic to the cloud)."""
 
     name: str
     dtype: np.dtype[Any]
@@ -46,10 +47,8 @@ class TensorCast:
     def _check_range(self, array: np.ndarray) -> None:
         low, high = self.bounds or (0, 0)
         if array.size and (array.min() < low or array.max() > high):
-            raise ValueError(
-                f"input {self.name!r}: the model takes {self.dtype} here, and a value lies outside "
-                f"[{low}, {high}] (received {array.dtype} values in [{array.min()}, {array.max()}])"
-            )
+            raise InputMismatch(self.name, f"values in [{low}, {high}] (the model takes {self.dtype} here)",
+                                f"{array.dtype} values in [{array.min()}, {array.max()}]")  # fmt: skip
 
 
 @dataclass(frozen=True)

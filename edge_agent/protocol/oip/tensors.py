@@ -32,18 +32,6 @@ OIP_DATATYPES = {"bool": "BOOL", "uint8": "UINT8", "uint16": "UINT16", "uint32":
 MANIFEST_DTYPES = {oip: dtype for dtype, oip in OIP_DATATYPES.items()}
 _BY_NUMPY = {np.dtype(v[0]): k for k, v in DATATYPES.items() if k != "BYTES"}
 _WIRE_DTYPES = {k: np.dtype(v[0]).newbyteorder("<") for k, v in DATATYPES.items() if k != "BYTES"}
-ONNX_TYPES = {
-    "tensor(float)": "FP32",
-    "tensor(float16)": "FP16",
-    "tensor(double)": "FP64",
-    "tensor(int64)": "INT64",
-    "tensor(int32)": "INT32",
-    "tensor(int16)": "INT16",
-    "tensor(int8)": "INT8",
-    "tensor(uint8)": "UINT8",
-    "tensor(bool)": "BOOL",
-    "tensor(string)": "BYTES",
-}
 
 
 class TensorError(ValueError):
