@@ -14,185 +14,26 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import multiprocessing
-import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 
 from cloud_hub.accounting import Statistics, UsageCounter, merge_statistics
-from cloud_hub.artifacts import ArtifactStore
-from cloud_hub.batching import Batcher, QueueFull
+from cloud_hub.batching import QueueFull
 from cloud_hub.errors import NotFound
 from cloud_hub.registry import Registry
-from device_profiles import DeviceProfile
+from cloud_hub.repository import InferenceOptions, ModelRepository, Served
 from edge_agent.errors import InputMismatch
-from edge_agent.protocol.errors import ArtifactRejected
-from edge_agent.protocol.manifest import Manifest, manifest_from_wire
 from edge_agent.protocol.oip import add_servicer, pb
 from edge_agent.protocol.oip.tensors import OIP_DATATYPES, TensorError, datatype_of, from_contents, from_raw, to_raw
-from edge_agent.runtimes import InputValidator
-from edge_agent.runtimes.onnxruntime import OnnxRuntimeSession
-from edge_agent.store import check_compatible
 
 log = logging.getLogger(__name__)
 SERVER_NAME = "edgefed-hub"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class InferenceOptions:
-    """Flags of `cloud-hub serve` that shape inference."""
-
-    max_batch_rows: int = 32  # 1 disables dynamic batching
-    batch_delay_ms: float = 0.0  # 0: batch only what is already queued (no added latency when idle)
-    queue_size: int = 256  # per model; beyond it RESOURCE_EXHAUSTED
-    workers: int = 64  # concurrent RPCs served at once (with queue_size, the cap before RESOURCE_EXHAUSTED)
-    processes: int = 1  # processes serving the gRPC port (SO_REUSEPORT); each has its own sessions
-    intra_op_threads: int = 0  # ONNX Runtime threads per session; 0: the CPUs divided among the processes
-    require_token: bool = False
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-
-
-@dataclass
-class _Stats:
-    success: int = 0
-    fail: int = 0
-    success_ns: int = 0
-    last_ms: int = 0
-
-
-@dataclass
-class _Served:
-    manifest: Manifest
-    session: OnnxRuntimeSession
-    validator: InputValidator
-    batcher: Batcher | None
-    stats: _Stats = field(default_factory=_Stats)
-
-
-class ModelRepository:
-    """Picks and loads the artifact that answers for (name, version) on this hub: the one compiled for
-    ``serving_profile`` (the profile of the machine the hub runs on), else one that profile can run
-    (a CPU artifact for the same arch and an ONNX Runtime runtime, as an agent would accept).
-
-    A version is a registered version name or, Triton-style, an integer release number; an empty
-    version means the newest version this hub can serve. ``generation`` is a counter shared with the
-    other serving processes (a ``multiprocessing`` RawValue): ``invalidate`` bumps it, and every
-    repository that shares it re-resolves.
-    """
-
-    def __init__(self, registry: Registry, store: ArtifactStore, serving_profile: DeviceProfile,
-                 options: InferenceOptions | None = None, generation: Any = None) -> None:  # fmt: skip
-        self.registry, self.store, self.profile = registry, store, serving_profile
-        self.options = options or InferenceOptions()
-        self.generation = generation if generation is not None else multiprocessing.get_context("spawn").RawValue("Q")
-        self._seen = self.generation.value
-        self._served: dict[str, _Served] = {}
-        self._resolved: dict[tuple[str, str], _Served] = {}  # (name, version asked) → what answers it
-        self._lock = threading.Lock()
-
-    def invalidate(self) -> None:
-        """Forget name/version resolutions here and in every process sharing ``generation``; call
-        after registering an artifact."""
-        self.generation.value += 1
-
-    def servable(self, manifest: dict[str, Any]) -> bool:
-        """Whether this hub's ONNX Runtime can serve the artifact on its serving profile."""
-        if not str(manifest["runtime"]).startswith("onnxruntime"):
-            return False
-        try:
-            check_compatible(manifest_from_wire(manifest), self.profile)
-        except ArtifactRejected:
-            return False
-        return True
-
-    def _pick(self, name: str, version: str) -> dict[str, Any]:
-        rows = self.registry.artifacts(name)
-        if not rows:
-            raise NotFound(f"model {name} is not registered")
-        if version:
-            wanted = [r for r in rows if r["version"] == version]
-            if not wanted and version.isdigit():  # a Triton-style integer version: a release number
-                wanted = [r for r in rows if r["release"] == int(version)]
-            if not wanted:
-                raise NotFound(f"model {name}@{version} is not registered (versions: "
-                               f"{', '.join(sorted({r['version'] for r in rows}))})")  # fmt: skip
-            rows = wanted
-        manifests = [self.registry.artifact(r["artifact_id"])["manifest"] for r in rows]  # newest release first
-        servable = [m for m in manifests if self.servable(m)]
-        if not servable:
-            label = f"{name}@{version}" if version else name
-            built_for = ", ".join(sorted({m["hardware"]["profile"] for m in manifests}))
-            raise NotFound(
-                f"{label} has no artifact this hub can serve (built for {built_for}; the hub serves profile "
-                f"{self.profile.id}): compile it with --profile {self.profile.id} and add it with "
-                "'cloud-hub models add'"
-            )
-        newest = [m for m in servable if m["release"] == servable[0]["release"]]
-        return next((m for m in newest if m["hardware"]["profile"] == self.profile.id), newest[0])
-
-    def get(self, name: str, version: str) -> _Served:
-        """The served model for (name, version); a dict lookup once resolved (the per-call path)."""
-        if self.generation.value != self._seen:
-            self._seen, self._resolved = self.generation.value, {}
-        served = self._resolved.get((name, version))
-        if served is not None:
-            return served
-        manifest = manifest_from_wire(self._pick(name, version))
-        with self._lock:
-            served = self._served.get(manifest.artifact_id) or self._load(manifest)
-        self._resolved[(name, version)] = served
-        return served
-
-    def warm(self, names: list[str] | None = None) -> None:
-        """Load the newest servable version of each model (all registered ones by default) before a call
-        needs it: a first call would otherwise wait for the session to load (≈ 80 ms for the digits CNN)."""
-        for name in names if names is not None else sorted({r["name"] for r in self.registry.artifacts()}):
-            try:
-                self.get(name, "")
-            except NotFound as exc:
-                log.warning("not serving %s: %s", name, exc)
-            except Exception:
-                log.exception("could not load %s ahead of its first call", name)
-
-    def _load(self, manifest: Manifest) -> _Served:
-        threads = self.options.intra_op_threads or max(1, len(os.sched_getaffinity(0)) // self.options.processes)
-        session = OnnxRuntimeSession(self.store.path(manifest.artifact_id), manifest, prefer_gpu=True,
-                                     threads=threads, spinning=False)  # fmt: skip
-        batchable = self.options.max_batch_rows > 1 and all(
-            s.shape and isinstance(s.shape[0], str) for s in (*manifest.inputs, *manifest.outputs)
-        )
-        batcher = (
-            Batcher(session.run, self.options.max_batch_rows, self.options.batch_delay_ms / 1000,
-                    self.options.queue_size, manifest.name, offload=session.providers[0] != "CPUExecutionProvider")
-            if batchable else None
-        )  # fmt: skip
-        served = _Served(manifest, session, InputValidator(manifest), batcher)
-        self._served[manifest.artifact_id] = served
-        log.info("serving %s@%s with %s%s", manifest.name, manifest.version, session.providers[0],
-                 " (dynamic batching)" if batcher else "")  # fmt: skip
-        return served
-
-    def loaded(self) -> list[_Served]:
-        return list(self._served.values())
-
-    def statistics(self) -> Statistics:
-        """(name, version) → [success, fail, success_ns, last_ms, executions] of this process."""
-        rows = {}
-        for served in self.loaded():
-            s = served.stats
-            executions = served.batcher.executions if served.batcher else s.success
-            rows[(served.manifest.name, served.manifest.version)] = [s.success, s.fail, s.success_ns, s.last_ms,
-                                                                     executions]  # fmt: skip
-        return rows
 
 
 class TokenOwners:
@@ -272,7 +113,7 @@ class InferenceServicer:
     async def ServerMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=self.version, extensions=["model_statistics"])
 
-    async def _served(self, name: str, version: str, context: Any) -> _Served:
+    async def _served(self, name: str, version: str, context: Any) -> Served:
         try:
             return self.repository.get(name, version)
         except NotFound as exc:
@@ -358,16 +199,20 @@ class InferenceServicer:
         self.usage.add(device, served.manifest.name)
 
     async def ModelStatistics(self, request: Any, context: grpc.ServicerContext) -> Any:
-        if request.name and not self.repository.registry.artifacts(request.name, request.version or None):
-            label = f"{request.name}@{request.version}" if request.version else request.name
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"model {label} is not registered")
+        version = request.version
+        if request.name:
+            try:
+                rows = self.repository.registered(request.name, version)
+                version = rows[0]["version"] if version else ""
+            except NotFound as exc:
+                await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         totals = self.peer_statistics() if self.peer_statistics else {}
         merge_statistics(totals, self.repository.statistics())
         response = pb.ModelStatisticsResponse()
-        for (name, version), (success, fail, success_ns, last_ms, executions) in sorted(totals.items()):
-            if (request.name and request.name != name) or (request.version and request.version != version):
+        for (name, row_version), (success, fail, success_ns, last_ms, executions) in sorted(totals.items()):
+            if (request.name and request.name != name) or (version and version != row_version):
                 continue
-            stats = response.model_stats.add(name=name, version=version, last_inference=last_ms,
+            stats = response.model_stats.add(name=name, version=row_version, last_inference=last_ms,
                                              inference_count=success, execution_count=executions)  # fmt: skip
             stats.inference_stats.success.count, stats.inference_stats.success.ns = success, success_ns
             stats.inference_stats.fail.count = fail
@@ -428,3 +273,7 @@ def start_inference_server(repository: ModelRepository, host: str, port: int, ve
     """Start the OIP gRPC server (``port=0`` picks a free one; the bound port is ``.port``)."""
     return InferenceServer(InferenceServicer(repository, version, usage, token_owner), f"{host}:{port}",
                            repository.options)  # fmt: skip
+
+
+__all__ = ["InferenceOptions", "InferenceServer", "InferenceServicer", "ModelRepository", "TokenOwners",
+           "decode_inputs", "start_inference_server", "token_hash"]  # fmt: skip

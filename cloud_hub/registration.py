@@ -31,8 +31,9 @@ def check_registration(registry: Registry, manifest: Manifest, allow_interface_c
     if taken is not None:
         raise Conflict(f"{label}: release {manifest.release} already belongs to {manifest.name}@{taken['version']}; "
                        "compile with another --release (0 takes the current time)")  # fmt: skip
-    if rows and not allow_interface_change:
-        _compatible_with_previous(label, manifest, rows[0], registry)
+    previous = _previous(rows, manifest.version)
+    if previous is not None and not allow_interface_change:
+        _compatible_with_previous(label, manifest, previous, registry)
 
 
 def _same_version(label: str, manifest: Manifest, sibling: dict[str, Any], registry: Registry) -> None:
@@ -50,6 +51,18 @@ def _same_version(label: str, manifest: Manifest, sibling: dict[str, Any], regis
             f"{sibling['profile']} artifact's: {'; '.join(differences)}. All artifacts of one version must take "
             "and return the same tensors: compile every profile from the same source"
         )
+
+
+def _previous(rows: list[dict[str, Any]], version: str) -> dict[str, Any] | None:
+    """The newest registered version of the same major (a 1.0.1 patch after 2.0.0 is held to 1.x's
+    interface); with no semver to go by, the newest version."""
+    major = semver_major(version)
+    if major is None:
+        return rows[0] if rows else None
+    same_line = [r for r in rows if semver_major(r["version"]) == major]
+    older = [r for r in rows if (m := semver_major(r["version"])) is not None and m < major]
+    candidates = same_line or older
+    return candidates[0] if candidates else None
 
 
 def _compatible_with_previous(label: str, manifest: Manifest, newest: dict[str, Any], registry: Registry) -> None:

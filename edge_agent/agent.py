@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -89,8 +90,12 @@ class Agent:
 
     def _broker_state(self, connected: bool, error: str | None) -> None:
         """What `edge-agent status` shows about the broker link (``AGENT_STATUS_FILE``, written atomically)."""
-        state = {"broker": self.config.broker, "connected": connected, "error": error, "since": now_text()}
-        atomic_write_bytes(self.state_dir / AGENT_STATUS_FILE, json.dumps(state).encode())
+        state = {"broker": self.config.broker, "connected": connected, "error": error, "since": now_text(),
+                 "pid": os.getpid()}  # fmt: skip
+        try:  # called from paho's network thread: a full disk must not stop it
+            atomic_write_bytes(self.state_dir / AGENT_STATUS_FILE, json.dumps(state).encode())
+        except OSError as exc:
+            log.warning("cannot write %s: %s", AGENT_STATUS_FILE, exc)
 
     def _on_connect(self) -> None:
         self.mqtt.publish(self.topics.status(self.device_id), to_wire(Status("online", now_text())), retain=True)

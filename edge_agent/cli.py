@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -264,7 +265,17 @@ def _broker_status(state: Path) -> dict[str, Any]:
         found: dict[str, Any] = json.loads((state / AGENT_STATUS_FILE).read_text())
     except (OSError, ValueError):
         return {"connected": False, "error": "no agent has run here yet (edge-agent run)"}
+    if found.get("connected") and not _alive(found.get("pid")):
+        found.update(connected=False, error=f"the agent (pid {found.get('pid')}) is not running")
     return found
+
+
+def _alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, TypeError, ValueError):
+        return False
+    return True
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ from cloud_hub.cli import (
     run,
     show,
 )
-from cloud_hub.errors import NotFound
+from cloud_hub.errors import HubError, NotFound
 
 
 @models_app.command("add")
@@ -53,9 +53,16 @@ def models_add(
     compile each source first, through the same Python API as `model-compiler compile`."""
     directories = [Path(p) for p in path]
     admin = client(hub, token, state_dir)
-    if profile:
-        release = _registered_release(admin, name, version)
-        directories = _compile(path, profile, calib, val, name, version, key, metric, release)
+    if not profile:
+        _upload(admin, directories, allow_interface_change, as_json)
+        return
+    release = _registered_release(admin, name, version)
+    with tempfile.TemporaryDirectory(prefix="edgefed-compile-") as work:
+        directories = _compile(path, profile, calib, val, name, version, key, metric, release, Path(work))
+        _upload(admin, directories, allow_interface_change, as_json)
+
+
+def _upload(admin: AdminClient, directories: list[Path], allow_interface_change: bool, as_json: bool) -> None:
     with Progress(*Progress.get_default_columns(), DownloadColumn(), console=err, transient=True) as progress:
         results = []
         for directory in directories:
@@ -76,10 +83,12 @@ def _registered_release(admin: AdminClient, name: str | None, version: str | Non
         return int(admin.request("GET", f"/v1/models/{name}/{version}")["release"])
     except NotFound:
         return 0
+    except HubError as exc:
+        raise fail(exc) from None
 
 
 def _compile(sources: list[str], profiles: list[str], calib: Path | None, val: Path | None, name: str | None,
-             version: str | None, key: Path, metric: str, release: int) -> list[Path]:  # fmt: skip
+             version: str | None, key: Path, metric: str, release: int, out: Path) -> list[Path]:  # fmt: skip
     missing = [flag for flag, value in (("--calib", calib), ("--val", val), ("--name", name), ("--version", version))
                if value is None]  # fmt: skip
     if missing:
@@ -90,7 +99,6 @@ def _compile(sources: list[str], profiles: list[str], calib: Path | None, val: P
     from model_compiler.sources import load_npz
 
     assert calib is not None and val is not None and name is not None and version is not None
-    out = Path(tempfile.mkdtemp(prefix="edgefed-compile-"))
     options = CompileOptions(name=name, version=version, key_path=key, metric=metric, release=release)
     try:
         reports = []
