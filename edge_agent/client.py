@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -32,15 +31,13 @@ from edge_agent.errors import (
     InputMismatch,
     ModelNotDeployed,
 )
+from edge_agent.hotswap import ActiveModels, Loaded
 from edge_agent.protocol.manifest import Interface
-from edge_agent.reference import ReferenceBins
 from edge_agent.routing import POLICIES, CircuitBreaker, Confidence, RateBudget, confidence
-from edge_agent.runtimes import InputValidator, Runtime, open_runtime, zero_inputs
-from edge_agent.store import ActiveRecord, ModelStore
+from edge_agent.store import ModelStore
 from edge_agent.telemetry import SPOOL_FILE, Spool, TelemetryRecorder
 
 log = logging.getLogger(__name__)
-POINTER_CHECK_INTERVAL_S = 0.005
 Inputs = dict[str, np.ndarray]
 
 
@@ -61,28 +58,6 @@ class ModelInfo:
     active_version: str | None
     versions: tuple[str, ...]
     interface: Interface | None = None  # what the model takes and returns, the same on every route
-
-
-@dataclass(frozen=True)
-class _Loaded:
-    record: ActiveRecord
-    runtime: Runtime
-    validator: InputValidator
-    reference: ReferenceBins | None
-
-
-@dataclass
-class _Slot:
-    loaded: _Loaded | None = None
-    stamp: tuple[int, int] | None = None
-    checked_at: float = 0.0
-    loading: bool = False
-    swaps: int = field(default=0)
-
-
-def _warm_up(runtime: Runtime) -> None:
-    """One call on zeros (empty strings for BYTES), so lazy initialisation never lands on a caller."""
-    runtime.run(zero_inputs(runtime.manifest.inputs))
 
 
 class EdgeClient:
@@ -145,12 +120,10 @@ class EdgeClient:
         self._local_breakers: dict[str, CircuitBreaker] = {}
         self._budget = RateBudget(cloud_budget_per_minute) if cloud_budget_per_minute else None
         self._recorder = TelemetryRecorder(Spool(self.state_dir / SPOOL_FILE)) if telemetry else None
-        self._slots: dict[str, _Slot] = {}
+        self._active = ActiveModels(self.store, self.profile, self.state_dir / "engines")
         self._interfaces = CloudInterfaces(self._cloud, self.cloud_breaker, cloud_timeout_s) if self._cloud else None
         self.budget_breaches = 0  # local calls over the latency budget (also counted in telemetry)
         self._breaches_lock = threading.Lock()
-        self._loaders: list[threading.Thread] = []
-        self._lock = threading.Lock()
         self._cache = PredictionCache(cache_size) if cache_size > 0 else None
 
     def _config(self) -> AgentConfig | None:
@@ -161,71 +134,6 @@ class EdgeClient:
                 raise
             return None
 
-    # model loading and hot swap ---------------------------------------------------------------
-    def _pointer_stamp(self, name: str) -> tuple[int, int] | None:
-        try:
-            st = os.stat(self.store.active_path(name))
-        except FileNotFoundError:
-            return None
-        return st.st_ino, st.st_mtime_ns
-
-    def _local(self, name: str) -> _Loaded | None:
-        slot = self._slots.get(name)
-        now = time.monotonic()
-        if slot is not None and now - slot.checked_at < POINTER_CHECK_INTERVAL_S:
-            return slot.loaded
-        return self._refresh(name, now)
-
-    def _refresh(self, name: str, now: float) -> _Loaded | None:
-        stamp = self._pointer_stamp(name)
-        with self._lock:
-            slot = self._slots.setdefault(name, _Slot())
-            if stamp != slot.stamp and not slot.loading:
-                self._follow(name, slot, stamp)
-            slot.checked_at = now  # last: the lock-free fast path trusts a fresh check only once resolved
-            return slot.loaded
-
-    def _follow(self, name: str, slot: _Slot, stamp: tuple[int, int] | None) -> None:
-        """React to a changed active pointer (called with the lock held)."""
-        record = self.store.active(name) if stamp else None
-        if record is None:
-            slot.loaded, slot.stamp = None, stamp
-        elif slot.loaded is not None and slot.loaded.record == record:
-            slot.stamp = stamp
-        elif slot.loaded is None:
-            slot.loaded, slot.stamp = self._open(name, warm=True), stamp
-        else:
-            slot.loading = True
-            loader = threading.Thread(target=self._swap, args=(name, slot, stamp), daemon=True)
-            self._loaders = [t for t in self._loaders if t.is_alive()] + [loader]
-            loader.start()
-
-    def _open(self, name: str, warm: bool = False) -> _Loaded | None:
-        """Load the active version under the store's shared lock, so no process prunes it meanwhile."""
-        with self.store.locked(shared=True):
-            record = self.store.active(name)
-            if record is None:
-                return None
-            directory = self.store.version_dir(name, record.version)
-            manifest = self.store.manifest(name, record.version)
-            runtime = open_runtime(directory, manifest, self.profile, self.state_dir / "engines")
-        if warm:
-            _warm_up(runtime)
-        return _Loaded(record, runtime, InputValidator(manifest), ReferenceBins.load(directory))
-
-    def _swap(self, name: str, slot: _Slot, stamp: tuple[int, int]) -> None:
-        """Load and warm the new version off the caller's path, then switch in one assignment."""
-        try:
-            loaded = self._open(name, warm=True)
-        except Exception:
-            log.exception("could not load the new active version of %s; staying on the current one", name)
-            loaded = None
-        with self._lock:
-            if loaded is not None:
-                slot.loaded = loaded
-                slot.swaps += 1
-            slot.stamp, slot.loading = stamp, False
-
     # inference ---------------------------------------------------------------------------------
     def infer(self, model: str, inputs: Inputs | np.ndarray) -> InferResult:
         """Answer with the route the policy picks; the result says which route answered and why.
@@ -234,7 +142,7 @@ class EdgeClient:
         the outputs carry the interface's names whichever route answered. Loading a model (the first
         call, in this process) is not part of ``latency_ms`` nor of the latency budget.
         """
-        loaded = self._local(model)
+        loaded = self._active.get(model)
         start = time.perf_counter()
         if type(inputs) is not dict:
             inputs = self._single_input(model, inputs, loaded)  # type: ignore[arg-type]
@@ -258,11 +166,11 @@ class EdgeClient:
         return self._local_infer(model, inputs, loaded, start, reason)
 
     @staticmethod
-    def _version(loaded: _Loaded | None) -> str:
+    def _version(loaded: Loaded | None) -> str:
         """The version a cloud call asks for: the one active here, so both routes answer alike."""
         return loaded.record.version if loaded is not None else ""
 
-    def _checked(self, model: str, inputs: Inputs, loaded: _Loaded | None, start: float) -> Inputs:
+    def _checked(self, model: str, inputs: Inputs, loaded: Loaded | None, start: float) -> Inputs:
         """Inputs checked (and cast, with ``allow_cast``) against the interface: the local version's,
         else the cloud's (asked once per model); a caller's mistake never reaches a route."""
         if loaded is not None:
@@ -277,13 +185,13 @@ class EdgeClient:
         return validator(inputs, self.allow_cast) if validator is not None else inputs
 
     def _output_names(self, model: str) -> tuple[str, ...] | None:
-        slot = self._slots.get(model)
-        if slot is not None and slot.loaded is not None:
-            return tuple(s.name for s in slot.loaded.runtime.manifest.outputs)
+        loaded = self._active.loaded(model)
+        if loaded is not None:
+            return tuple(s.name for s in loaded.runtime.manifest.outputs)
         known = self._interfaces.cached(model) if self._interfaces else None
         return tuple(s.name for s in known.outputs) if known else None
 
-    def _local_infer(self, model: str, checked: Inputs, loaded: _Loaded, start: float, reason: str) -> InferResult:
+    def _local_infer(self, model: str, checked: Inputs, loaded: Loaded, start: float, reason: str) -> InferResult:
         version = loaded.record.version
         breaker = self._local_breakers.get(model) or self._local_breakers.setdefault(model, CircuitBreaker(3, 5.0))
         can_fall_back = self._cloud is not None and self.policy in ("local_first", "cascade")
@@ -396,7 +304,7 @@ class EdgeClient:
         """``infer`` for asyncio apps: runs in a worker thread, never blocks the event loop."""
         return await asyncio.to_thread(self.infer, model, inputs)
 
-    def _single_input(self, model: str, array: np.ndarray, loaded: _Loaded | None) -> Inputs:
+    def _single_input(self, model: str, array: np.ndarray, loaded: Loaded | None) -> Inputs:
         if loaded is None or len(loaded.runtime.manifest.inputs) != 1:
             raise InputMismatch("-", f"a dict of named inputs for {model}", "a bare array")
         return {loaded.runtime.manifest.inputs[0].name: array}
@@ -430,8 +338,7 @@ class EdgeClient:
         return infos
 
     def close(self) -> None:
-        for loader in self._loaders:  # a runtime must not be torn down mid-construction at exit
-            loader.join(timeout=30)
+        self._active.close()
         if self._recorder is not None:
             self._recorder.close()
         if self._cloud is not None:

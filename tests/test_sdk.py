@@ -135,7 +135,7 @@ def test_hot_swap_under_load_never_fails_or_mixes_versions(
         stop.set()
         for thread in threads:
             thread.join()
-        swaps = client._slots["gemm"].swaps
+        swaps = client._active.slots["gemm"].swaps
     assert errors == []
     assert set(seen) == set(versions) and sum(seen.values()) > 1000
     assert swaps >= 10  # the client really followed the pointer, in the background
