@@ -57,6 +57,7 @@ def triton_call(port: int) -> Any:
 def sdk_call(state: Path, url: str) -> Any:
     from edge_agent import EdgeClient
 
+    state.mkdir(exist_ok=True)  # a device with no agent configuration: the SDK's cloud route alone
     client = EdgeClient(state, cloud=url, policy="cloud_only", cloud_timeout_s=5)
     return lambda: client.infer("digits-cnn", {"input": X})
 
