@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 Inputs = dict[str, np.ndarray]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass costs ≈ 0.9 µs more to build, on every call
 class InferResult:
     outputs: dict[str, np.ndarray]
     model: str
