@@ -1,204 +1,240 @@
-"""The telemetry spool: every SDK call leaves a compact record in SQLite (WAL) without blocking the caller.
+"""Telemetry recording: every SDK call leaves a compact record in the spool without blocking the caller.
 
-The caller appends one tuple to a deque. A writer thread drains it every ``flush_interval_s``, packs
-the calls of each (model, version, route) into one row of numpy arrays (timestamp f8, latency f4,
-ok u1: 13 bytes a call), computes input/output histograms on the model's reference bins, and writes
-it all in one transaction. (A row per call cost ≈ 10 µs of CPU per call on 2 cores, which the
-inference threads felt; packed rows cost well under 1 µs.) A full queue or a full spool drops
-records, and every drop is counted and reported to the hub.
+The caller appends one tuple to a deque (``record``: well under 1 µs). A writer thread drains it every
+``flush_interval_s``, packs the calls of each (model, version, route) into one spool row and writes
+them, with the histograms of the summarised tensors, in one transaction (``spool.py``).
 
-The agent aggregates the packed calls into windows and moves them into an outbox in one transaction;
-an outbox entry is deleted only when the hub acknowledges its sequence number, so a crash loses
-nothing and a resent batch is deduplicated by the hub on (device, seq).
+What the writer may cost is bounded, because its CPU time and the GIL it holds come out of the
+inference threads' share of the cores: packing costs a fraction of a µs a call, and tensors are
+summarised (copied by the caller, binned by the writer) for at most ``SUMMARY_CALLS_PER_S`` calls a
+second per model version: above that rate a random sample of calls is summarised, with probability
+adapted after every flush, and each histogram records ``calls`` and ``summarised`` so the hub can scale
+its counts. A full queue drops records, and a failed write keeps its calls' count: every drop is
+counted and reported to the hub.
 """
 
 from __future__ import annotations
 
-import json
+import logging
+import random
 import sqlite3
 import threading
 import time
-from collections import deque
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+from collections import Counter, deque
+from dataclasses import dataclass
+from itertools import compress, repeat, starmap
+from operator import itemgetter
+from typing import cast
 
 import numpy as np
 
-from edge_agent.protocol.messages import LATENCY_EDGES_MS, TelemetryBatch, TelemetryWindow, TensorHistogram, from_wire
 from edge_agent.reference import ReferenceBins, bin_counts
+from edge_agent.spool import MAX_SPOOL_CALLS, OK, OVER_BUDGET, SPOOL_FILE, CallBlock, Spool, TensorCounts, aggregate
 
-SPOOL_FILE = "telemetry.db"
-MAX_SPOOL_CALLS = 1_000_000
+log = logging.getLogger(__name__)
 QUEUE_SIZE = 100_000
 FLUSH_INTERVAL_S = 0.25
-MAX_SUMMARY_BYTES = 64 * 1024  # larger inputs are not copied for summaries; outputs always are
-_EDGES = np.asarray(LATENCY_EDGES_MS)
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS calls (id INTEGER PRIMARY KEY, model TEXT, version TEXT, route TEXT, n INTEGER,
-                                  ts BLOB, latency_ms BLOB, ok BLOB);
-CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, payload TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS histograms (model TEXT, version TEXT, tensor TEXT, edges TEXT, counts TEXT,
-                                       PRIMARY KEY (model, version, tensor));
-"""
+MAX_SUMMARY_BYTES = 64 * 1024  # larger inputs are not copied for summaries; outputs are not copied
+SUMMARY_CALLS_PER_S = 200.0  # per (model, version, route): above this call rate a random sample is summarised
+MAX_CALLS_PER_WRITE = 50_000  # one transaction's worth
+_now = time.time
+
+Key = tuple[str, str, str]  # model, version, route
+Tensors = dict[str, np.ndarray]
+# a call: key, time, latency ms, flags; a summarised call also its reference bins and tensors
+Summarised = tuple[Key, float, float, int, ReferenceBins, Tensors]
+Item = tuple[Key, float, float, int] | Summarised
+ELIGIBLE, SAMPLED = 4, 8  # queue-only flags (the spool keeps OK | OVER_BUDGET): has reference bins; summarised
 
 
 @dataclass(frozen=True)
-class CallBlock:
-    """The calls of one (model, version, route), packed."""
+class Packed:
+    """One write's worth of calls: blocks, histograms, and the calls eligible for summaries per key."""
 
-    model: str
-    version: str
-    route: str
-    ts: np.ndarray  # float64 Unix seconds
-    latency_ms: np.ndarray  # float32
-    ok: np.ndarray  # uint8
-
-    def row(self) -> tuple[Any, ...]:
-        return (self.model, self.version, self.route, len(self.ts), self.ts.astype("<f8").tobytes(),
-                self.latency_ms.astype("<f4").tobytes(), self.ok.astype(np.uint8).tobytes())  # fmt: skip
-
-    @classmethod
-    def from_row(cls, row: tuple[Any, ...]) -> CallBlock:
-        model, version, route, _, ts, latency, ok = row
-        return cls(model, version, route, np.frombuffer(ts, "<f8"), np.frombuffer(latency, "<f4"),
-                   np.frombuffer(ok, np.uint8))  # fmt: skip
+    blocks: list[CallBlock]
+    histograms: list[TensorCounts]
+    eligible: dict[Key, int]
 
 
-class Spool:
-    """SQLite spool shared by the app processes (writers) and the agent (reader and uploader)."""
+class TelemetryRecorder:
+    """Non-blocking front of the spool for app processes: ``record`` is one deque append.
 
-    def __init__(self, path: Path, max_calls: int = MAX_SPOOL_CALLS) -> None:
-        self.path, self.max_calls = path, max_calls
-        with self._connect() as db:
-            db.executescript(_SCHEMA)
+    Beyond ``QUEUE_SIZE`` pending records new ones are dropped and counted (never silently).
+    ``summary_calls_per_s`` overrides ``SUMMARY_CALLS_PER_S``.
+    """
 
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+    def __init__(
+        self, spool: Spool, flush_interval_s: float | None = None, summary_calls_per_s: float | None = None
+    ) -> None:
+        self.spool, self.flush_interval_s = spool, flush_interval_s or FLUSH_INTERVAL_S
+        self.summary_calls_per_s = summary_calls_per_s or SUMMARY_CALLS_PER_S
+        self.queue_size = QUEUE_SIZE
+        self._pending: deque[Item] = deque()
+        self._sample_p: dict[Key, float] = {}  # chance that a call's tensors are summarised; absent: 1
+        self._references: dict[Key, ReferenceBins] = {}  # the writer's: bins of the keys summarised so far
+        self._random = random.Random().random
+        self._overflow = 0
+        self._overflow_lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._flushed_at = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._drain, name="edgefed-telemetry", daemon=True)
+        self._thread.start()
+
+    def record(
+        self, model: str, version: str, route: str, latency_ms: float, ok: bool,
+        reference: ReferenceBins | None = None, inputs: Tensors | None = None, outputs: Tensors | None = None,
+        *, over_budget: bool = False,
+    ) -> None:  # fmt: skip
+        """Queue one call. ``reference`` makes it eligible for a tensor summary; ``over_budget``: a
+        successful call slower than the latency budget."""
+        pending = self._pending
+        if len(pending) >= self.queue_size:
+            self._count_lost(1)
+            return
+        key = (model, version, route)
+        flags = ok | over_budget << 1
+        if reference is None:
+            pending.append((key, _now(), latency_ms, flags))
+        elif self._random() >= self._sample_p.get(key, 1.0):
+            pending.append((key, _now(), latency_ms, flags | ELIGIBLE))
+        else:
+            tensors = _to_summarise(reference, inputs, outputs)
+            pending.append((key, _now(), latency_ms, flags | ELIGIBLE | SAMPLED, reference, tensors))
+
+    @property
+    def sample_rates(self) -> dict[Key, float]:
+        """The current chance of summarising a call, for keys above the summary budget."""
+        return dict(self._sample_p)
+
+    def _count_lost(self, calls: int) -> None:
+        with self._overflow_lock:
+            self._overflow += calls
+
+    def _take_lost(self) -> int:
+        with self._overflow_lock:
+            lost, self._overflow = self._overflow, 0
+        return lost
+
+    def _drain(self) -> None:
+        while not self._stop.wait(self.flush_interval_s):
+            self.flush()
+        self.flush()
+
+    def flush(self) -> None:
+        """Write what was recorded until now to the spool, then adapt the summary sampling to the call rate."""
+        with self._flush_lock:
+            now = time.monotonic()
+            elapsed, self._flushed_at = max(now - self._flushed_at, 1e-3), now
+            cap = max(1, round(2 * self.summary_calls_per_s * max(elapsed, self.flush_interval_s)))
+            eligible: Counter[Key] = Counter()
+            remaining = len(self._pending)  # calls recorded meanwhile wait for the next flush
+            while True:
+                taken = list(starmap(self._pending.popleft, repeat((), min(remaining, MAX_CALLS_PER_WRITE))))
+                remaining -= len(taken)
+                lost = self._take_lost()
+                if (taken or lost) and not self._write(taken, lost, cap, eligible):
+                    break
+                if remaining <= 0:
+                    break
+            self._adapt(eligible, elapsed)
+
+    def _write(self, taken: list[Item], lost: int, cap: int, eligible: Counter[Key]) -> bool:
         try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            yield db
-        finally:
-            db.close()
+            packed = pack(taken, cap, self._references)
+            self.spool.append(packed.blocks, lost, packed.histograms)
+        except (sqlite3.Error, OSError, ValueError, TypeError):  # never let the writer thread die
+            log.exception("telemetry: could not write %d calls to the spool; counted as dropped", len(taken))
+            self._count_lost(len(taken) + lost)
+            return False
+        eligible.update(packed.eligible)
+        return True
 
-    @staticmethod
-    def _bump(db: sqlite3.Connection, name: str, by: int) -> None:
-        db.execute(
-            "INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
-            (name, by),
-        )
+    def _adapt(self, eligible: Counter[Key], elapsed: float) -> None:
+        """Summarise ``summary_calls_per_s`` of each key's calls: the chance drops at once when the rate
+        rises, and at most doubles a flush when it falls (a pause between bursts does not reset it)."""
+        budget, rates = self.summary_calls_per_s * elapsed, {}
+        for key in set(eligible) | set(self._sample_p):
+            p = min(budget / eligible[key] if eligible[key] else 1.0, 2 * self._sample_p.get(key, 1.0))
+            if p < 1.0:
+                rates[key] = p
+        self._sample_p = rates
 
-    def append(self, blocks: list[CallBlock], dropped: int = 0, histograms: Histograms | None = None) -> None:
-        """Store packed calls and histogram counts; past ``max_calls`` the oldest rows go and are counted."""
-        with self._connect() as db:
-            db.execute("BEGIN IMMEDIATE")
-            db.executemany(
-                "INSERT INTO calls (model, version, route, n, ts, latency_ms, ok) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [b.row() for b in blocks],
-            )
-            for (model, version, tensor), (edges, counts) in histograms.counts.items() if histograms else ():
-                self._merge_histogram(db, model, version, tensor, edges, counts)
-            dropped += self._enforce_cap(db)
-            if dropped:
-                self._bump(db, "dropped", dropped)
-            db.execute("COMMIT")
-
-    def _enforce_cap(self, db: sqlite3.Connection) -> int:
-        total = db.execute("SELECT COALESCE(SUM(n), 0) FROM calls").fetchone()[0]
-        removed = 0
-        for row_id, n in db.execute("SELECT id, n FROM calls ORDER BY id").fetchall():
-            if total - removed <= self.max_calls:
-                break
-            db.execute("DELETE FROM calls WHERE id = ?", (row_id,))
-            removed += n
-        return int(removed)
-
-    @staticmethod
-    def _merge_histogram(db: sqlite3.Connection, model: str, version: str, tensor: str, edges: np.ndarray,
-                         counts: np.ndarray) -> None:  # fmt: skip
-        row = db.execute("SELECT edges, counts FROM histograms WHERE model = ? AND version = ? AND tensor = ?",
-                         (model, version, tensor)).fetchone()  # fmt: skip
-        total = [int(c) for c in counts]
-        if row is not None and len(json.loads(row[0])) == len(edges):
-            total = [a + b for a, b in zip(json.loads(row[1]), total, strict=True)]
-        db.execute("INSERT OR REPLACE INTO histograms VALUES (?, ?, ?, ?, ?)",
-                   (model, version, tensor, json.dumps([float(e) for e in edges]), json.dumps(total)))  # fmt: skip
-
-    def counter(self, name: str) -> int:
-        with self._connect() as db:
-            row = db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
-        return int(row[0]) if row else 0
-
-    def pending_calls(self) -> int:
-        with self._connect() as db:
-            return int(db.execute("SELECT COALESCE(SUM(n), 0) FROM calls").fetchone()[0])
-
-    def next_batch(self, device_id: str, limit_rows: int = 10_000) -> TelemetryBatch | None:
-        """The oldest unacknowledged batch; aggregates new calls into one when the outbox is empty."""
-        with self._connect() as db:
-            db.execute("BEGIN IMMEDIATE")
-            row = db.execute("SELECT payload FROM outbox ORDER BY seq LIMIT 1").fetchone()
-            payload = row[0] if row else self._build_batch(db, device_id, limit_rows)
-            db.execute("COMMIT")
-        return None if payload is None else from_wire(TelemetryBatch, payload.encode())
-
-    def _build_batch(self, db: sqlite3.Connection, device_id: str, limit_rows: int) -> str | None:
-        rows = db.execute(
-            "SELECT id, model, version, route, n, ts, latency_ms, ok FROM calls ORDER BY id LIMIT ?", (limit_rows,)
-        ).fetchall()
-        dropped = self._counter_in(db, "dropped") - self._counter_in(db, "dropped_reported")
-        histograms = tuple(
-            TensorHistogram(model, version, tensor, tuple(json.loads(edges)), tuple(json.loads(counts)))
-            for model, version, tensor, edges, counts in db.execute("SELECT * FROM histograms ORDER BY 1, 2, 3")
-        )
-        if not rows and not dropped and not histograms:
-            return None
-        self._bump(db, "seq", 1)
-        seq = self._counter_in(db, "seq")
-        batch = TelemetryBatch(
-            device_id, seq, aggregate([CallBlock.from_row(r[1:]) for r in rows]), dropped, histograms
-        )
-        payload = json.dumps(asdict(batch))
-        db.execute("INSERT INTO outbox VALUES (?, ?)", (seq, payload))
-        if rows:
-            db.execute("DELETE FROM calls WHERE id <= ?", (rows[-1][0],))
-        db.execute("DELETE FROM histograms")
-        if dropped:
-            self._bump(db, "dropped_reported", dropped)
-        return payload
-
-    @staticmethod
-    def _counter_in(db: sqlite3.Connection, name: str) -> int:
-        row = db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
-        return int(row[0]) if row else 0
-
-    def acknowledge(self, seq: int) -> None:
-        with self._connect() as db:
-            db.execute("DELETE FROM outbox WHERE seq <= ?", (seq,))
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.spool.close()
 
 
-def aggregate(blocks: list[CallBlock]) -> tuple[TelemetryWindow, ...]:
-    """One window per (model, version, route): counts, errors, latency sum and histogram."""
-    groups: dict[tuple[str, str, str], list[CallBlock]] = {}
-    for block in blocks:
-        groups.setdefault((block.model, block.version, block.route), []).append(block)
-    windows = []
-    for (model, version, route), parts in sorted(groups.items()):
-        ts = np.concatenate([p.ts for p in parts])
-        latency = np.concatenate([p.latency_ms for p in parts]).astype(np.float64)
-        ok = np.concatenate([p.ok for p in parts])
-        hist = np.bincount(np.searchsorted(_EDGES, latency, side="left"), minlength=len(_EDGES) + 1)
-        windows.append(TelemetryWindow(
-            model=model, version=version, route=route, start=float(ts.min()), end=float(ts.max()),
-            count=len(ts), errors=int(len(ok) - ok.sum()), latency_ms_sum=round(float(latency.sum()), 6),
-            latency_hist=tuple(int(c) for c in hist),
-        ))  # fmt: skip
-    return tuple(windows)
+def _to_summarise(reference: ReferenceBins, inputs: Tensors | None, outputs: Tensors | None) -> Tensors:
+    """The tensors of one call to bin: outputs (ours) as they are, inputs (the caller's) copied."""
+    tensors = dict(outputs or {})
+    for name, array in (inputs or {}).items():
+        if name in reference.edges and array.nbytes <= MAX_SUMMARY_BYTES:
+            tensors[name] = array.copy()
+    return tensors
+
+
+def pack(taken: list[Item], max_summarised: int, references: dict[Key, ReferenceBins] | None = None) -> Packed:
+    """Group calls by (model, version, route) into blocks and bin the tensors of at most ``max_summarised``
+    summarised calls per group (a uniform random subset: scaling by calls / summarised stays unbiased).
+    ``references`` remembers each key's bins, so a write in which none of a key's calls was summarised
+    still counts its calls.
+
+    Column-wise with C-level loops that touch each call's tuple as little as possible: this runs beside
+    the app's threads, and every µs it holds the GIL is a µs one of them may wait."""
+    if not taken:
+        return Packed([], [], {})
+    references = {} if references is None else references
+    n = len(taken)
+    keys = list(map(itemgetter(0), taken))
+    ts = np.fromiter(map(itemgetter(1), taken), np.float64, n)
+    latency = np.fromiter(map(itemgetter(2), taken), np.float32, n)
+    flags = np.fromiter(map(itemgetter(3), taken), np.uint8, n)
+    if keys.count(keys[0]) == n:
+        return _pack_group(keys[0], ts, latency, flags, taken, max_summarised, references)
+    unique = list(dict.fromkeys(keys))
+    index = {key: i for i, key in enumerate(unique)}
+    codes = np.fromiter(map(index.__getitem__, keys), np.intp, n)
+    parts = []
+    for i, key in enumerate(unique):
+        mask = codes == i
+        items = list(compress(taken, mask.tolist()))
+        parts.append(_pack_group(key, ts[mask], latency[mask], flags[mask], items, max_summarised, references))
+    return Packed([b for p in parts for b in p.blocks], [h for p in parts for h in p.histograms],
+                  {k: v for p in parts for k, v in p.eligible.items()})  # fmt: skip
+
+
+def _pack_group(key: Key, ts: np.ndarray, latency: np.ndarray, flags: np.ndarray, items: list[Item],
+                max_summarised: int, references: dict[Key, ReferenceBins]) -> Packed:  # fmt: skip
+    block = CallBlock(*key, ts, latency, flags & (OK | OVER_BUDGET))
+    eligible = int(np.count_nonzero(flags & ELIGIBLE))
+    if not eligible:
+        return Packed([block], [], {})
+    sampled = [cast(Summarised, items[i]) for i in np.flatnonzero(flags & SAMPLED).tolist()]
+    if len(sampled) > max_summarised:
+        sampled = random.sample(sampled, max_summarised)
+    if sampled:
+        references[key] = sampled[-1][4]
+    reference = references.get(key)  # none: no call of this key was ever summarised (the first one is)
+    histograms = _histograms(key, reference, [item[5] for item in sampled], eligible) if reference else []
+    return Packed([block], histograms, {key: eligible})
+
+
+def _histograms(key: Key, reference: ReferenceBins, summarised: list[Tensors], calls: int) -> list[TensorCounts]:
+    """Counts per reference tensor; a tensor no call of this write summarised still counts the calls
+    (zero counts, ``summarised`` 0), so ``calls`` stays the period's total."""
+    result = []
+    for name, edges in reference.edges.items():
+        parts = [tensors[name] for tensors in summarised if name in tensors]
+        if not parts:
+            counts = np.zeros(len(edges) - 1, np.int64)
+        elif parts[0].dtype.kind in "biuf":
+            counts = bin_counts(_join(parts), edges)
+        else:
+            continue
+        result.append(TensorCounts(key[0], key[1], name, edges, counts, calls, len(parts)))
+    return result
 
 
 def _join(parts: list[np.ndarray]) -> np.ndarray:
@@ -208,92 +244,7 @@ def _join(parts: list[np.ndarray]) -> np.ndarray:
         return np.concatenate([p.reshape(-1) for p in parts])
 
 
-class Histograms:
-    """Tensors per (model, version) collected over a flush, binned once per tensor on the reference edges."""
-
-    def __init__(self) -> None:
-        self.groups: dict[tuple[str, str], tuple[ReferenceBins, list[dict[str, np.ndarray]]]] = {}
-
-    def add(self, model: str, version: str, reference: ReferenceBins, tensors: dict[str, np.ndarray]) -> None:
-        self.groups.setdefault((model, version), (reference, []))[1].append(tensors)
-
-    @property
-    def counts(self) -> dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]]:
-        result = {}
-        for (model, version), (reference, calls) in self.groups.items():
-            for name, edges in reference.edges.items():
-                parts = [c[name] for c in calls if name in c]
-                if parts and parts[0].dtype.kind in "biuf":
-                    result[(model, version, name)] = (edges, bin_counts(_join(parts), edges))
-        return result
-
-
-class TelemetryRecorder:
-    """Non-blocking front of the spool for app processes: ``record`` is one deque append.
-
-    Beyond ``QUEUE_SIZE`` pending records new ones are dropped and counted (never silently).
-    """
-
-    def __init__(self, spool: Spool, flush_interval_s: float | None = None) -> None:
-        self.spool, self.flush_interval_s = spool, flush_interval_s or FLUSH_INTERVAL_S
-        self._pending: deque[tuple[Any, ...]] = deque()
-        self.queue_size = QUEUE_SIZE
-        self._overflow = 0
-        self._flush_lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._drain, name="edgefed-telemetry", daemon=True)
-        self._thread.start()
-
-    def record(
-        self, model: str, version: str, route: str, latency_ms: float, ok: bool,
-        reference: ReferenceBins | None = None, inputs: dict[str, np.ndarray] | None = None,
-        outputs: dict[str, np.ndarray] | None = None,
-    ) -> None:  # fmt: skip
-        if len(self._pending) >= self.queue_size:
-            self._overflow += 1
-            return
-        tensors = None
-        if reference is not None:
-            tensors = dict(outputs or {})  # outputs are ours; inputs are the caller's, so copied
-            for name, array in (inputs or {}).items():
-                if name in reference.edges and array.nbytes <= MAX_SUMMARY_BYTES:
-                    tensors[name] = array.copy()
-        self._pending.append((time.time(), model, version, route, latency_ms, ok, reference, tensors))
-
-    def _drain(self) -> None:
-        while not self._stop.wait(self.flush_interval_s):
-            self.flush()
-        self.flush()
-
-    def flush(self) -> None:
-        """Write everything recorded so far to the spool (vectorised: a few µs of CPU per 1,000 calls)."""
-        with self._flush_lock:
-            while self._pending or self._overflow:
-                taken = [self._pending.popleft() for _ in range(min(len(self._pending), 50_000))]
-                dropped, self._overflow = self._overflow, 0
-                self.spool.append(self._blocks(taken), dropped, self._histograms(taken))
-
-    @staticmethod
-    def _blocks(taken: list[tuple[Any, ...]]) -> list[CallBlock]:
-        if not taken:
-            return []
-        ts, models, versions, routes, latency, ok = (np.asarray(c) for c in list(zip(*taken, strict=True))[:6])
-        keys = list(zip(models.tolist(), versions.tolist(), routes.tolist(), strict=True))
-        blocks = []
-        for key in dict.fromkeys(keys):
-            mask = slice(None) if len(set(keys)) == 1 else np.array([k == key for k in keys])
-            blocks.append(CallBlock(*key, ts[mask].astype(np.float64), latency[mask].astype(np.float32),
-                                    ok[mask].astype(np.uint8)))  # fmt: skip
-        return blocks
-
-    @staticmethod
-    def _histograms(taken: list[tuple[Any, ...]]) -> Histograms:
-        histograms = Histograms()
-        for _, model, version, _, _, _, reference, tensors in taken:
-            if reference is not None and tensors:
-                histograms.add(model, version, reference, tensors)
-        return histograms
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+__all__ = [
+    "ELIGIBLE", "MAX_SPOOL_CALLS", "OK", "OVER_BUDGET", "SAMPLED", "SPOOL_FILE", "CallBlock", "Item", "Packed", "Spool",
+    "TelemetryRecorder", "TensorCounts", "aggregate", "pack",
+]  # fmt: skip

@@ -12,7 +12,17 @@ import numpy as np
 import pytest
 
 from edge_agent.reference import ReferenceBins, bin_counts
-from edge_agent.telemetry import OVER_BUDGET, CallBlock, Item, Spool, TelemetryRecorder, TensorCounts, pack
+from edge_agent.telemetry import (
+    ELIGIBLE,
+    OVER_BUDGET,
+    SAMPLED,
+    CallBlock,
+    Item,
+    Spool,
+    TelemetryRecorder,
+    TensorCounts,
+    pack,
+)
 
 EDGES = np.linspace(-3.0, 3.0, 13)
 REFERENCE = ReferenceBins({"input": EDGES, "output": np.linspace(0.0, 1.0, 5)})
@@ -91,15 +101,20 @@ def test_sampled_histograms_scale_back_to_the_true_counts(tmp_path: Path) -> Non
 
 def test_each_write_bins_a_bounded_number_of_calls() -> None:
     x, y = np.ones((1, 64), np.float32), np.zeros((1, 4), np.float32)
-    taken: list[Item] = [(("cnn", "1", "local"), 0.0, 1.0, 1, REFERENCE, {"input": x, "output": y})] * 5000
-    taken += [(("gemm", "1", "local"), 0.0, 1.0, 1, None, None)] * 100
+    summarised = 1 | ELIGIBLE | SAMPLED
+    taken: list[Item] = [(("cnn", "1", "local"), 0.0, 1.0, summarised, REFERENCE, {"input": x, "output": y})] * 5000
+    taken += [(("gemm", "1", "local"), 0.0, 1.0, 1 | OVER_BUDGET)] * 100
+    taken += [(("cnn", "1", "local"), 0.0, 1.0, 1 | ELIGIBLE)] * 1000  # eligible, not sampled
     packed = pack(taken, max_summarised=50)
-    assert sorted((b.model, len(b.ts)) for b in packed.blocks) == [("cnn", 5000), ("gemm", 100)]
+    assert sorted((b.model, len(b.ts), int(b.ok.max())) for b in packed.blocks) == [("cnn", 6000, 1), ("gemm", 100, 3)]
     assert {(h.tensor, h.calls, h.summarised, int(sum(h.counts))) for h in packed.histograms} == {
-        ("input", 5000, 50, 50 * 64),
-        ("output", 5000, 50, 50 * 4),
+        ("input", 6000, 50, 50 * 64),
+        ("output", 6000, 50, 50 * 4),
     }
-    assert packed.eligible == {("cnn", "1", "local"): 5000}
+    assert packed.eligible == {("cnn", "1", "local"): 6000}
+    references = {("cnn", "1", "local"): REFERENCE}  # a later write in which no call was summarised
+    later = pack([(("cnn", "1", "local"), 0.0, 1.0, 1 | ELIGIBLE)] * 10, 50, references)
+    assert {(h.calls, h.summarised, int(sum(h.counts))) for h in later.histograms} == {(10, 0, 0)}
 
 
 def test_a_spool_file_from_an_older_version_opens_and_works(tmp_path: Path) -> None:
