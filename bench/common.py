@@ -175,7 +175,10 @@ class HubProcess:
 
 MOSQUITTO_CONF = """listener {port} 127.0.0.1
 allow_anonymous true
-persistence false
+persistence true
+persistence_location {work}/
+persistence_file mosquitto-{port}.db
+autosave_interval 5
 max_queued_messages 1000000
 max_queued_bytes 0
 max_inflight_messages 100
@@ -191,7 +194,7 @@ class MosquittoProcess:
 
         self.port = port or free_port()
         conf = work / f"mosquitto-{self.port}.conf"
-        conf.write_text(MOSQUITTO_CONF.format(port=self.port))
+        conf.write_text(MOSQUITTO_CONF.format(port=self.port, work=work.resolve()))
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not Path(binary).exists():
             raise RuntimeError(

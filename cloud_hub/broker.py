@@ -17,7 +17,10 @@ log = logging.getLogger(__name__)
 
 
 def port_is_free(host: str, port: int) -> bool:
+    """Whether a server could listen on the port now. SO_REUSEADDR as the server itself sets it, so
+    connections of a previous run waiting in TIME_WAIT do not count as taken (a restart is immediate)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError:

@@ -40,7 +40,9 @@ class ControlPlane:
                  max_chunk_rate: float = 0.0, fetch_window_s: float = 0.1,
                  shared_above: float = 0.5) -> None:  # fmt: skip
         self.registry, self.store, self.topics = registry, store, topics
-        self.mqtt = MqttConnection(broker_url, client_id="edgefed-hub", clean_session=True)
+        self.mqtt = MqttConnection(broker_url, client_id="edgefed-hub", clean_session=True,
+                                   on_connect=self.republish_desired)  # fmt: skip
+        self._republished_at: dict[str, float] = {}  # device → when its desired state was last sent again
         self.mqtt.route(topics.all_devices("reported"), self._on_reported)
         self.mqtt.route(topics.all_devices("status"), self._on_status)
         self.mqtt.route(topics.all_devices("fetch"), self._on_fetch)
@@ -88,6 +90,7 @@ class ControlPlane:
             raise ValueError(f"reported state for {state.device_id} on {device_id}'s topic")
         fields = {"profile": state.profile, "reported": dataclasses.asdict(state), "last_seen": time.time()}
         self._update_from_device(device_id, fields)
+        self._republish_if_unheard(device_id, {m.name for m in state.models})
 
     def _on_status(self, topic: str, payload: bytes) -> None:
         if payload:
@@ -247,6 +250,30 @@ class ControlPlane:
             raise Conflict(f"no artifact of {name}@{version} fits device {device['device_id']} "
                            f"(profile {profile.id}): {why}")  # fmt: skip
         return max(candidates)[2]
+
+    def republish_desired(self) -> None:
+        """Publish every device's desired state again: the registry is the source of truth, and a broker
+        that restarted without persistence, or another broker, no longer holds the retained messages.
+        Runs at every (re)connection to the broker, so also when the hub starts."""
+        count = 0
+        for device in self.registry.devices():
+            rows = self.registry.desired(device["device_id"])
+            if rows:
+                self.publish_desired(device["device_id"], rows[-1]["deployment_id"])
+                count += 1
+        if count:
+            log.info("published the desired state of %d devices again", count)
+
+    def _republish_if_unheard(self, device_id: str, reported: set[str], every_s: float = 30.0) -> None:
+        """A device that reports none of a model it should run never got its desired state (a lost
+        retained message): send it again, at most every ``every_s`` per device."""
+        rows = self.registry.desired(device_id)
+        if not rows or {r["model"] for r in rows} <= reported:
+            return
+        now = time.monotonic()
+        if now - self._republished_at.get(device_id, -every_s) >= every_s:
+            self._republished_at[device_id] = now
+            self.publish_desired(device_id, rows[-1]["deployment_id"])
 
     def publish_desired(self, device_id: str, deployment_id: str) -> None:
         models = []

@@ -62,6 +62,7 @@ class HubConfig:
     public_grpc: str | None = None  # the inference URL devices use; default: grpc://grpc_host:port
     shared_above: float = 0.5  # chunks more of a round's devices lack than this share: shared topic
     serving_profile: str | None = None  # the profile whose artifacts the OIP server runs; None: detected
+    deploy_timeout_s: float = 900.0  # a device still pending this long after a deploy shows "failed: timed out"
 
 
 def serving_profile(profile_id: str | None) -> DeviceProfile:
@@ -253,24 +254,31 @@ class Hub:
         }  # fmt: skip
 
     def deployment(self, deployment_id: str) -> dict[str, Any]:
-        """A deployment with each targeted device's state: active, failed (with the error) or pending."""
+        """A deployment with each targeted device's state: active, failed (with the error), pending, or
+        failed as timed out when still pending ``deploy_timeout_s`` after the deploy."""
         found = [d for d in self.registry.deployments() if d["deployment_id"] == deployment_id]
         if not found:
             raise NotFound(f"deployment {deployment_id!r} is unknown; see 'cloud-hub deployments list'")
         deployment = found[0]
+        expired = time.time() - deployment["created"] > self.config.deploy_timeout_s
         states = {}
         for device_id in deployment["devices"]:
-            try:
-                reported = self.registry.device(device_id)["reported"] or {}
-            except NotFound:
-                states[device_id] = {"state": "removed"}
-                continue
-            model = next((m for m in reported.get("models", []) if m["name"] == deployment["name"]), None)
-            if model is None or model.get("version") != deployment["version"]:
-                states[device_id] = {"state": "pending"}
-            else:
-                states[device_id] = {"state": model["state"], "error": model.get("error")}
+            states[device_id] = self._device_state(device_id, deployment)
+            if states[device_id]["state"] == "pending" and expired:
+                states[device_id] = {"state": "failed", "error": f"timed out: {deployment['name']}@"
+                                     f"{deployment['version']} not reported active within "
+                                     f"{self.config.deploy_timeout_s:g} s of the deploy"}  # fmt: skip
         return {**deployment, "states": states}
+
+    def _device_state(self, device_id: str, deployment: dict[str, Any]) -> dict[str, Any]:
+        try:
+            reported = self.registry.device(device_id)["reported"] or {}
+        except NotFound:
+            return {"state": "removed"}
+        model = next((m for m in reported.get("models", []) if m["name"] == deployment["name"]), None)
+        if model is None or model.get("version") != deployment["version"]:
+            return {"state": "pending"}
+        return {"state": model["state"], "error": model.get("error")}
 
     def remove_device(self, device_id: str) -> dict[str, Any]:
         self.registry.remove_device(device_id)

@@ -75,6 +75,10 @@ def serve_command(
             "detect-profile does)"
         ),
     ] = None,
+    deploy_timeout: Annotated[
+        float,
+        typer.Option(min=1.0, help="Seconds after a deploy when a still pending device shows failed: timed out"),
+    ] = 900.0,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
 ) -> None:
     """Run the hub: registry, MQTT control plane, OIP gRPC inference and the admin API."""
@@ -105,5 +109,6 @@ def serve_command(
         public_grpc,
         shared_above,
         serving_profile,
+        deploy_timeout,
     )
     run(lambda: serve(config))
