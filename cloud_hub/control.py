@@ -107,7 +107,7 @@ class ControlPlane:
         if batch.device_id != device_id:
             raise ValueError(f"telemetry for {batch.device_id} on {device_id}'s topic")
         self.registry.add_telemetry(batch)  # a duplicate is acknowledged again, never stored twice
-        self.mqtt.publish(self.topics.telemetry_ack(device_id), to_wire(TelemetryAck(batch.seq)))
+        self.mqtt.publish(self.topics.telemetry_ack(device_id), to_wire(TelemetryAck(batch.seq, batch.epoch)))
 
     def _on_fetch(self, topic: str, payload: bytes) -> None:
         device_id = self._device(topic)

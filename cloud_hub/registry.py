@@ -19,6 +19,18 @@ from cloud_hub.errors import NotFound
 from edge_agent.protocol.manifest import Manifest
 from edge_agent.protocol.messages import TelemetryBatch
 
+_TELEMETRY_COLUMNS = "device_id, epoch, seq, received, dropped, windows, histograms"
+_TELEMETRY_TABLE = """CREATE TABLE {name} (
+   "device_id" TEXT,
+   "epoch" TEXT NOT NULL DEFAULT '',
+   "seq" INTEGER,
+   "received" REAL,
+   "dropped" INTEGER,
+   "windows" TEXT,
+   "histograms" TEXT,
+   PRIMARY KEY ("device_id", "epoch", "seq")
+)"""
+
 
 class Registry(Protocol):
     def add_artifact(self, manifest: Manifest, signature: dict[str, Any]) -> bool:
@@ -66,7 +78,8 @@ class Registry(Protocol):
         """The models (name, version, artifact_id, deployment_id) a device should run."""
 
     def add_telemetry(self, batch: TelemetryBatch) -> bool:
-        """Store a batch once per (device, seq); False for a duplicate."""
+        """Store a batch once per (device, epoch, seq); False for a duplicate. A device whose spool was
+        made again (new epoch, ``seq`` from 1) is stored beside its old batches."""
 
     def telemetry(self, device_id: str | None = None) -> list[dict[str, Any]]: ...
 
@@ -138,10 +151,6 @@ class SQLiteRegistry:
                 {"device_id": str, "model": str, "version": str, "artifact_id": str, "deployment_id": str},
                 ("device_id", "model"),
             ),
-            "telemetry": (
-                {"device_id": str, "seq": int, "received": float, "dropped": int, "windows": str, "histograms": str},
-                ("device_id", "seq"),
-            ),
             "audit": ({"ts": float, "actor": str, "action": str, "detail": str}, None),
             "device_tokens": ({"token_sha256": str, "device_id": str, "created": float}, "token_sha256"),
             "cloud_usage": ({"device_id": str, "model": str, "calls": int}, ("device_id", "model")),
@@ -154,6 +163,30 @@ class SQLiteRegistry:
         with self._lock:
             for name, (columns, pk) in tables.items():
                 self.db.table(name).create(columns, pk=pk, if_not_exists=True)
+            self._create_telemetry()
+
+    def _create_telemetry(self) -> None:
+        """The telemetry table, keyed by (device, epoch, seq); a registry file from before epochs (key
+        (device, seq)) is migrated: SQLite cannot alter a primary key, so a new table is made, the rows
+        copied (epoch "": an agent older than epochs) and the tables swapped, in one transaction."""
+        conn = self.db.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(telemetry)")}
+            if not columns:
+                conn.execute(_TELEMETRY_TABLE.format(name="telemetry"))
+            elif "epoch" not in columns:
+                conn.execute(_TELEMETRY_TABLE.format(name="telemetry_epochs"))
+                conn.execute(
+                    f"INSERT INTO telemetry_epochs ({_TELEMETRY_COLUMNS}) "
+                    "SELECT device_id, '', seq, received, dropped, windows, histograms FROM telemetry ORDER BY rowid"
+                )
+                conn.execute("DROP TABLE telemetry")
+                conn.execute("ALTER TABLE telemetry_epochs RENAME TO telemetry")
+            conn.commit()
+        except BaseException:
+            conn.rollback()
+            raise
 
     def add_artifact(self, manifest: Manifest, signature: dict[str, Any]) -> bool:
         row = {
@@ -306,6 +339,7 @@ class SQLiteRegistry:
     def add_telemetry(self, batch: TelemetryBatch) -> bool:
         row = {
             "device_id": batch.device_id,
+            "epoch": batch.epoch,
             "seq": batch.seq,
             "received": time.time(),
             "dropped": batch.dropped,
@@ -322,7 +356,7 @@ class SQLiteRegistry:
     def telemetry(self, device_id: str | None = None) -> list[dict[str, Any]]:
         where, args = ("device_id = ?", [device_id]) if device_id else (None, [])
         with self._lock:
-            rows = self.db.table("telemetry").rows_where(where, args, order_by="device_id, seq")
+            rows = self.db.table("telemetry").rows_where(where, args, order_by="device_id, received, seq")
             return [
                 {**r, "windows": json.loads(r["windows"]), "histograms": json.loads(r["histograms"] or "[]")}
                 for r in rows

@@ -6,26 +6,40 @@ tensor histogram counts per (model, version, tensor) with how many calls they su
 counters (``dropped``, ``budget_breaches``, ``spooled``). The agent aggregates the packed calls into
 windows and moves them into an outbox in one transaction; an outbox entry is deleted only when the hub
 acknowledges its sequence number, so a crash loses nothing and a resent batch is deduplicated by the
-hub on (device, seq). A spool file written by an older version is migrated in place when opened.
+hub on (device, epoch, seq). A spool file written by an older version is migrated in place when opened.
+
+The spool's ``epoch`` is a random id made with it (and given to an older file when it is opened) and
+sent in every batch: a spool made again starts ``seq`` at 1 under a new epoch, which the hub keeps apart.
+A spool file deleted or corrupted under running processes is made again (a corrupted one is set aside
+as ``telemetry.db.corrupt-TIME``); what the old one still held unsent is counted as ``dropped`` (once,
+however many processes notice) and ``spool_resets`` counts the re-creations.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sqlite3
 import threading
+import time
+import uuid
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edge_agent.protocol.errors import MessageError
 from edge_agent.protocol.messages import LATENCY_EDGES_MS, TelemetryBatch, TelemetryWindow, TensorHistogram, from_wire
+
+log = logging.getLogger(__name__)
 
 SPOOL_FILE = "telemetry.db"
 MAX_SPOOL_CALLS = 1_000_000
+MAX_LATENCY_MS = 1e9  # a latency that is not a finite number is stored as 0 (NaN) or clipped to this (inf)
 OK, OVER_BUDGET = 1, 2  # bits of a call's flags byte (the calls table's ``ok`` column)
 _EDGES = np.asarray(LATENCY_EDGES_MS)
 _SCHEMA = """
@@ -36,7 +50,11 @@ CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NU
 CREATE TABLE IF NOT EXISTS histograms (model TEXT, version TEXT, tensor TEXT, edges TEXT, counts TEXT,
                                        calls INTEGER NOT NULL DEFAULT 0, summarised INTEGER NOT NULL DEFAULT 0,
                                        PRIMARY KEY (model, version, tensor));
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+_CORRUPT = {"SQLITE_CORRUPT", "SQLITE_NOTADB"}
+_HEADER = b"SQLite format 3\x00"
+Identity = tuple[int, int] | None  # the spool file's (device, inode); None: no file
 # columns later versions added to tables an older spool file already has (calls = summarised = 0: every
 # call was counted and the call count was not kept)
 _ADDED_COLUMNS = {"histograms": ("calls INTEGER NOT NULL DEFAULT 0", "summarised INTEGER NOT NULL DEFAULT 0")}
@@ -90,35 +108,131 @@ class Spool:
 
     def __init__(self, path: Path, max_calls: int = MAX_SPOOL_CALLS) -> None:
         self.path, self.max_calls = path, max_calls
+        self.epoch = ""
+        self._identity: Identity = None
         self._write_db: sqlite3.Connection | None = None
-        self._write_lock = threading.Lock()
-        with self._connect() as db:
-            db.executescript(_SCHEMA)
-            _migrate(db)
+        self._write_lock = threading.RLock()
+        self._initialise()
 
     def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+        except BaseException:
+            db.close()
+            raise
         return db
 
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
+    def _initialise(self) -> None:
+        """Open (or make) the spool file, bring its schema up to date and read its epoch; a file that is
+        not a database is set aside and made again."""
+        try:
+            self._create()
+        except sqlite3.DatabaseError as exc:
+            if not _is_corrupt(exc):
+                raise
+            aside = self._set_aside(_identity(self.path))
+            self._create()
+            if aside:
+                self._record_gap(aside, 0)
+
+    def _create(self) -> None:
+        if not self.path.exists():  # a -wal or -shm left by a deleted spool must not be replayed into the new one
+            for suffix in ("-wal", "-shm"):
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
         db = self._open()
         try:
-            yield db
+            db.executescript(_SCHEMA)
+            self.epoch = _migrate(db)
+            self._identity = _identity(self.path)
         finally:
             db.close()
 
+    def _set_aside(self, corrupt: Identity) -> str:
+        """Move a corrupted spool file (and its -wal, -shm) aside, unless another process already did; where
+        to ("" when not moved)."""
+        if corrupt is None or _identity(self.path) != corrupt:
+            return ""
+        aside = f"{self.path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+        for suffix in ("", "-wal", "-shm"):
+            with suppress(FileNotFoundError):
+                os.replace(f"{self.path}{suffix}", f"{aside}{suffix}")
+        log.warning("telemetry spool %s is corrupted: set aside as %s, a new one made", self.path, aside)
+        return aside
+
+    def _check_file(self) -> None:
+        """Make the spool again when its file was deleted or replaced since this process opened it, or
+        no longer starts with SQLite's header (overwritten: a connection reading the WAL would not see it)."""
+        identity, intact = _inspect(self.path)
+        if identity == self._identity and intact:
+            return
+        with self._write_lock:
+            identity, intact = _inspect(self.path)
+            if identity != self._identity or not intact:
+                self._reset(corrupt=None if intact else identity)
+
+    def _reset(self, corrupt: Identity) -> None:
+        """Drop the write connection, make the spool again and record the gap: what the old file still
+        held unsent (readable while the write connection keeps a deleted file open) counts as dropped."""
+        old_epoch, lost = self.epoch, 0
+        if self._write_db is not None:
+            lost = _unsent(self._write_db)  # best effort: 0 when it cannot be read
+            self._write_db.close()
+            self._write_db = None
+        self._set_aside(corrupt)
+        self._initialise()
+        if self.epoch != old_epoch:
+            self._record_gap(old_epoch, lost)
+
+    def _record_gap(self, old_epoch: str, lost: int) -> None:
+        """Count ``lost`` calls of the spool ``old_epoch`` (or set-aside file) as dropped, once."""
+        db = self._open()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            # several processes may notice the same loss, not all able to count it: the largest count is kept
+            row = db.execute("SELECT value FROM meta WHERE name = ?", (f"lost:{old_epoch}",)).fetchone()
+            counted = -1 if row is None else int(row[0])
+            if lost > counted:
+                db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"lost:{old_epoch}", str(lost)))
+                _bump(db, "dropped", lost - max(counted, 0))
+            _bump(db, "spool_resets", int(row is None))
+            db.execute("COMMIT")
+        finally:
+            db.close()
+        if counted < 0:
+            log.warning("telemetry spool %s was deleted or corrupted: made again (epoch %s); %d unsent calls of "
+                        "the old one counted as dropped", self.path, self.epoch, lost)  # fmt: skip
+
+    def _on_error(self, exc: BaseException, identity: Identity) -> None:
+        if isinstance(exc, sqlite3.DatabaseError) and _is_corrupt(exc):
+            with self._write_lock:
+                self._reset(corrupt=identity)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        self._check_file()
+        identity = self._identity
+        try:
+            db = self._open()
+            try:
+                yield db
+            finally:
+                db.close()
+        except sqlite3.DatabaseError as exc:
+            self._on_error(exc, identity)
+            raise
+
     @contextmanager
     def _writer(self) -> Iterator[sqlite3.Connection]:
+        self._check_file()
         with self._write_lock:
             if self._write_db is None:
                 self._write_db = self._open()
             try:
                 yield self._write_db
             except BaseException:
-                if self._write_db.in_transaction:
+                if self._write_db is not None and self._write_db.in_transaction:
                     self._write_db.execute("ROLLBACK")
                 raise
 
@@ -131,7 +245,19 @@ class Spool:
 
     def append(self, blocks: list[CallBlock], dropped: int = 0, histograms: Iterable[TensorCounts] = ()) -> None:
         """Store packed calls and histogram counts in one transaction; past ``max_calls`` the oldest rows
-        go and are counted as dropped."""
+        go and are counted as dropped. A spool found corrupted is made again and the write retried there."""
+        histograms = [h for h in histograms if np.isfinite(h.edges).all()]  # edges the hub would refuse
+        identity = self._identity
+        try:
+            self._append(blocks, dropped, histograms)
+        except sqlite3.DatabaseError as exc:
+            if not _is_corrupt(exc):
+                raise
+            with self._write_lock:
+                self._reset(corrupt=identity)
+            self._append(blocks, dropped, histograms)
+
+    def _append(self, blocks: list[CallBlock], dropped: int, histograms: list[TensorCounts]) -> None:
         with self._writer() as db:
             db.execute("BEGIN IMMEDIATE")
             db.executemany(
@@ -166,7 +292,8 @@ class Spool:
 
     def counters(self) -> dict[str, int]:
         """All counters: ``dropped`` (calls lost to a full queue or spool), ``budget_breaches`` (local
-        calls over the latency budget, ever), ``spooled``, and the upload bookkeeping (``seq``, ...)."""
+        calls over the latency budget, ever), ``spooled``, ``spool_resets`` (times the spool file was made again
+        after it was deleted or corrupted) and the upload bookkeeping (``seq``, ...)."""
         with self._connect() as db:
             return {name: int(value) for name, value in db.execute("SELECT name, value FROM counters ORDER BY 1")}
 
@@ -178,10 +305,12 @@ class Spool:
         """The oldest unacknowledged batch; aggregates new calls into one when the outbox is empty."""
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
-            row = db.execute("SELECT payload FROM outbox ORDER BY seq LIMIT 1").fetchone()
-            payload = row[0] if row else self._build_batch(db, device_id, limit_rows)
+            batch = _first_valid(db)
+            if batch is None:
+                payload = self._build_batch(db, device_id, limit_rows)
+                batch = None if payload is None else from_wire(TelemetryBatch, payload.encode())
             db.execute("COMMIT")
-        return None if payload is None else from_wire(TelemetryBatch, payload.encode())
+        return batch
 
     def _build_batch(self, db: sqlite3.Connection, device_id: str, limit_rows: int) -> str | None:
         rows = db.execute(
@@ -200,7 +329,8 @@ class Spool:
         _bump(db, "seq", 1)
         seq = _counter_in(db, "seq")
         windows = aggregate([CallBlock.from_row(r[1:]) for r in rows])
-        payload = json.dumps(asdict(TelemetryBatch(device_id, seq, windows, dropped, histograms)))
+        epoch = _epoch_in(db)  # this file's, even if another process made it again since this one looked
+        payload = json.dumps(asdict(TelemetryBatch(device_id, seq, windows, dropped, histograms, epoch)))
         db.execute("INSERT INTO outbox VALUES (?, ?)", (seq, payload))
         if rows:
             db.execute("DELETE FROM calls WHERE id <= ?", (rows[-1][0],))
@@ -209,14 +339,81 @@ class Spool:
         _bump(db, "dropped_reported", dropped)
         return payload
 
-    def acknowledge(self, seq: int) -> None:
+    def acknowledge(self, seq: int, epoch: str | None = None) -> None:
+        """The hub stored every batch up to ``seq``; an acknowledgement naming another spool's ``epoch``
+        (this one was made again meanwhile) is ignored."""
         with self._connect() as db:
-            db.execute("DELETE FROM outbox WHERE seq <= ?", (seq,))
+            db.execute("BEGIN IMMEDIATE")
+            if epoch is None or epoch == _epoch_in(db):
+                db.execute("DELETE FROM outbox WHERE seq <= ?", (seq,))
+            db.execute("COMMIT")
 
 
-def _migrate(db: sqlite3.Connection) -> None:
+def _first_valid(db: sqlite3.Connection) -> TelemetryBatch | None:
+    """The oldest outbox batch; one the hub would refuse (an older version's, with NaN in it) is removed
+    and its calls counted as dropped, so it cannot hold up every later batch."""
+    for seq, payload in db.execute("SELECT seq, payload FROM outbox ORDER BY seq").fetchall():
+        try:
+            return from_wire(TelemetryBatch, payload.encode())
+        except MessageError as exc:
+            log.warning("telemetry batch %d is malformed (%s): removed, its calls counted as dropped", seq, exc)
+            db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+            _bump(db, "dropped", _payload_calls(payload))  # its calls, never sent
+            _bump(db, "dropped_reported", -_payload_dropped(payload))  # and the drops it was to report
+    return None
+
+
+def _payload_calls(payload: str) -> int:
+    """Calls a batch payload's windows count (0 when unreadable)."""
+    try:
+        return sum(max(int(w.get("count", 0)), 0) for w in json.loads(payload).get("windows", ()))
+    except (ValueError, TypeError, AttributeError, OverflowError):
+        return 0
+
+
+def _payload_dropped(payload: str) -> int:
+    try:
+        return max(int(json.loads(payload).get("dropped", 0)), 0)
+    except (ValueError, TypeError, AttributeError, OverflowError):
+        return 0
+
+
+def _unsent(db: sqlite3.Connection) -> int:
+    """Calls a spool holds that the hub has not acknowledged: spooled, dropped but not reported yet, and
+    in the outbox (0 when it cannot be read)."""
+    try:
+        calls = int(db.execute("SELECT COALESCE(SUM(n), 0) FROM calls").fetchone()[0])
+        outbox = sum(_payload_calls(p) + _payload_dropped(p) for (p,) in db.execute("SELECT payload FROM outbox"))
+        return calls + outbox + _counter_in(db, "dropped") - _counter_in(db, "dropped_reported")
+    except sqlite3.Error:
+        return 0
+
+
+def _identity(path: Path) -> Identity:
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
+def _inspect(path: Path) -> tuple[Identity, bool]:
+    """The file's identity, and whether it starts with SQLite's header (an empty file may: it is new)."""
+    try:
+        with open(path, "rb") as file:
+            stat, head = os.fstat(file.fileno()), file.read(len(_HEADER))
+    except FileNotFoundError:
+        return None, True
+    return (stat.st_dev, stat.st_ino), head in (_HEADER, b"")
+
+
+def _is_corrupt(exc: sqlite3.DatabaseError) -> bool:
+    return getattr(exc, "sqlite_errorname", "") in _CORRUPT or "not a database" in str(exc) or "malformed" in str(exc)
+
+
+def _migrate(db: sqlite3.Connection) -> str:
     """Bring a spool file from an older version up to this schema (under the write lock: several
-    processes may open it at once)."""
+    processes may open it at once); its epoch, made here for a new file or one from before epochs."""
     db.execute("BEGIN IMMEDIATE")
     for table, columns in _ADDED_COLUMNS.items():
         have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
@@ -224,7 +421,14 @@ def _migrate(db: sqlite3.Connection) -> None:
             if column.split()[0] not in have:
                 db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
     db.execute("INSERT OR IGNORE INTO counters SELECT 'spooled', COALESCE(SUM(n), 0) FROM calls")
+    db.execute("INSERT OR IGNORE INTO meta VALUES ('epoch', ?)", (uuid.uuid4().hex,))
+    epoch = _epoch_in(db)
     db.execute("COMMIT")
+    return epoch
+
+
+def _epoch_in(db: sqlite3.Connection) -> str:
+    return str(db.execute("SELECT value FROM meta WHERE name = 'epoch'").fetchone()[0])
 
 
 def _bump(db: sqlite3.Connection, name: str, by: int) -> None:
@@ -269,7 +473,7 @@ def aggregate(blocks: list[CallBlock]) -> tuple[TelemetryWindow, ...]:
     windows = []
     for (model, version, route), parts in sorted(groups.items()):
         ts = np.concatenate([p.ts for p in parts])
-        latency = np.concatenate([p.latency_ms for p in parts]).astype(np.float64)
+        latency = _finite(np.concatenate([p.latency_ms for p in parts]).astype(np.float64))
         flags = np.concatenate([p.ok for p in parts])
         hist = np.bincount(np.searchsorted(_EDGES, latency, side="left"), minlength=len(_EDGES) + 1)
         windows.append(TelemetryWindow(
@@ -279,3 +483,11 @@ def aggregate(blocks: list[CallBlock]) -> tuple[TelemetryWindow, ...]:
             budget_breaches=int(np.count_nonzero(flags & OVER_BUDGET)),
         ))  # fmt: skip
     return tuple(windows)
+
+
+def _finite(latency: np.ndarray) -> np.ndarray:
+    """Latencies the hub accepts: NaN as 0, the rest clipped to [0, MAX_LATENCY_MS]."""
+    if np.isfinite(latency).all() and (latency >= 0).all():
+        return latency
+    clipped: np.ndarray = np.clip(np.nan_to_num(latency, nan=0.0), 0.0, MAX_LATENCY_MS)
+    return clipped

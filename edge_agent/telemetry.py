@@ -10,14 +10,15 @@ summarised (copied by the caller, binned by the writer) for at most ``SUMMARY_CA
 second per model version: above that rate a random sample of calls is summarised, with probability
 adapted after every flush, and each histogram records ``calls`` and ``summarised`` so the hub can scale
 its counts. A full queue drops records, and a failed write keeps its calls' count: every drop is
-counted and reported to the hub.
+counted and reported to the hub. The writer thread never dies: a spool file deleted or corrupted under
+it is made again by the spool (new epoch, the gap counted as dropped), and any other failure of a flush
+is logged and its calls counted as dropped.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-import sqlite3
 import threading
 import time
 from collections import Counter, deque
@@ -118,8 +119,14 @@ class TelemetryRecorder:
 
     def _drain(self) -> None:
         while not self._stop.wait(self.flush_interval_s):
+            self._flush_logged()
+        self._flush_logged()
+
+    def _flush_logged(self) -> None:
+        try:
             self.flush()
-        self.flush()
+        except Exception:  # never let the writer thread die; ``_write`` has counted what it could not write
+            log.exception("telemetry: flush failed")
 
     def flush(self) -> None:
         """Write what was recorded until now to the spool, then adapt the summary sampling to the call rate."""
@@ -143,7 +150,7 @@ class TelemetryRecorder:
         try:
             packed = pack(taken, cap, self._references)
             self.spool.append(packed.blocks, lost, packed.histograms)
-        except (sqlite3.Error, OSError, ValueError, TypeError):  # never let the writer thread die
+        except Exception:  # never let the writer thread die (sqlite3.Error, OSError, ...)
             log.exception("telemetry: could not write %d calls to the spool; counted as dropped", len(taken))
             self._count_lost(len(taken) + lost)
             return False

@@ -65,6 +65,17 @@ class RegistryContract:
         assert self.registry.add_telemetry(batch) and not self.registry.add_telemetry(batch)
         assert [t["seq"] for t in self.registry.telemetry("a")] == [7]
 
+    def test_telemetry_of_a_new_spool_is_kept_apart_from_the_old_one(self) -> None:
+        window = TelemetryWindow("gemm", "1.0.0", "local", 1.0, 2.0, 3, 0, 0.3, (3,))
+        old_agent, first, again = (TelemetryBatch("a", 1, (window,), epoch=e) for e in ("", "e1", "e2"))
+        assert self.registry.add_telemetry(old_agent) and self.registry.add_telemetry(first)
+        assert self.registry.add_telemetry(again)  # the device re-initialised: seq 1 again, a new epoch
+        assert not self.registry.add_telemetry(TelemetryBatch("a", 1, (window,), dropped=5, epoch="e2"))
+        assert not self.registry.add_telemetry(TelemetryBatch("a", 1, (window,)))
+        stored = self.registry.telemetry("a")
+        assert sorted((t["epoch"], t["seq"]) for t in stored) == [("", 1), ("e1", 1), ("e2", 1)]
+        assert sum(t["windows"][0]["count"] for t in stored) == 9 and {t["dropped"] for t in stored} == {0}
+
     def test_enrollment_tokens_are_single_use_and_expire(self) -> None:
         self.registry.add_enroll_token("t1", time.time() + 60, ["lab"], {"k": "v"})
         self.registry.add_enroll_token("t2", time.time() - 1, [], {})

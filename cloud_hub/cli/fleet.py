@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -35,13 +35,21 @@ def telemetry(
     state_dir: StateDir = Path("hub-state"),
     as_json: AsJson = False,
 ) -> None:
-    """Telemetry windows the hub has stored."""
+    """Telemetry windows the hub has stored, with each batch's dropped calls (calls the device recorded but
+    lost: a full queue or spool, a spool file deleted or corrupted) on its first row."""
     query = f"?device={device}" if device else ""
     batches = run(lambda: client(hub, token, state_dir).request("GET", f"/v1/telemetry{query}"))
+    columns = ["device", "epoch", "seq", "model", "version", "route", "calls", "errors", "over budget", "mean ms"]
+    show([row for b in batches for row in telemetry_rows(b)], [*columns, "dropped"], as_json, "telemetry")
+
+
+def telemetry_rows(batch: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per window of a stored batch (one row when it has none); the batch's ``dropped`` on the
+    first, 0 on the others, so the column adds up."""
+    head = {"device": batch["device_id"], "epoch": (batch.get("epoch") or "")[:8], "seq": batch["seq"]}
     rows = [
         {
-            "device": b["device_id"],
-            "seq": b["seq"],
+            **head,
             "model": w["model"],
             "version": w["version"],
             "route": w["route"],
@@ -49,16 +57,12 @@ def telemetry(
             "errors": w["errors"],
             "over budget": w.get("budget_breaches", 0),
             "mean ms": round(w["latency_ms_sum"] / max(w["count"], 1), 3),
+            "dropped": 0,
         }
-        for b in batches
-        for w in b["windows"]
-    ]
-    show(
-        rows,
-        ["device", "seq", "model", "version", "route", "calls", "errors", "over budget", "mean ms"],
-        as_json,
-        "telemetry",
-    )
+        for w in batch["windows"]
+    ] or [{**head, "calls": 0, "dropped": 0}]
+    rows[0]["dropped"] = int(batch.get("dropped") or 0)
+    return rows
 
 
 @app.command()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import struct
 import types
 import typing
@@ -160,16 +161,55 @@ class TensorHistogram:
 
 @dataclass(frozen=True)
 class TelemetryBatch:
+    """Calls of one device's spool. ``epoch`` names the spool (a random id made with it; "" from an agent
+    older than epochs): the hub stores a batch once per (device, epoch, seq), so a new spool whose ``seq``
+    starts again at 1 never collides with an old one. Non-finite numbers and negative counts are refused
+    (MessageError naming the field), so they never reach the hub's store."""
+
     device_id: str
     seq: int
     windows: tuple[TelemetryWindow, ...] = ()
     dropped: int = 0
     histograms: tuple[TensorHistogram, ...] = ()
+    epoch: str = ""
+
+    def __post_init__(self) -> None:
+        _check_counts("TelemetryBatch", self, ("seq", "dropped"))
+        for i, window in enumerate(self.windows):
+            where = f"TelemetryBatch.windows[{i}]"
+            _check_counts(where, window, ("count", "errors", "budget_breaches"))
+            _check_finite(where, window, ("start", "end", "latency_ms_sum"))
+            _check_items(f"{where}.latency_hist", window.latency_hist, finite=False)
+        for i, histogram in enumerate(self.histograms):
+            where = f"TelemetryBatch.histograms[{i}]"
+            _check_counts(where, histogram, ("calls", "summarised"))
+            _check_items(f"{where}.edges", histogram.edges, finite=True)
+            _check_items(f"{where}.counts", histogram.counts, finite=False)
+
+
+def _check_counts(where: str, message: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        if getattr(message, name) < 0:
+            raise MessageError(f"{where}.{name}: negative count {getattr(message, name)!r}")
+
+
+def _check_finite(where: str, message: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        if not math.isfinite(getattr(message, name)):
+            raise MessageError(f"{where}.{name}: {getattr(message, name)!r} is not a finite number")
+
+
+def _check_items(where: str, values: tuple[float, ...], finite: bool) -> None:
+    """Every value finite (``finite``) or a count (not negative)."""
+    for i, value in enumerate(values):
+        if (finite and not math.isfinite(value)) or (not finite and value < 0):
+            raise MessageError(f"{where}[{i}]: {value!r} is not {'a finite number' if finite else 'a count'}")
 
 
 @dataclass(frozen=True)
 class TelemetryAck:
     seq: int
+    epoch: str = ""  # the spool the batch came from ("": an older agent's)
 
 
 _CHUNK_HEADER = struct.Struct(">4sII")
