@@ -1,7 +1,9 @@
 """`edge-agent run`: the daemon that keeps a device's models in the desired state and ships telemetry.
 
 MQTT callbacks only enqueue work; one agent thread verifies, installs and reports, so a slow install
-never stalls the network loop and a malformed message never stops the daemon.
+never stalls the network loop and a malformed message never stops the daemon. Every install step is
+journaled (``InstallJournal``) and every step is idempotent, so an agent killed anywhere converges on
+restart: to the new version active, or a reported failure with the previous version serving.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ import json
 import logging
 import os
 import queue
+import shutil
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -41,13 +45,15 @@ from edge_agent.protocol.messages import (
 from edge_agent.protocol.signing import TrustStore, verify_document
 from edge_agent.protocol.topics import Topics
 from edge_agent.runtimes import open_runtime, zero_inputs
-from edge_agent.store import ModelStore, check_compatible
+from edge_agent.store import ModelStore, check_compatible, kill_point
 from edge_agent.telemetry import SPOOL_FILE, Spool
 from edge_agent.transfer import Transfer
 
 log = logging.getLogger(__name__)
 STALL_S = 3.0
 AGENT_STATUS_FILE = "agent-status.json"
+JOURNAL_DIR = "journal"
+FINAL_STEPS = ("activated", "failed")
 
 
 def health_check(directory: Path, manifest: Manifest, profile: DeviceProfile) -> None:
@@ -56,6 +62,39 @@ def health_check(directory: Path, manifest: Manifest, profile: DeviceProfile) ->
     outputs = runtime.run(zero_inputs(manifest.inputs))
     if not all(np.all(np.isfinite(v)) for v in outputs.values() if v.dtype.kind == "f"):
         raise RuntimeError("health check produced non-finite outputs")
+
+
+class InstallJournal:
+    """The deployment in flight per model, one small file each, rewritten at every step with
+    write-fsync-rename: fetching → downloaded → installed → checked → activated | failed. A final
+    entry is removed once reported; on start the agent finishes whatever a crash interrupted."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def record(self, name: str, version: str, artifact_id: str, step: str, error: str | None = None) -> None:
+        entry = {"name": name, "version": version, "artifact_id": artifact_id, "step": step, "error": error,
+                 "at": now_text()}  # fmt: skip
+        atomic_write_bytes(self.root / f"{name}.json", json.dumps(entry).encode())
+
+    def entries(self) -> list[dict[str, Any]]:
+        found = []
+        for path in sorted(self.root.glob("*.json")):
+            try:
+                found.append(json.loads(path.read_bytes()))
+            except (OSError, ValueError) as exc:
+                log.warning("dropping unreadable journal entry %s: %s", path.name, exc)
+                path.unlink(missing_ok=True)
+        return found
+
+    def discard(self, name: str) -> None:
+        (self.root / f"{name}.json").unlink(missing_ok=True)
+
+    def remove_final(self) -> None:
+        for entry in self.entries():
+            if entry["step"] in FINAL_STEPS:
+                self.discard(entry["name"])
 
 
 class Agent:
@@ -84,6 +123,7 @@ class Agent:
         self.reported: dict[str, ReportedModel] = {}
         self.stop_event = threading.Event()
         self.installs = 0
+        self.journal = InstallJournal(state_dir / JOURNAL_DIR)
 
     def _enqueue(self, handler: Callable[[str, bytes], None]) -> Callable[[str, bytes], None]:
         return lambda topic, payload: self.events.put(lambda: handler(topic, payload))
@@ -110,14 +150,23 @@ class Agent:
         desired = from_wire(DesiredState, payload)
         for model in desired.models:
             self._converge(model)
+        self._clean_downloads()
         self._publish_reported()
+
+    def _clean_downloads(self) -> None:
+        """Remove finished or abandoned downloads: anything not being fetched for the desired state."""
+        downloads = self.state_dir / "downloads"
+        for path in downloads.iterdir() if downloads.is_dir() else []:
+            if path.name not in self.transfers:
+                shutil.rmtree(path, ignore_errors=True)
 
     def _converge(self, model: DesiredModel) -> None:
         active = self.store.active(model.name)
         if active is not None and active.artifact_id == model.artifact_id:
             self.reported[model.name] = ReportedModel(model.name, "active", active.version, active.artifact_id)
+            self.journal.discard(model.name)  # whatever was in flight for it, this is now settled
             return
-        if model.artifact_id in self.transfers:
+        if model.artifact_id in self.transfers or self._activate_installed(*self._key(model)):
             return
         try:
             manifest = self._check_offer(model)
@@ -128,6 +177,7 @@ class Agent:
         transfer = Transfer(self.state_dir / "downloads", manifest, model.manifest, model.signature)
         self.transfers[model.artifact_id] = (model, transfer, time.monotonic())
         self.reported[model.name] = ReportedModel(model.name, "downloading", model.version, model.artifact_id)
+        self.journal.record(model.name, model.version, model.artifact_id, "fetching")
         self.mqtt.route(self.topics.chunks(model.artifact_id), self._enqueue(self._on_chunk))
         log.info(
             "fetching %s@%s: %d of %d chunks missing",
@@ -140,6 +190,55 @@ class Agent:
             self._finish(model.artifact_id)
         else:
             self._request_missing(model.artifact_id)
+
+    def _activate_installed(self, name: str, version: str, artifact_id: str) -> bool:
+        """The desired artifact is already installed above the active release (an install killed before
+        its activation): verify it, health-check it and activate it, with no fetch and no refusal of
+        the agent's own install as a downgrade. False when it is not (fetch and check as usual)."""
+        try:
+            if not self.store.activate_installed(artifact_id, name, self._checker(name, version, artifact_id)):
+                return False
+        except Exception as exc:
+            log.warning("activating installed %s@%s failed: %s", name, version, exc)
+            self._outcome(name, version, artifact_id, str(exc))
+            return True
+        log.info("activated installed %s@%s", name, version)
+        self._outcome(name, version, artifact_id)
+        return True
+
+    def _checker(self, name: str, version: str, artifact_id: str) -> Callable[[Path, Manifest], None]:
+        """The health check, journaled: ``installed`` before it runs, ``checked`` once it passed."""
+
+        def check(directory: Path, manifest: Manifest) -> None:
+            self.journal.record(name, version, artifact_id, "installed")
+            health_check(directory, manifest, self.profile)
+            self.journal.record(name, version, artifact_id, "checked")
+
+        return check
+
+    def _outcome(self, name: str, version: str, artifact_id: str, error: str | None = None) -> None:
+        """Journal and report how an install ended: active, or failed with ``error``."""
+        self.journal.record(name, version, artifact_id, "activated" if error is None else "failed", error)
+        self.reported[name] = ReportedModel(name, "active" if error is None else "failed", version, artifact_id, error)
+
+    @staticmethod
+    def _key(model: DesiredModel) -> tuple[str, str, str]:
+        return model.name, model.version, model.artifact_id
+
+    def resume(self) -> None:
+        """Finish what a crash interrupted, before any message arrives (the broker may be down): an
+        install that reached the store is verified, checked and activated; outcomes are re-reported."""
+        for entry in self.journal.entries():
+            name, version, artifact_id = entry["name"], entry["version"], entry["artifact_id"]
+            active = self.store.active(name)
+            if active is not None and active.artifact_id == artifact_id:
+                self.reported[name] = ReportedModel(name, "active", version, artifact_id)
+            elif entry["step"] == "failed":
+                self.reported[name] = ReportedModel(name, "failed", version, artifact_id, entry.get("error"))
+            elif entry["step"] == "activated":  # switched away since (a rollback): nothing left to finish
+                self.journal.discard(name)
+            elif not self._activate_installed(name, version, artifact_id):
+                log.info("resuming %s@%s from %s when the desired state arrives", name, version, entry["step"])
 
     def _check_offer(self, model: DesiredModel) -> Manifest:
         """Everything that can be checked before a single chunk is fetched."""
@@ -182,17 +281,21 @@ class Agent:
         model, transfer, _ = self.transfers.pop(artifact_id)
         self.mqtt.unroute(self.topics.chunks(artifact_id))
         try:
-            check = functools.partial(health_check, profile=self.profile)
-            manifest = self.store.install(transfer.assemble(), self.trust, self.profile, activate=True, check=check)
-            self.reported[model.name] = ReportedModel(model.name, "active", manifest.version, manifest.artifact_id)
+            self.journal.record(model.name, model.version, artifact_id, "downloaded")
+            kill_point("downloaded")
+            source = transfer.assemble()
+            kill_point("assembled")
+            check = self._checker(model.name, model.version, artifact_id)
+            manifest = self.store.install(source, self.trust, self.profile, activate=True, check=check)
             self.installs += 1
             log.info("activated %s@%s", manifest.name, manifest.version)
+            self._outcome(model.name, model.version, artifact_id)
         except Exception as exc:
             log.warning("install of %s@%s failed: %s", model.name, model.version, exc)
-            self.reported[model.name] = ReportedModel(model.name, "failed", model.version, artifact_id, str(exc))
-        finally:
-            transfer.discard()
+            self._outcome(model.name, model.version, artifact_id, str(exc))
         self._publish_reported()
+        kill_point("reported")
+        transfer.discard()
 
     def _publish_reported(self) -> None:
         for name in self.store.names():
@@ -201,10 +304,12 @@ class Agent:
                 self.reported[name] = ReportedModel(name, "active", active.version, active.artifact_id)
         state = ReportedState(self.device_id, self.profile.id, __version__, now_text(), tuple(self.reported.values()))
         self.mqtt.publish(self.topics.reported(self.device_id), to_wire(state), retain=True)
+        self.journal.remove_final()
 
     # telemetry ----------------------------------------------------------------------------------
     def _on_ack(self, topic: str, payload: bytes) -> None:
-        self.spool.acknowledge(from_wire(TelemetryAck, payload).seq)
+        ack = from_wire(TelemetryAck, payload)
+        self.spool.acknowledge(ack.seq, ack.epoch or None)  # an ack for another spool's batch is ignored
 
     def send_telemetry(self) -> None:
         batch = self.spool.next_batch(self.device_id)
@@ -213,6 +318,7 @@ class Agent:
 
     # main loop ----------------------------------------------------------------------------------
     def run(self) -> None:
+        self.resume()
         self._broker_state(False, "connecting")
         self.mqtt.start_in_background()
         next_telemetry = time.monotonic()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -89,13 +90,27 @@ def load_signed_manifest(manifest_bytes: bytes, signature_bytes: bytes, trust: T
     return manifest_from_wire(document)
 
 
-def read_manifest(directory: Path, trust: TrustStore) -> Manifest:
+@dataclass(frozen=True)
+class SignedManifest:
+    """A verified manifest with the exact bytes it was parsed from: the bytes a store keeps."""
+
+    manifest: Manifest
+    manifest_bytes: bytes
+    signature_bytes: bytes
+
+
+def read_signed(directory: Path, trust: TrustStore) -> SignedManifest:
+    """Read ``manifest.json`` and ``signature`` once, into memory, and verify those bytes."""
     try:
         manifest_bytes = (directory / MANIFEST_FILE).read_bytes()
         signature_bytes = (directory / SIGNATURE_FILE).read_bytes()
     except FileNotFoundError as exc:
         raise ArtifactRejected("missing-file", f"{Path(exc.filename).name} not found in {directory}") from None
-    return load_signed_manifest(manifest_bytes, signature_bytes, trust)
+    return SignedManifest(load_signed_manifest(manifest_bytes, signature_bytes, trust), manifest_bytes, signature_bytes)
+
+
+def read_manifest(directory: Path, trust: TrustStore) -> Manifest:
+    return read_signed(directory, trust).manifest
 
 
 def verify_chunk(manifest: Manifest, file_index: int, chunk_index: int, data: bytes) -> None:

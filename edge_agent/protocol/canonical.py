@@ -22,7 +22,10 @@ def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def strict_loads(data: bytes | str) -> Any:
-    """json.loads that refuses duplicate keys (two parsers must never disagree on a signed document)."""
+    """json.loads that refuses duplicate keys and a byte-order mark (two parsers must never disagree on
+    a signed document: ``json.loads`` accepts a BOM in bytes but refuses it in text)."""
+    if data[:3] == b"\xef\xbb\xbf" or data[:1] == "\ufeff":
+        raise ValueError("a byte-order mark is not allowed (plain UTF-8 JSON only)")
     return json.loads(data, object_pairs_hook=_reject_duplicates)
 
 
