@@ -23,80 +23,33 @@ import os
 import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from edge_agent.calls import CallBlock, TensorCounts, aggregate
 from edge_agent.protocol.errors import MessageError
-from edge_agent.protocol.messages import LATENCY_EDGES_MS, TelemetryBatch, TelemetryWindow, TensorHistogram, from_wire
+from edge_agent.protocol.messages import TelemetryBatch, TensorHistogram, from_wire
+from edge_agent.spool_schema import (
+    SCHEMA,
+    Identity,
+    bump,
+    counter_in,
+    epoch_in,
+    file_identity,
+    inspect_file,
+    is_corrupt,
+    merge_histogram,
+    migrate,
+)
 
 log = logging.getLogger(__name__)
 
 SPOOL_FILE = "telemetry.db"
 MAX_SPOOL_CALLS = 1_000_000
-MAX_LATENCY_MS = 1e9  # a latency that is not a finite number is stored as 0 (NaN) or clipped to this (inf)
-OK, OVER_BUDGET = 1, 2  # bits of a call's flags byte (the calls table's ``ok`` column)
-_EDGES = np.asarray(LATENCY_EDGES_MS)
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS calls (id INTEGER PRIMARY KEY, model TEXT, version TEXT, route TEXT, n INTEGER,
-                                  ts BLOB, latency_ms BLOB, ok BLOB);
-CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, payload TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS histograms (model TEXT, version TEXT, tensor TEXT, edges TEXT, counts TEXT,
-                                       calls INTEGER NOT NULL DEFAULT 0, summarised INTEGER NOT NULL DEFAULT 0,
-                                       PRIMARY KEY (model, version, tensor));
-CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-"""
-_CORRUPT = {"SQLITE_CORRUPT", "SQLITE_NOTADB"}
-_HEADER = b"SQLite format 3\x00"
-Identity = tuple[int, int] | None  # the spool file's (device, inode); None: no file
-# columns later versions added to tables an older spool file already has (calls = summarised = 0: every
-# call was counted and the call count was not kept)
-_ADDED_COLUMNS = {"histograms": ("calls INTEGER NOT NULL DEFAULT 0", "summarised INTEGER NOT NULL DEFAULT 0")}
-
-
-@dataclass(frozen=True)
-class CallBlock:
-    """The calls of one (model, version, route), packed."""
-
-    model: str
-    version: str
-    route: str
-    ts: np.ndarray  # float64 Unix seconds
-    latency_ms: np.ndarray  # float32
-    ok: np.ndarray  # uint8 flags: OK | OVER_BUDGET
-
-    def row(self) -> tuple[Any, ...]:
-        return (self.model, self.version, self.route, len(self.ts), self.ts.astype("<f8").tobytes(),
-                self.latency_ms.astype("<f4").tobytes(), self.ok.astype(np.uint8).tobytes())  # fmt: skip
-
-    @classmethod
-    def from_row(cls, row: tuple[Any, ...]) -> CallBlock:
-        model, version, route, _, ts, latency, ok = row
-        return cls(model, version, route, np.frombuffer(ts, "<f8"), np.frombuffer(latency, "<f4"),
-                   np.frombuffer(ok, np.uint8))  # fmt: skip
-
-    @property
-    def breaches(self) -> int:
-        return int(np.count_nonzero(self.ok & OVER_BUDGET))
-
-
-@dataclass(frozen=True)
-class TensorCounts:
-    """One tensor's histogram over the ``summarised`` of ``calls`` calls of a model version."""
-
-    model: str
-    version: str
-    tensor: str
-    edges: np.ndarray
-    counts: np.ndarray
-    calls: int
-    summarised: int
 
 
 class Spool:
@@ -130,9 +83,9 @@ class Spool:
         try:
             self._create()
         except sqlite3.DatabaseError as exc:
-            if not _is_corrupt(exc):
+            if not is_corrupt(exc):
                 raise
-            aside = self._set_aside(_identity(self.path))
+            aside = self._set_aside(file_identity(self.path))
             self._create()
             if aside:
                 self._record_gap(aside, 0)
@@ -143,16 +96,16 @@ class Spool:
                 Path(f"{self.path}{suffix}").unlink(missing_ok=True)
         db = self._open()
         try:
-            db.executescript(_SCHEMA)
-            self.epoch = _migrate(db)
-            self._identity = _identity(self.path)
+            db.executescript(SCHEMA)
+            self.epoch = migrate(db)
+            self._identity = file_identity(self.path)
         finally:
             db.close()
 
     def _set_aside(self, corrupt: Identity) -> str:
         """Move a corrupted spool file (and its -wal, -shm) aside, unless another process already did; where
         to ("" when not moved)."""
-        if corrupt is None or _identity(self.path) != corrupt:
+        if corrupt is None or file_identity(self.path) != corrupt:
             return ""
         aside = f"{self.path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
         for suffix in ("", "-wal", "-shm"):
@@ -164,11 +117,11 @@ class Spool:
     def _check_file(self) -> None:
         """Make the spool again when its file was deleted or replaced since this process opened it, or
         no longer starts with SQLite's header (overwritten: a connection reading the WAL would not see it)."""
-        identity, intact = _inspect(self.path)
+        identity, intact = inspect_file(self.path)
         if identity == self._identity and intact:
             return
         with self._write_lock:
-            identity, intact = _inspect(self.path)
+            identity, intact = inspect_file(self.path)
             if identity != self._identity or not intact:
                 self._reset(corrupt=None if intact else identity)
 
@@ -195,8 +148,8 @@ class Spool:
             counted = -1 if row is None else int(row[0])
             if lost > counted:
                 db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"lost:{old_epoch}", str(lost)))
-                _bump(db, "dropped", lost - max(counted, 0))
-            _bump(db, "spool_resets", int(row is None))
+                bump(db, "dropped", lost - max(counted, 0))
+            bump(db, "spool_resets", int(row is None))
             db.execute("COMMIT")
         finally:
             db.close()
@@ -205,7 +158,7 @@ class Spool:
                         "the old one counted as dropped", self.path, self.epoch, lost)  # fmt: skip
 
     def _on_error(self, exc: BaseException, identity: Identity) -> None:
-        if isinstance(exc, sqlite3.DatabaseError) and _is_corrupt(exc):
+        if isinstance(exc, sqlite3.DatabaseError) and is_corrupt(exc):
             with self._write_lock:
                 self._reset(corrupt=identity)
 
@@ -251,7 +204,7 @@ class Spool:
         try:
             self._append(blocks, dropped, histograms)
         except sqlite3.DatabaseError as exc:
-            if not _is_corrupt(exc):
+            if not is_corrupt(exc):
                 raise
             with self._write_lock:
                 self._reset(corrupt=identity)
@@ -265,15 +218,15 @@ class Spool:
                 [b.row() for b in blocks],
             )
             for histogram in histograms:
-                _merge_histogram(db, histogram)
-            _bump(db, "spooled", sum(len(b.ts) for b in blocks))
-            _bump(db, "budget_breaches", sum(b.breaches for b in blocks))
-            _bump(db, "dropped", dropped + self._enforce_cap(db))
+                merge_histogram(db, histogram)
+            bump(db, "spooled", sum(len(b.ts) for b in blocks))
+            bump(db, "budget_breaches", sum(b.breaches for b in blocks))
+            bump(db, "dropped", dropped + self._enforce_cap(db))
             db.execute("COMMIT")
 
     def _enforce_cap(self, db: sqlite3.Connection) -> int:
         """Delete the oldest rows while more than ``max_calls`` calls are spooled; the calls removed."""
-        excess, removed = _counter_in(db, "spooled") - self.max_calls, 0
+        excess, removed = counter_in(db, "spooled") - self.max_calls, 0
         while removed < excess:
             rows = db.execute("SELECT id, n FROM calls ORDER BY id LIMIT 256").fetchall()
             if not rows:
@@ -283,12 +236,12 @@ class Spool:
                     break
                 db.execute("DELETE FROM calls WHERE id = ?", (row_id,))
                 removed += int(n)
-        _bump(db, "spooled", -removed)
+        bump(db, "spooled", -removed)
         return removed
 
     def counter(self, name: str) -> int:
         with self._connect() as db:
-            return _counter_in(db, name)
+            return counter_in(db, name)
 
     def counters(self) -> dict[str, int]:
         """All counters: ``dropped`` (calls lost to a full queue or spool), ``budget_breaches`` (local
@@ -316,7 +269,7 @@ class Spool:
         rows = db.execute(
             "SELECT id, model, version, route, n, ts, latency_ms, ok FROM calls ORDER BY id LIMIT ?", (limit_rows,)
         ).fetchall()
-        dropped = _counter_in(db, "dropped") - _counter_in(db, "dropped_reported")
+        dropped = counter_in(db, "dropped") - counter_in(db, "dropped_reported")
         histograms = tuple(
             TensorHistogram(model, version, tensor, tuple(json.loads(edges)), tuple(json.loads(counts)), calls, done)
             for model, version, tensor, edges, counts, calls, done in db.execute(
@@ -326,17 +279,17 @@ class Spool:
         )
         if not rows and not dropped and not histograms:
             return None
-        _bump(db, "seq", 1)
-        seq = _counter_in(db, "seq")
+        bump(db, "seq", 1)
+        seq = counter_in(db, "seq")
         windows = aggregate([CallBlock.from_row(r[1:]) for r in rows])
-        epoch = _epoch_in(db)  # this file's, even if another process made it again since this one looked
+        epoch = epoch_in(db)  # this file's, even if another process made it again since this one looked
         payload = json.dumps(asdict(TelemetryBatch(device_id, seq, windows, dropped, histograms, epoch)))
         db.execute("INSERT INTO outbox VALUES (?, ?)", (seq, payload))
         if rows:
             db.execute("DELETE FROM calls WHERE id <= ?", (rows[-1][0],))
-            _bump(db, "spooled", -sum(int(r[4]) for r in rows))
+            bump(db, "spooled", -sum(int(r[4]) for r in rows))
         db.execute("DELETE FROM histograms WHERE summarised > 0 OR calls = 0")  # the rows sent
-        _bump(db, "dropped_reported", dropped)
+        bump(db, "dropped_reported", dropped)
         return payload
 
     def acknowledge(self, seq: int, epoch: str | None = None) -> None:
@@ -344,7 +297,7 @@ class Spool:
         (this one was made again meanwhile) is ignored."""
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
-            if epoch is None or epoch == _epoch_in(db):
+            if epoch is None or epoch == epoch_in(db):
                 db.execute("DELETE FROM outbox WHERE seq <= ?", (seq,))
             db.execute("COMMIT")
 
@@ -358,8 +311,8 @@ def _first_valid(db: sqlite3.Connection) -> TelemetryBatch | None:
         except MessageError as exc:
             log.warning("telemetry batch %d is malformed (%s): removed, its calls counted as dropped", seq, exc)
             db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
-            _bump(db, "dropped", _payload_calls(payload))  # its calls, never sent
-            _bump(db, "dropped_reported", -_payload_dropped(payload))  # and the drops it was to report
+            bump(db, "dropped", _payload_calls(payload))  # its calls, never sent
+            bump(db, "dropped_reported", -_payload_dropped(payload))  # and the drops it was to report
     return None
 
 
@@ -384,110 +337,6 @@ def _unsent(db: sqlite3.Connection) -> int:
     try:
         calls = int(db.execute("SELECT COALESCE(SUM(n), 0) FROM calls").fetchone()[0])
         outbox = sum(_payload_calls(p) + _payload_dropped(p) for (p,) in db.execute("SELECT payload FROM outbox"))
-        return calls + outbox + _counter_in(db, "dropped") - _counter_in(db, "dropped_reported")
+        return calls + outbox + counter_in(db, "dropped") - counter_in(db, "dropped_reported")
     except sqlite3.Error:
         return 0
-
-
-def _identity(path: Path) -> Identity:
-    try:
-        stat = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return stat.st_dev, stat.st_ino
-
-
-def _inspect(path: Path) -> tuple[Identity, bool]:
-    """The file's identity, and whether it starts with SQLite's header (an empty file may: it is new)."""
-    try:
-        with open(path, "rb") as file:
-            stat, head = os.fstat(file.fileno()), file.read(len(_HEADER))
-    except FileNotFoundError:
-        return None, True
-    return (stat.st_dev, stat.st_ino), head in (_HEADER, b"")
-
-
-def _is_corrupt(exc: sqlite3.DatabaseError) -> bool:
-    return getattr(exc, "sqlite_errorname", "") in _CORRUPT or "not a database" in str(exc) or "malformed" in str(exc)
-
-
-def _migrate(db: sqlite3.Connection) -> str:
-    """Bring a spool file from an older version up to this schema (under the write lock: several
-    processes may open it at once); its epoch, made here for a new file or one from before epochs."""
-    db.execute("BEGIN IMMEDIATE")
-    for table, columns in _ADDED_COLUMNS.items():
-        have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
-        for column in columns:
-            if column.split()[0] not in have:
-                db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
-    db.execute("INSERT OR IGNORE INTO counters SELECT 'spooled', COALESCE(SUM(n), 0) FROM calls")
-    db.execute("INSERT OR IGNORE INTO meta VALUES ('epoch', ?)", (uuid.uuid4().hex,))
-    epoch = _epoch_in(db)
-    db.execute("COMMIT")
-    return epoch
-
-
-def _epoch_in(db: sqlite3.Connection) -> str:
-    return str(db.execute("SELECT value FROM meta WHERE name = 'epoch'").fetchone()[0])
-
-
-def _bump(db: sqlite3.Connection, name: str, by: int) -> None:
-    if by:
-        db.execute(
-            "INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
-            (name, by),
-        )
-
-
-def _counter_in(db: sqlite3.Connection, name: str) -> int:
-    row = db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
-    return int(row[0]) if row else 0
-
-
-def _merge_histogram(db: sqlite3.Connection, h: TensorCounts) -> None:
-    """Add ``h`` to the spooled counts of its tensor. A row an older version wrote (calls = summarised = 0:
-    every call counted, how many unknown) stays unscaled: ``h``'s counts are scaled to all its calls first."""
-    row = db.execute(
-        "SELECT edges, counts, calls, summarised FROM histograms WHERE model = ? AND version = ? AND tensor = ?",
-        (h.model, h.version, h.tensor),
-    ).fetchone()
-    counts, calls, summarised = [int(c) for c in h.counts], h.calls, h.summarised
-    if row is not None and len(json.loads(row[0])) == len(h.edges):
-        if row[2] == 0 and row[3] == 0:
-            counts, calls, summarised = [round(c * calls / max(summarised, 1)) for c in counts], 0, 0
-        counts = [a + b for a, b in zip(json.loads(row[1]), counts, strict=True)]
-        calls, summarised = calls + row[2], summarised + row[3]
-    db.execute(
-        "INSERT OR REPLACE INTO histograms VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (h.model, h.version, h.tensor, json.dumps([float(e) for e in h.edges]), json.dumps(counts), calls,
-         summarised),
-    )  # fmt: skip
-
-
-def aggregate(blocks: list[CallBlock]) -> tuple[TelemetryWindow, ...]:
-    """One window per (model, version, route): counts, errors (flag bit 0 clear), budget breaches (bit 1
-    set), latency sum and histogram."""
-    groups: dict[tuple[str, str, str], list[CallBlock]] = {}
-    for block in blocks:
-        groups.setdefault((block.model, block.version, block.route), []).append(block)
-    windows = []
-    for (model, version, route), parts in sorted(groups.items()):
-        ts = np.concatenate([p.ts for p in parts])
-        latency = _finite(np.concatenate([p.latency_ms for p in parts]).astype(np.float64))
-        flags = np.concatenate([p.ok for p in parts])
-        hist = np.bincount(np.searchsorted(_EDGES, latency, side="left"), minlength=len(_EDGES) + 1)
-        windows.append(TelemetryWindow(
-            model=model, version=version, route=route, start=float(ts.min()), end=float(ts.max()),
-            count=len(ts), errors=int(np.count_nonzero((flags & OK) == 0)),
-            latency_ms_sum=round(float(latency.sum()), 6), latency_hist=tuple(int(c) for c in hist),
-            budget_breaches=int(np.count_nonzero(flags & OVER_BUDGET)),
-        ))  # fmt: skip
-    return tuple(windows)
-
-
-def _finite(latency: np.ndarray) -> np.ndarray:
-    """Latencies the hub accepts: NaN as 0, the rest clipped to [0, MAX_LATENCY_MS]."""
-    if np.isfinite(latency).all() and (latency >= 0).all():
-        return latency
-    clipped: np.ndarray = np.clip(np.nan_to_num(latency, nan=0.0), 0.0, MAX_LATENCY_MS)
-    return clipped

@@ -29,8 +29,9 @@ from typing import cast
 
 import numpy as np
 
+from edge_agent.calls import OK, OVER_BUDGET, CallBlock, TensorCounts, aggregate
 from edge_agent.reference import ReferenceBins, bin_counts
-from edge_agent.spool import MAX_SPOOL_CALLS, OK, OVER_BUDGET, SPOOL_FILE, CallBlock, Spool, TensorCounts, aggregate
+from edge_agent.spool import MAX_SPOOL_CALLS, SPOOL_FILE, Spool
 
 log = logging.getLogger(__name__)
 QUEUE_SIZE = 100_000

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from test_telemetry import OLD_SCHEMA, recorder
 from typer.testing import CliRunner
 
 from cloud_hub.cli import app as hub_cli
@@ -33,22 +34,8 @@ OLD_TELEMETRY_TABLE = """CREATE TABLE "telemetry" (
    "histograms" TEXT,
    PRIMARY KEY ("device_id", "seq")
 )"""
-# the spool before epochs (edgefed up to issue 11), verbatim
-OLD_SPOOL_SCHEMA = """
-CREATE TABLE IF NOT EXISTS calls (id INTEGER PRIMARY KEY, model TEXT, version TEXT, route TEXT, n INTEGER,
-                                  ts BLOB, latency_ms BLOB, ok BLOB);
-CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, payload TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS histograms (model TEXT, version TEXT, tensor TEXT, edges TEXT, counts TEXT,
-                                       calls INTEGER NOT NULL DEFAULT 0, summarised INTEGER NOT NULL DEFAULT 0,
-                                       PRIMARY KEY (model, version, tensor));
-"""
 WINDOW = {"model": "m", "version": "1", "route": "local", "start": 1.0, "end": 2.0, "count": 4, "errors": 0,
           "latency_ms_sum": 4.0, "latency_hist": [4], "budget_breaches": 0}  # fmt: skip
-
-
-def recorder(path: Path, flush_interval_s: float = 3600.0) -> TelemetryRecorder:
-    return TelemetryRecorder(Spool(path), flush_interval_s=flush_interval_s)
 
 
 def record(rec: TelemetryRecorder, calls: int) -> None:
@@ -120,7 +107,7 @@ def test_a_spool_from_before_epochs_gets_one_and_sends_its_old_batch_unchanged(t
     path = tmp_path / "telemetry.db"
     old_batch = {"device_id": "dev", "seq": 4, "windows": [WINDOW], "dropped": 0, "histograms": []}
     with sqlite3.connect(path) as db:
-        db.executescript(OLD_SPOOL_SCHEMA)
+        db.executescript(OLD_SCHEMA)  # the spool before this change: no epoch, no call counts
         db.execute("INSERT INTO outbox VALUES (4, ?)", (json.dumps(old_batch),))
         db.execute("INSERT INTO counters VALUES ('seq', 4)")
     spool = Spool(path)
