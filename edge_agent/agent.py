@@ -18,13 +18,13 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from device_profiles import DeviceProfile, get_profile
 from edge_agent import __version__
 from edge_agent.config import AgentConfig
+from edge_agent.journal import JOURNAL_DIR, InstallJournal
 from edge_agent.mqtt import MqttConnection
 from edge_agent.protocol.artifact import check_freshness
 from edge_agent.protocol.atomic import atomic_write_bytes
@@ -52,8 +52,6 @@ from edge_agent.transfer import Transfer
 log = logging.getLogger(__name__)
 STALL_S = 3.0
 AGENT_STATUS_FILE = "agent-status.json"
-JOURNAL_DIR = "journal"
-FINAL_STEPS = ("activated", "failed")
 
 
 def health_check(directory: Path, manifest: Manifest, profile: DeviceProfile) -> None:
@@ -62,39 +60,6 @@ def health_check(directory: Path, manifest: Manifest, profile: DeviceProfile) ->
     outputs = runtime.run(zero_inputs(manifest.inputs))
     if not all(np.all(np.isfinite(v)) for v in outputs.values() if v.dtype.kind == "f"):
         raise RuntimeError("health check produced non-finite outputs")
-
-
-class InstallJournal:
-    """The deployment in flight per model, one small file each, rewritten at every step with
-    write-fsync-rename: fetching → downloaded → installed → checked → activated | failed. A final
-    entry is removed once reported; on start the agent finishes whatever a crash interrupted."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-
-    def record(self, name: str, version: str, artifact_id: str, step: str, error: str | None = None) -> None:
-        entry = {"name": name, "version": version, "artifact_id": artifact_id, "step": step, "error": error,
-                 "at": now_text()}  # fmt: skip
-        atomic_write_bytes(self.root / f"{name}.json", json.dumps(entry).encode())
-
-    def entries(self) -> list[dict[str, Any]]:
-        found = []
-        for path in sorted(self.root.glob("*.json")):
-            try:
-                found.append(json.loads(path.read_bytes()))
-            except (OSError, ValueError) as exc:
-                log.warning("dropping unreadable journal entry %s: %s", path.name, exc)
-                path.unlink(missing_ok=True)
-        return found
-
-    def discard(self, name: str) -> None:
-        (self.root / f"{name}.json").unlink(missing_ok=True)
-
-    def remove_final(self) -> None:
-        for entry in self.entries():
-            if entry["step"] in FINAL_STEPS:
-                self.discard(entry["name"])
 
 
 class Agent:
@@ -166,7 +131,9 @@ class Agent:
             self.reported[model.name] = ReportedModel(model.name, "active", active.version, active.artifact_id)
             self.journal.discard(model.name)  # whatever was in flight for it, this is now settled
             return
-        if model.artifact_id in self.transfers or self._activate_installed(*self._key(model)):
+        if model.artifact_id in self.transfers or self._activate_installed(
+            model.name, model.version, model.artifact_id
+        ):
             return
         try:
             manifest = self._check_offer(model)
@@ -220,10 +187,6 @@ class Agent:
         """Journal and report how an install ended: active, or failed with ``error``."""
         self.journal.record(name, version, artifact_id, "activated" if error is None else "failed", error)
         self.reported[name] = ReportedModel(name, "active" if error is None else "failed", version, artifact_id, error)
-
-    @staticmethod
-    def _key(model: DesiredModel) -> tuple[str, str, str]:
-        return model.name, model.version, model.artifact_id
 
     def resume(self) -> None:
         """Finish what a crash interrupted, before any message arrives (the broker may be down): an

@@ -172,7 +172,7 @@ class EdgeClient:
 
     def _checked(self, model: str, inputs: Inputs, loaded: Loaded | None, start: float) -> Inputs:
         """Inputs checked (and cast, with ``allow_cast``) against the interface: the local version's,
-        else the cloud's (asked once per model); a caller's mistake never reaches a route."""
+        else the cloud's (cloud_interfaces.py); a caller's mistake never reaches a route."""
         if loaded is not None:
             try:
                 return loaded.validator(inputs, self.allow_cast)
