@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.protocol.artifact import (
-    RESERVED,
     SIGNATURE_FILE,
     check_freshness,
     read_chunk,
-    read_manifest,
+    read_signed,
+    stage_verified,
     verify_chunk,
     verify_files,
 )
@@ -36,24 +36,25 @@ class ArtifactStore:
         return self.root / artifact_id
 
     def add(self, source: Path) -> Manifest:
-        """Verify an artifact directory with the hub's trusted keys and store it under its id; adding it
-        again replaces a stored copy that no longer verifies (disk rot)."""
-        manifest = read_manifest(source, self.trust)
+        """Verify an artifact directory with the hub's trusted keys and store exactly the verified bytes
+        under its id; adding it again replaces a stored copy that no longer verifies (disk rot)."""
+        signed = read_signed(source, self.trust)
+        manifest = signed.manifest
         check_freshness(manifest, installed_release=None)
-        verify_files(source, manifest)
         final = self.path(manifest.artifact_id)
         if final.exists():
             try:
                 verify_files(final, manifest)
-                return manifest
             except ArtifactRejected:
                 corrupt = Path(tempfile.mkdtemp(prefix=".corrupt-", dir=self.root))
                 final.rename(corrupt / "artifact")
                 shutil.rmtree(corrupt, ignore_errors=True)
+            else:
+                verify_files(source, manifest)  # the stored copy is intact; a corrupted offer is still refused
+                return manifest
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.root))
         try:
-            for name in [*RESERVED, *(f.path for f in manifest.files)]:
-                shutil.copyfile(source / name, staging / name)
+            stage_verified(source, signed, staging)
             staging.chmod(0o755)
             publish_dir(staging, final)
         except BaseException:

@@ -31,10 +31,10 @@ from device_profiles import DeviceProfile
 from edge_agent.errors import StoreError
 from edge_agent.protocol.artifact import (
     MANIFEST_FILE,
-    SIGNATURE_FILE,
     SignedManifest,
     check_freshness,
     read_signed,
+    stage_verified,
     verify_files,
 )
 from edge_agent.protocol.atomic import atomic_write_bytes, publish_dir
@@ -217,12 +217,7 @@ class ModelStore:
         final.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=final.parent))
         try:
-            for entry in manifest.files:
-                shutil.copyfile(source / entry.path, staging / entry.path)
-            kill_point("staging")
-            verify_files(staging, manifest)  # what landed on our disk, not just what was offered
-            (staging / MANIFEST_FILE).write_bytes(signed.manifest_bytes)
-            (staging / SIGNATURE_FILE).write_bytes(signed.signature_bytes)
+            stage_verified(source, signed, staging, copied=lambda: kill_point("staging"))
             kill_point("staged")
             if replace:
                 self._remove_version(manifest.name, manifest.version)

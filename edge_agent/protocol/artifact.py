@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -107,6 +108,20 @@ def read_signed(directory: Path, trust: TrustStore) -> SignedManifest:
     except FileNotFoundError as exc:
         raise ArtifactRejected("missing-file", f"{Path(exc.filename).name} not found in {directory}") from None
     return SignedManifest(load_signed_manifest(manifest_bytes, signature_bytes, trust), manifest_bytes, signature_bytes)
+
+
+def stage_verified(
+    source: Path, signed: SignedManifest, staging: Path, copied: Callable[[], None] = lambda: None
+) -> None:
+    """Copy the payload files into ``staging``, verify them there, and write the manifest and signature
+    from the verified bytes in memory: what ends up in ``staging`` is exactly what was verified (a file
+    swapped on the source during the checks never lands). ``copied`` runs between copy and verify."""
+    for entry in signed.manifest.files:
+        shutil.copyfile(source / entry.path, staging / entry.path)
+    copied()
+    verify_files(staging, signed.manifest)
+    (staging / MANIFEST_FILE).write_bytes(signed.manifest_bytes)
+    (staging / SIGNATURE_FILE).write_bytes(signed.signature_bytes)
 
 
 def read_manifest(directory: Path, trust: TrustStore) -> Manifest:
