@@ -79,4 +79,9 @@ def _compatible_with_previous(label: str, manifest: Manifest, newest: dict[str, 
 
 
 def _interface(registry: Registry, row: dict[str, Any]) -> Interface:
-    return interface_from_wire({"max_batch": 0, **registry.artifact(row["artifact_id"])["manifest"]})
+    return registered_interface(registry.artifact(row["artifact_id"])["manifest"])
+
+
+def registered_interface(document: dict[str, Any]) -> Interface:
+    """The interface of a stored manifest document (one from manifest/1 has no max_batch: 0)."""
+    return interface_from_wire({"max_batch": 0, **document})

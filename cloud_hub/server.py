@@ -31,7 +31,7 @@ from cloud_hub.inference import (
     start_inference_server,
     token_hash,
 )
-from cloud_hub.registration import check_registration
+from cloud_hub.registration import check_registration, registered_interface
 from cloud_hub.workers import USAGE_FLUSH_S, InferenceWorkers, WorkerSpec, free_port, open_store
 from device_profiles import DeviceProfile, ProfileError, get_profile, load_profiles
 from device_profiles.detect import detect_profile
@@ -205,8 +205,7 @@ class Hub:
              "latency_ms": m.get("latency_ms", {})}
             for row, m in zip(rows, manifests, strict=True)
         ]  # fmt: skip
-        first = manifests[0]
-        interface = {"inputs": first["inputs"], "outputs": first["outputs"], "max_batch": first.get("max_batch", 0)}
+        interface = registered_interface(manifests[0]).to_wire()
         return {"name": name, "version": version, "release": rows[0]["release"], "interface": interface,
                 "serving_profile": self.serving_profile.id, "artifacts": artifacts}  # fmt: skip
 
