@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -115,6 +116,35 @@ def mosquitto(tmp_path: Path) -> Iterator[MosquittoProcess]:
     broker = MosquittoProcess(tmp_path)
     yield broker
     broker.stop()
+
+
+@pytest.fixture
+def hub(mosquitto: MosquittoProcess, tmp_path: Path, keys: tuple[Path, Path]) -> Iterator[Any]:
+    """A hub on Mosquitto (free gRPC and admin ports) trusting ``keys``; modules with other needs define
+    their own ``hub``."""
+    from cloud_hub.server import Hub, HubConfig
+
+    state = tmp_path / "hub"
+    (state / "trust").mkdir(parents=True)
+    shutil.copy(keys[1], state / "trust")
+    running = Hub(HubConfig(state, broker=mosquitto.url, grpc_port=0, admin_port=0))
+    running.start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def device(tmp_path: Path, keys: tuple[Path, Path]) -> tuple[Path, Any, Any]:
+    """A configured x86-64-generic device (dev-1) with no model: its state dir, store and trust store."""
+    from edge_agent.config import AgentConfig
+    from edge_agent.protocol.signing import TrustStore
+    from edge_agent.store import ModelStore
+
+    state = tmp_path / "device"
+    (state / "trust").mkdir(parents=True)
+    shutil.copy(keys[1], state / "trust")
+    AgentConfig(device_id="dev-1", profile="x86-64-generic").save(state)
+    return state, ModelStore(state / "models"), TrustStore.from_dir(state / "trust")
 
 
 DTYPES = {"fp32": ("float32", TensorProto.FLOAT), "fp16": ("float16", TensorProto.FLOAT16),

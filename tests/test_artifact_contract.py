@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from datetime import timedelta
 from pathlib import Path
 
@@ -13,7 +12,6 @@ from conftest import make_artifact, tree_digest
 
 from device_profiles import get_profile
 from edge_agent import EdgeClient
-from edge_agent.config import AgentConfig
 from edge_agent.errors import InputMismatch
 from edge_agent.protocol.artifact import read_manifest, verify_chunk
 from edge_agent.protocol.canonical import canonical_json
@@ -23,16 +21,6 @@ from edge_agent.protocol.signing import TrustStore, generate_keypair
 from edge_agent.store import ModelStore
 
 PROFILE = get_profile("x86-64-generic")
-
-
-@pytest.fixture
-def device(tmp_path: Path, keys: tuple[Path, Path]) -> tuple[Path, ModelStore, TrustStore]:
-    state = tmp_path / "device"
-    (state / "trust").mkdir(parents=True)
-    shutil.copy(keys[1], state / "trust")
-    AgentConfig(device_id="dev-1", profile=PROFILE.id).save(state)
-    store = ModelStore(state / "models")
-    return state, store, TrustStore.from_dir(state / "trust")
 
 
 def test_canonical_json_is_order_independent() -> None:

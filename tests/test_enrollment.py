@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,24 +15,13 @@ from typer.testing import CliRunner
 
 from cloud_hub.api_client import AdminClient
 from cloud_hub.errors import HubError
-from cloud_hub.server import Hub, HubConfig, operator_token
+from cloud_hub.server import Hub, operator_token
 from edge_agent.agent import Agent
 from edge_agent.cli import app as agent_cli
 from edge_agent.config import AgentConfig
 from edge_agent.enroll import enroll
 from edge_agent.errors import ConfigError
 from edge_agent.store import ModelStore
-
-
-@pytest.fixture
-def hub(mosquitto: MosquittoProcess, tmp_path: Path, keys: tuple[Path, Path]) -> Iterator[Hub]:
-    state = tmp_path / "hub"
-    (state / "trust").mkdir(parents=True)
-    shutil.copy(keys[1], state / "trust")
-    hub = Hub(HubConfig(state, broker=mosquitto.url, grpc_port=0, admin_port=0))
-    hub.start()
-    yield hub
-    hub.stop()
 
 
 def admin(hub: Hub) -> AdminClient:

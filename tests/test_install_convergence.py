@@ -13,15 +13,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MosquittoProcess, broken_gemm_onnx, free_port, make_artifact, tree_digest, wait_for
+from conftest import broken_gemm_onnx, free_port, make_artifact, tree_digest, wait_for
 from typer.testing import CliRunner
 
-from cloud_hub.server import Hub, HubConfig
+from cloud_hub.server import Hub
 from device_profiles import get_profile
 from edge_agent.cli import app as agent_cli
 from edge_agent.config import AgentConfig
@@ -37,15 +36,6 @@ BOM = b"\xef\xbb\xbf"
 _SEEDED = random.Random(11)
 RANDOM_DELAYS_S = [round(_SEEDED.uniform(0.0, 0.3), 3) for _ in range(12)]  # the install window, seeded
 STEPS = ("downloaded", "assembled", "staging", "staged", "published", "checked", "activated", "reported")
-
-
-@pytest.fixture
-def device(tmp_path: Path, keys: tuple[Path, Path]) -> tuple[Path, ModelStore, TrustStore]:
-    state = tmp_path / "device"
-    (state / "trust").mkdir(parents=True)
-    shutil.copy(keys[1], state / "trust")
-    AgentConfig(device_id="dev-1", profile=PROFILE.id).save(state)
-    return state, ModelStore(state / "models"), TrustStore.from_dir(state / "trust")
 
 
 def broken_artifact(directory: Path, key: Path, **options: Any) -> Path:
@@ -187,17 +177,6 @@ def test_an_older_installed_release_is_not_activated_by_a_desired_state(
 
 
 # observation 1: kill points -----------------------------------------------------------------------
-@pytest.fixture
-def hub(mosquitto: MosquittoProcess, tmp_path: Path, keys: tuple[Path, Path]) -> Iterator[Hub]:
-    state = tmp_path / "hub"
-    (state / "trust").mkdir(parents=True)
-    shutil.copy(keys[1], state / "trust")
-    hub = Hub(HubConfig(state, broker=mosquitto.url, grpc_port=0, admin_port=0))
-    hub.start()
-    yield hub
-    hub.stop()
-
-
 def agent_process(state: Path, kill_at: str | None = None) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if k != KILL_POINT_ENV}
     if kill_at:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import time
 from collections.abc import Iterator
 from concurrent import futures
@@ -17,19 +16,17 @@ import grpc
 import numpy as np
 import pytest
 from conftest import InferenceServer, make_artifact
+from test_fallback import device
 
 from cloud_hub.errors import Conflict
 from cloud_hub.registration import check_registration
 from cloud_hub.registry import SQLiteRegistry
-from device_profiles import get_profile
 from edge_agent import ConfigError, EdgeClient, InputMismatch
 from edge_agent.cloud import CloudClient, named_outputs
-from edge_agent.config import AgentConfig
 from edge_agent.protocol.artifact import read_manifest, seal
 from edge_agent.protocol.oip import InferenceStub, add_servicer, pb
 from edge_agent.protocol.oip.tensors import datatype_of, from_raw, to_raw
 from edge_agent.protocol.signing import TrustStore, load_private_key
-from edge_agent.store import ModelStore
 
 X = np.random.default_rng(3).standard_normal((2, 32)).astype(np.float32)
 
@@ -163,19 +160,6 @@ def _zeros(datatype: str) -> np.ndarray:
     if datatype == "BYTES":
         return np.array([[b"a", b"b", b"c"]], dtype=object)
     return np.zeros((1, 3), dtype=DATATYPES[datatype][0])
-
-
-def device(tmp_path: Path, keys: tuple[Path, Path], artifact: Path | None, cloud: str | None,
-           profile: str = "x86-64-generic") -> Path:  # fmt: skip
-    state = tmp_path / f"device-{profile}"
-    (state / "trust").mkdir(parents=True)
-    shutil.copy(keys[1], state / "trust")
-    AgentConfig(device_id="dev-1", profile=profile, cloud=cloud).save(state)
-    if artifact is not None:
-        store = ModelStore(state / "models")
-        manifest = store.install(artifact, TrustStore.from_dir(state / "trust"), get_profile(profile))
-        store.activate(manifest.name, manifest.version)
-    return state
 
 
 def test_inputs_are_checked_before_either_route(tmp_path: Path, keys: tuple[Path, Path],

@@ -32,15 +32,6 @@ PROFILE = get_profile("x86-64-generic")
 X = np.random.default_rng(1).standard_normal((4, 32)).astype(np.float32)
 
 
-@pytest.fixture
-def device(tmp_path: Path, keys: tuple[Path, Path]) -> tuple[Path, ModelStore, TrustStore]:
-    state = tmp_path / "device"
-    (state / "trust").mkdir(parents=True)
-    shutil.copy(keys[1], state / "trust")
-    AgentConfig(device_id="dev-1", profile=PROFILE.id).save(state)
-    return state, ModelStore(state / "models"), TrustStore.from_dir(state / "trust")
-
-
 def install(store: ModelStore, trust: TrustStore, artifact: Path) -> str:
     manifest = store.install(artifact, trust, PROFILE)
     store.activate(manifest.name, manifest.version)
