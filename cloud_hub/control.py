@@ -15,7 +15,7 @@ from cloud_hub.errors import Conflict, NotFound
 from cloud_hub.registry import Registry
 from device_profiles import DeviceProfile, ProfileError, get_profile
 from edge_agent.mqtt import MqttConnection
-from edge_agent.protocol.errors import ArtifactRejected
+from edge_agent.protocol.errors import ArtifactRejected, MessageError
 from edge_agent.protocol.manifest import Manifest, manifest_from_wire, now_text
 from edge_agent.protocol.messages import (
     Chunk,
@@ -27,6 +27,7 @@ from edge_agent.protocol.messages import (
     TelemetryAck,
     TelemetryBatch,
     from_wire,
+    short_error,
     to_wire,
 )
 from edge_agent.protocol.topics import Topics
@@ -85,12 +86,25 @@ class ControlPlane:
         device_id = self._device(topic)
         if not payload:
             return
-        state = from_wire(ReportedState, payload)
+        try:
+            state = from_wire(ReportedState, payload)
+        except MessageError as exc:  # keep what it last said, marked: the operator sees why it is stale
+            log.warning("refused the reported state of %s: %s", device_id, exc)
+            self._mark_report_refused(device_id, str(exc))
+            return
         if state.device_id != device_id:
             raise ValueError(f"reported state for {state.device_id} on {device_id}'s topic")
         fields = {"profile": state.profile, "reported": dataclasses.asdict(state), "last_seen": time.time()}
         self._update_from_device(device_id, fields)
         self._republish_if_unheard(device_id, {m.name for m in state.models})
+
+    def _mark_report_refused(self, device_id: str, reason: str) -> None:
+        try:
+            last = self.registry.device(device_id)["reported"] or {}
+        except NotFound:
+            return
+        error = short_error(f"report refused by the hub: {reason}")
+        self._update_from_device(device_id, {"reported": {**last, "error": error}, "last_seen": time.time()})
 
     def _on_status(self, topic: str, payload: bytes) -> None:
         if payload:
@@ -216,6 +230,8 @@ class ControlPlane:
             raise NotFound(f"model {name}@{version} has no artifact; add one with 'cloud-hub models add'")
         devices = self._resolve(target)
         assignments = {d["device_id"]: self._artifact_for(name, version, d) for d in devices}
+        for device_id, artifact_id in assignments.items():
+            self._check_desired_fits(device_id, (name, version, artifact_id))
         deployment_id = self.registry.create_deployment(name, version, target, assignments)
         for device_id in assignments:
             self.publish_desired(device_id, deployment_id)
@@ -275,18 +291,25 @@ class ControlPlane:
             self._republished_at[device_id] = now
             self.publish_desired(device_id, rows[-1]["deployment_id"])
 
-    def publish_desired(self, device_id: str, deployment_id: str) -> None:
+    def _desired_models(self, device_id: str, new: tuple[str, str, str] | None = None) -> list[DesiredModel]:
+        """The models ``device_id`` should run, with ``new`` (a deploy's name, version, artifact) in place
+        of its name's."""
+        rows = [(r["model"], r["version"], r["artifact_id"]) for r in self.registry.desired(device_id)]
+        if new is not None:
+            rows = [r for r in rows if r[0] != new[0]] + [new]
         models = []
-        for row in self.registry.desired(device_id):
-            artifact = self.registry.artifact(row["artifact_id"])
-            models.append(
-                DesiredModel(
-                    row["model"],
-                    row["version"],
-                    row["artifact_id"],
-                    artifact["manifest"],
-                    artifact["signature"],
-                )
-            )
-        state = DesiredState(deployment_id, now_text(), tuple(models))
+        for model, version, artifact_id in rows:
+            artifact = self.registry.artifact(artifact_id)
+            models.append(DesiredModel(model, version, artifact_id, artifact["manifest"], artifact["signature"]))
+        return models
+
+    def _check_desired_fits(self, device_id: str, new: tuple[str, str, str]) -> None:
+        """Refuse a deploy whose desired state the device would refuse (too many models, too big)."""
+        try:
+            to_wire(DesiredState("check", now_text(), tuple(self._desired_models(device_id, new))))
+        except MessageError as exc:
+            raise Conflict(f"cannot deploy {new[0]}@{new[1]} to {device_id}: {exc}") from None
+
+    def publish_desired(self, device_id: str, deployment_id: str) -> None:
+        state = DesiredState(deployment_id, now_text(), tuple(self._desired_models(device_id)))
         self.mqtt.publish(self.topics.desired(device_id), to_wire(state), qos=1, retain=True)

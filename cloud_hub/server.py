@@ -276,7 +276,8 @@ class Hub:
             return {"state": "removed"}
         model = next((m for m in reported.get("models", []) if m["name"] == deployment["name"]), None)
         if model is None or model.get("version") != deployment["version"]:
-            return {"state": "pending"}
+            # a device that refused its desired state (or whose report the hub refused) says why
+            return {"state": "failed", "error": reported["error"]} if reported.get("error") else {"state": "pending"}
         return {"state": model["state"], "error": model.get("error")}
 
     def remove_device(self, device_id: str) -> dict[str, Any]:

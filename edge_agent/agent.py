@@ -28,7 +28,7 @@ from edge_agent.journal import JOURNAL_DIR, InstallJournal
 from edge_agent.mqtt import MqttConnection
 from edge_agent.protocol.artifact import check_freshness
 from edge_agent.protocol.atomic import atomic_write_bytes
-from edge_agent.protocol.errors import ArtifactRejected
+from edge_agent.protocol.errors import ArtifactRejected, MessageError
 from edge_agent.protocol.manifest import Manifest, manifest_from_wire, now_text
 from edge_agent.protocol.messages import (
     Chunk,
@@ -40,6 +40,8 @@ from edge_agent.protocol.messages import (
     Status,
     TelemetryAck,
     from_wire,
+    reported_to_wire,
+    short_error,
     to_wire,
 )
 from edge_agent.protocol.signing import TrustStore, verify_document
@@ -86,6 +88,7 @@ class Agent:
         self.events: queue.Queue[Callable[[], None]] = queue.Queue(maxsize=1024)
         self.transfers: dict[str, tuple[DesiredModel, Transfer, float]] = {}
         self.reported: dict[str, ReportedModel] = {}
+        self.desired_error: str | None = None  # why the last desired state was refused
         self.stop_event = threading.Event()
         self.installs = 0
         self.journal = InstallJournal(state_dir / JOURNAL_DIR)
@@ -112,7 +115,14 @@ class Agent:
     def _on_desired(self, topic: str, payload: bytes) -> None:
         if not payload:
             return
-        desired = from_wire(DesiredState, payload)
+        try:
+            desired = from_wire(DesiredState, payload)
+        except MessageError as exc:  # say so: the hub shows the deployment failed, not pending
+            log.error("refused the desired state: %s", exc)
+            self.desired_error = short_error(f"desired state refused: {exc}")
+            self._publish_reported()
+            return
+        self.desired_error = None
         for model in desired.models:
             self._converge(model)
         self._clean_downloads()
@@ -139,7 +149,7 @@ class Agent:
             manifest = self._check_offer(model)
         except ArtifactRejected as exc:
             log.warning("refused %s@%s: %s", model.name, model.version, exc)
-            self.reported[model.name] = ReportedModel(model.name, "failed", model.version, model.artifact_id, str(exc))
+            self._report_failed(model.name, model.version, model.artifact_id, str(exc))
             return
         transfer = Transfer(self.state_dir / "downloads", manifest, model.manifest, model.signature)
         self.transfers[model.artifact_id] = (model, transfer, time.monotonic())
@@ -186,7 +196,13 @@ class Agent:
     def _outcome(self, name: str, version: str, artifact_id: str, error: str | None = None) -> None:
         """Journal and report how an install ended: active, or failed with ``error``."""
         self.journal.record(name, version, artifact_id, "activated" if error is None else "failed", error)
-        self.reported[name] = ReportedModel(name, "active" if error is None else "failed", version, artifact_id, error)
+        if error is None:
+            self.reported[name] = ReportedModel(name, "active", version, artifact_id)
+        else:
+            self._report_failed(name, version, artifact_id, error)
+
+    def _report_failed(self, name: str, version: str, artifact_id: str, error: str) -> None:
+        self.reported[name] = ReportedModel(name, "failed", version, artifact_id, short_error(error))
 
     def resume(self) -> None:
         """Finish what a crash interrupted, before any message arrives (the broker may be down): an
@@ -197,7 +213,7 @@ class Agent:
             if active is not None and active.artifact_id == artifact_id:
                 self.reported[name] = ReportedModel(name, "active", version, artifact_id)
             elif entry["step"] == "failed":
-                self.reported[name] = ReportedModel(name, "failed", version, artifact_id, entry.get("error"))
+                self._report_failed(name, version, artifact_id, entry.get("error") or "failed")
             elif entry["step"] == "activated":  # switched away since (a rollback): nothing left to finish
                 self.journal.discard(name)
             elif not self._activate_installed(name, version, artifact_id):
@@ -265,8 +281,9 @@ class Agent:
             active = self.store.active(name)
             if active and name not in self.reported:
                 self.reported[name] = ReportedModel(name, "active", active.version, active.artifact_id)
-        state = ReportedState(self.device_id, self.profile.id, __version__, now_text(), tuple(self.reported.values()))
-        self.mqtt.publish(self.topics.reported(self.device_id), to_wire(state), retain=True)
+        state = ReportedState(self.device_id, self.profile.id, __version__, now_text(),
+                              tuple(self.reported.values()), self.desired_error)  # fmt: skip
+        self.mqtt.publish(self.topics.reported(self.device_id), reported_to_wire(state), retain=True)
         self.journal.remove_final()
 
     # telemetry ----------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ def make_artifact(
     directory: Path,
     key_path: Path,
     *,
+    name: str = "gemm",
     version: str = "1.0.0",
     release: int = 1,
     profile: str = "x86-64-generic",
@@ -70,7 +71,7 @@ def make_artifact(
     gemm_onnx(directory / "model.onnx", seed)
     now = datetime.now(UTC)
     fields = {
-        "name": "gemm",
+        "name": name,
         "version": version,
         "release": release,
         "hardware": {"profile": profile, "arch": "x86_64", "accelerator": "none"},

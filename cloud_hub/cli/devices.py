@@ -31,6 +31,8 @@ def devices_list(
     for row in rows:
         models = (row.get("reported") or {}).get("models", [])
         row["models"] = ", ".join(f"{m['name']}@{m.get('version')} {m['state']}" for m in models)
+        if (row.get("reported") or {}).get("error"):
+            row["models"] += f" (error: {row['reported']['error']})"
     for row in rows:
         row["groups"] = ", ".join(row.get("groups") or [])
     show(rows, ["device_id", "profile", "status", "groups", "models"], as_json, "devices")

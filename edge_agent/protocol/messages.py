@@ -14,29 +14,46 @@ import struct
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from edge_agent.protocol.canonical import strict_loads
 from edge_agent.protocol.errors import MessageError
 
 T = TypeVar("T")
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+MAX_DESIRED_MODELS = 100  # models one device may be told to run; the hub refuses a deploy past it
+MAX_REPORTED_BYTES = 256 * 1024  # a device's reported state; it refuses to send a bigger one
+MAX_ERROR_CHARS = 1000  # an error in a report is cut to this (the device keeps the whole one in its log)
 LATENCY_EDGES_MS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0)
 
 
 def to_wire(message: Any) -> bytes:
-    return json.dumps(dataclasses.asdict(message), separators=(",", ":")).encode()
+    """JSON bytes of ``message``; MessageError when they are over its type's limit (``max_bytes``), so
+    the sender refuses what the receiver would refuse."""
+    payload = json.dumps(dataclasses.asdict(message), separators=(",", ":")).encode()
+    _check_size(type(message), payload)
+    return payload
 
 
 def from_wire(cls: type[T], payload: bytes) -> T:
     """Decode and validate ``payload`` as ``cls``; raises MessageError naming the bad field."""
-    if len(payload) > MAX_MESSAGE_BYTES:
-        raise MessageError(f"{cls.__name__}: message of {len(payload)} bytes is over the limit")
+    _check_size(cls, payload)
     try:
         data = strict_loads(payload)
     except (ValueError, UnicodeDecodeError) as exc:
         raise MessageError(f"{cls.__name__}: not valid JSON ({exc})") from None
     return _decode(cls, data, cls.__name__)  # type: ignore[no-any-return]
+
+
+def _check_size(cls: type[Any], payload: bytes) -> None:
+    limit = getattr(cls, "max_bytes", MAX_MESSAGE_BYTES)
+    if len(payload) > limit:
+        raise MessageError(f"{cls.__name__}: message of {len(payload)} bytes is over the limit of {limit} bytes")
+
+
+def short_error(text: str) -> str:
+    """``text`` cut to MAX_ERROR_CHARS, marked as cut, for a report."""
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 16] + " ... (truncated)"
 
 
 def _decode(kind: Any, value: Any, where: str) -> Any:
@@ -95,9 +112,19 @@ class DesiredModel:
 
 @dataclass(frozen=True)
 class DesiredState:
+    """At most MAX_DESIRED_MODELS models: more is refused when made (the hub's deploy) and when read
+    (the device, which reports the refusal as the state's ``error``)."""
+
     deployment_id: str
     issued_at: str
     models: tuple[DesiredModel, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.models) > MAX_DESIRED_MODELS:
+            raise MessageError(
+                f"DesiredState.models: {len(self.models)} models, over the limit of {MAX_DESIRED_MODELS} "
+                "per device; remove models from the device's desired state"
+            )
 
 
 @dataclass(frozen=True)
@@ -111,11 +138,35 @@ class ReportedModel:
 
 @dataclass(frozen=True)
 class ReportedState:
+    """What a device runs, at most MAX_REPORTED_BYTES on the wire (refused by ``to_wire`` on the device
+    and by ``from_wire`` at the hub). ``error``: why the device could not follow its desired state at
+    all (a desired state it refused, a report it had to cut); per-model failures are on the models."""
+
+    max_bytes: ClassVar[int] = MAX_REPORTED_BYTES
     device_id: str
     profile: str
     agent_version: str
     updated_at: str
     models: tuple[ReportedModel, ...] = ()
+    error: str | None = None
+
+
+def reported_to_wire(state: ReportedState) -> bytes:
+    """``state`` on the wire within MAX_REPORTED_BYTES: when too big, the models that do not fit are left
+    out (in order) and ``error`` says how many, so the hub shows a refusal instead of dropping it."""
+    try:
+        return to_wire(state)
+    except MessageError as exc:
+        reason = str(exc)
+    kept: list[ReportedModel] = []
+    room = MAX_REPORTED_BYTES - 2 * MAX_ERROR_CHARS - len(to_wire(dataclasses.replace(state, models=())))
+    for model in state.models:
+        room -= len(to_wire(model)) + 1
+        if room < 0:
+            break
+        kept.append(model)
+    error = f"report cut to {len(kept)} of {len(state.models)} models ({reason})"
+    return to_wire(dataclasses.replace(state, models=tuple(kept), error=short_error(error)))
 
 
 @dataclass(frozen=True)
