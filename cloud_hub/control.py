@@ -20,12 +20,14 @@ from edge_agent.protocol.manifest import Manifest, manifest_from_wire, now_text
 from edge_agent.protocol.messages import (
     Chunk,
     DesiredModel,
+    DesiredRequest,
     DesiredState,
     FetchRequest,
     ReportedState,
     Status,
     TelemetryAck,
     TelemetryBatch,
+    desired_digest,
     from_wire,
     short_error,
     to_wire,
@@ -47,6 +49,7 @@ class ControlPlane:
         self.mqtt.route(topics.all_devices("reported"), self._on_reported)
         self.mqtt.route(topics.all_devices("status"), self._on_status)
         self.mqtt.route(topics.all_devices("fetch"), self._on_fetch)
+        self.mqtt.route(topics.all_devices("desired/get"), self._on_desired_request)
         self.mqtt.route(topics.all_devices("telemetry"), self._on_telemetry)
         self._pending: dict[str, dict[tuple[int, int], set[str]]] = {}  # artifact → chunk → devices
         self._pending_whole: dict[str, set[str]] = {}  # artifact → devices that asked for all of it
@@ -97,6 +100,13 @@ class ControlPlane:
         fields = {"profile": state.profile, "reported": dataclasses.asdict(state), "last_seen": time.time()}
         self._update_from_device(device_id, fields)
         self._republish_if_unheard(device_id, {m.name for m in state.models})
+
+    def _on_desired_request(self, topic: str, payload: bytes) -> None:
+        device_id = self._device(topic)
+        request = from_wire(DesiredRequest, payload)
+        rows = self.registry.desired(device_id)
+        if rows and request.have != desired_digest(r["artifact_id"] for r in rows):
+            self._republish(device_id, rows[-1]["deployment_id"])
 
     def _mark_report_refused(self, device_id: str, reason: str) -> None:
         try:
@@ -284,12 +294,16 @@ class ControlPlane:
         """A device that reports none of a model it should run never got its desired state (a lost
         retained message): send it again, at most every ``every_s`` per device."""
         rows = self.registry.desired(device_id)
-        if not rows or {r["model"] for r in rows} <= reported:
-            return
+        if rows and not {r["model"] for r in rows} <= reported:
+            self._republish(device_id, rows[-1]["deployment_id"], every_s)
+
+    def _republish(self, device_id: str, deployment_id: str, every_s: float = 30.0) -> None:
+        """``publish_desired`` again, at most every ``every_s`` per device (a device asking in a loop
+        cannot make the hub flood it)."""
         now = time.monotonic()
         if now - self._republished_at.get(device_id, -every_s) >= every_s:
             self._republished_at[device_id] = now
-            self.publish_desired(device_id, rows[-1]["deployment_id"])
+            self.publish_desired(device_id, deployment_id)
 
     def _desired_models(self, device_id: str, new: tuple[str, str, str] | None = None) -> list[DesiredModel]:
         """The models ``device_id`` should run, with ``new`` (a deploy's name, version, artifact) in place

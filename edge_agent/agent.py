@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import queue
 import shutil
@@ -33,12 +34,14 @@ from edge_agent.protocol.manifest import Manifest, manifest_from_wire, now_text
 from edge_agent.protocol.messages import (
     Chunk,
     DesiredModel,
+    DesiredRequest,
     DesiredState,
     FetchRequest,
     ReportedModel,
     ReportedState,
     Status,
     TelemetryAck,
+    desired_digest,
     from_wire,
     reported_to_wire,
     short_error,
@@ -53,6 +56,7 @@ from edge_agent.transfer import Transfer
 
 log = logging.getLogger(__name__)
 STALL_S = 3.0
+ASK_DESIRED_AFTER_S = 2.0  # after a connection, ask for the desired state if none arrived by then
 AGENT_STATUS_FILE = "agent-status.json"
 
 
@@ -89,6 +93,8 @@ class Agent:
         self.transfers: dict[str, tuple[DesiredModel, Transfer, float]] = {}
         self.reported: dict[str, ReportedModel] = {}
         self.desired_error: str | None = None  # why the last desired state was refused
+        self.applied_desired = ""  # desired_digest of the last desired state followed
+        self.ask_desired_at = math.inf
         self.stop_event = threading.Event()
         self.installs = 0
         self.journal = InstallJournal(state_dir / JOURNAL_DIR)
@@ -108,10 +114,18 @@ class Agent:
     def _on_connect(self) -> None:
         self.mqtt.publish(self.topics.status(self.device_id), to_wire(Status("online", now_text())), retain=True)
         self.events.put(self._publish_reported)
+        self.ask_desired_at = time.monotonic() + ASK_DESIRED_AFTER_S  # the retained copy comes first
         for artifact_id in list(self.transfers):
             self.events.put(functools.partial(self._request_missing, artifact_id))
 
     # desired state -------------------------------------------------------------------------------
+    def _ask_for_desired(self) -> None:
+        """The retained desired state may be gone (a broker that lost it): ask the hub, which answers
+        when the registry's differs from ``applied_desired``."""
+        self.ask_desired_at = math.inf
+        request = DesiredRequest(self.applied_desired)
+        self.mqtt.publish(self.topics.desired_get(self.device_id), to_wire(request))
+
     def _on_desired(self, topic: str, payload: bytes) -> None:
         if not payload:
             return
@@ -123,6 +137,7 @@ class Agent:
             self._publish_reported()
             return
         self.desired_error = None
+        self.applied_desired = desired_digest(m.artifact_id for m in desired.models)
         for model in desired.models:
             self._converge(model)
         self._clean_downloads()
@@ -314,6 +329,8 @@ class Agent:
                 for artifact_id, (_, _, last) in list(self.transfers.items()):
                     if now - last > STALL_S:
                         self._request_missing(artifact_id)
+                if now >= self.ask_desired_at:
+                    self._ask_for_desired()
                 if now >= next_telemetry:
                     self.send_telemetry()
                     next_telemetry = now + self.config.telemetry_interval_s

@@ -17,6 +17,7 @@ from cloud_hub.server import Hub, HubConfig, operator_token
 from edge_agent.agent import Agent
 from edge_agent.config import AgentConfig
 from edge_agent.mqtt import MqttConnection
+from edge_agent.protocol.topics import Topics
 
 
 class RunningAgent:
@@ -130,3 +131,28 @@ def test_a_deployment_that_cannot_finish_times_out(tmp_path: Path, keys: tuple[P
         assert error.startswith("timed out: gemm@1.0.0 not reported active within 1 s")
     finally:
         hub.stop()
+
+
+def test_a_device_whose_desired_state_is_gone_asks_the_hub_for_it(
+    hub: Hub, tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    """The retained desired state and the device's broker session are both lost while the hub stays
+    connected (so it republishes nothing by itself), and the device still reports the model: only its
+    own ask (``desired/get``) brings the new version."""
+    agent = RunningAgent(tmp_path / "device", hub.broker_url, keys)
+    try:
+        wait_for("the hub to know the device", lambda: known(hub))
+        for version, release in (("1.0.0", 1), ("2.0.0", 2)):
+            admin(hub).add_artifact(make_artifact(tmp_path / version, keys[0], version=version, release=release))
+        first = admin(hub).deploy("gemm", "1.0.0", "device:dev-1")["deployment_id"]
+        wait_for("1.0.0 active", lambda: state_of(hub, first) == "active")
+        agent.stop()
+        second = admin(hub).deploy("gemm", "2.0.0", "device:dev-1")["deployment_id"]
+        eraser = MqttConnection(hub.broker_url, client_id="edgefed-dev-1", clean_session=True)  # drops the session
+        eraser.start()
+        eraser.publish(Topics().desired("dev-1"), b"", retain=True).wait_for_publish(5)  # and the retained copy
+        eraser.stop()
+        agent = RunningAgent(tmp_path / "device", hub.broker_url, keys)
+        wait_for("2.0.0 active", lambda: state_of(hub, second) == "active", 30)
+    finally:
+        agent.stop()

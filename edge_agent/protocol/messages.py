@@ -8,6 +8,7 @@ JSON messages are frozen dataclasses decoded by one small typed codec, so a malf
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import struct
@@ -125,6 +126,20 @@ class DesiredState:
                 f"DesiredState.models: {len(self.models)} models, over the limit of {MAX_DESIRED_MODELS} "
                 "per device; remove models from the device's desired state"
             )
+
+
+@dataclass(frozen=True)
+class DesiredRequest:
+    """A device asks for its desired state after each connection, since the retained copy may be gone
+    (a broker that lost it). ``have``: ``desired_digest`` of the last one it applied ("" none); the hub
+    sends the registry's when it differs, at most every 30 s per device."""
+
+    have: str = ""
+
+
+def desired_digest(artifact_ids: typing.Iterable[str]) -> str:
+    """Names the content of a desired state (its artifacts, in any order)."""
+    return hashlib.sha256(",".join(sorted(artifact_ids)).encode()).hexdigest()[:32]
 
 
 @dataclass(frozen=True)

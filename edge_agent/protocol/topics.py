@@ -4,6 +4,7 @@ the broker ACL ``pattern readwrite {root}/devices/%u/#`` + ``pattern read {root}
 device.
 
     {root}/devices/{device}/desired         hub → device   retained, QoS 1: the models it should run
+    {root}/devices/{device}/desired/get     device → hub   QoS 1: send my desired state again
     {root}/devices/{device}/reported        device → hub   retained, QoS 1: what it runs
     {root}/devices/{device}/status          device → hub   retained: online / offline (Last Will)
     {root}/devices/{device}/fetch           device → hub   QoS 1: chunks it still needs
@@ -38,6 +39,9 @@ class Topics:
 
     def desired(self, device_id: str) -> str:
         return self.device(device_id, "desired")
+
+    def desired_get(self, device_id: str) -> str:
+        return self.device(device_id, "desired/get")
 
     def reported(self, device_id: str) -> str:
         return self.device(device_id, "reported")
