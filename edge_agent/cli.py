@@ -177,13 +177,15 @@ def install(path: Annotated[Path, typer.Argument(help="Artifact directory")], st
         state, store, config = _store_and_config(state_dir)
         profile = get_profile(config.profile)
         check = partial(health_check, profile=profile)
+        before = {name: active.artifact_id for name in store.names() if (active := store.active(name))}
         manifest = store.install(path, TrustStore.from_dir(state / "trust"), profile, activate=True, check=check)
     except (EdgefedError, ProtocolError, ProfileError, OSError) as exc:
         raise _fail(exc) from None
-    err.print(
-        f"installed and activated {manifest.name}@{manifest.version} "
-        f"({manifest.precision}, {manifest.artifact_id[:12]})"
-    )
+    what = f"{manifest.name}@{manifest.version} ({manifest.precision}, {manifest.artifact_id[:12]})"
+    if before.get(manifest.name) == manifest.artifact_id:
+        err.print(f"{what} was already installed and active: files verified, nothing changed")
+    else:
+        err.print(f"installed and activated {what}")
 
 
 @app.command()
@@ -253,6 +255,7 @@ def status(state_dir: StateDir = None) -> None:
         "spooled_calls": spool.pending_calls(),
         "dropped": spool.counter("dropped"),
         "budget_breaches": spool.counter("budget_breaches"),
+        "spool_resets": spool.counter("spool_resets"),
     }
     print(json.dumps(report, indent=2))
 

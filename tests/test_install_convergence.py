@@ -135,6 +135,10 @@ def test_reinstalling_a_corrupted_copy_of_the_installed_artifact_is_refused(
     with pytest.raises(ArtifactRejected):
         store.install(corrupted, trust, PROFILE, activate=True)
     assert tree_digest(store.root) == before
+    result = CliRunner().invoke(agent_cli, ["install", str(artifact), "--state-dir", str(state)])
+    assert result.exit_code == 0, result.output
+    assert "was already installed and active: files verified, nothing changed" in result.output
+    assert tree_digest(store.root) == before
 
 
 def test_reinstalling_repairs_a_damaged_installed_copy(
