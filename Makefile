@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/failover.py
 	$(BIN)/python bench/fanout.py
 	$(BIN)/python bench/fleet.py
+	$(BIN)/python bench/convergence.py
 
 # grpcio-tools lives in its own venv: it pins a protobuf newer than tritonclient allows.
 proto:

@@ -73,7 +73,7 @@ def broken_gemm_onnx(path: Path) -> None:
 
 def artifact(work: Path, name: str, make_model: Callable[[Path], None], input_shape: list[Any],
              output_shape: list[Any], key: Path, reference: bool = False,
-             dirname: str | None = None) -> Path:  # fmt: skip
+             dirname: str | None = None, version: str = "1.0.0", release: int = 1) -> Path:  # fmt: skip
     """A signed fp32 ONNX artifact for x86-64-generic in ``work/(dirname or name)``; with ``reference``
     also a reference.json."""
     directory = work / (dirname or name)
@@ -91,7 +91,7 @@ def artifact(work: Path, name: str, make_model: Callable[[Path], None], input_sh
         (directory / "reference.json").write_bytes(canonical_json(summary))
     now = datetime.now(UTC)
     seal(directory, {
-        "name": name, "version": "1.0.0", "release": 1, "runtime": "onnxruntime", "precision": "fp32",
+        "name": name, "version": version, "release": release, "runtime": "onnxruntime", "precision": "fp32",
         "hardware": {"profile": "x86-64-generic", "arch": "x86_64", "accelerator": "none"},
         "inputs": [{"name": "input", "dtype": "float32", "shape": input_shape}],
         "outputs": [{"name": "output", "dtype": "float32", "shape": output_shape}],
@@ -143,12 +143,16 @@ def drive(clients: list[Any], until: Callable[[], bool], timeout_s: float) -> No
 class HubProcess:
     """`cloud-hub serve` in its own process (embedded broker, free ports), with artifacts uploaded."""
 
-    def __init__(self, work: Path, trust: Path, *extra: str, grpc_port: int = 0) -> None:
-        self.grpc_port, self.admin_port = grpc_port or free_port(), free_port()
-        state = work / f"hub-{self.grpc_port}"  # the same port again reuses the state (and its artifacts)
+    def __init__(self, work: Path, trust: Path, *extra: str, grpc_port: int = 0, admin_port: int = 0,
+                 broker: str | None = None) -> None:  # fmt: skip
+        """``broker``: an external one (default: embedded on a free port). The same ``grpc_port`` again
+        reuses the state (and its artifacts): a restart."""
+        self.grpc_port, self.admin_port = grpc_port or free_port(), admin_port or free_port()
+        state = work / f"hub-{self.grpc_port}"
         self.log = work / f"hub-{self.grpc_port}-{self.admin_port}.log"
+        where = ["--broker", broker] if broker else ["--broker-port", str(free_port())]
         command = [sys.executable, "-c", "from cloud_hub.cli import main; main()", "serve", "--state-dir", str(state),
-                   "--broker-port", str(free_port()), "--grpc-port", str(self.grpc_port), "--admin-port",
+                   *where, "--grpc-port", str(self.grpc_port), "--admin-port",
                    str(self.admin_port), "--trust", str(trust), "--log-level", "WARNING", *extra]  # fmt: skip
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)

@@ -14,6 +14,7 @@ from cloud_hub.artifacts import ArtifactStore
 from cloud_hub.errors import Conflict, NotFound
 from cloud_hub.registry import Registry
 from device_profiles import DeviceProfile, ProfileError, get_profile
+from edge_agent.errors import ConfigError
 from edge_agent.mqtt import MqttConnection
 from edge_agent.protocol.errors import ArtifactRejected, MessageError
 from edge_agent.protocol.manifest import Manifest, manifest_from_wire, now_text
@@ -68,8 +69,14 @@ class ControlPlane:
         self.chunk_interval_s = 1.0 / max_chunk_rate if max_chunk_rate > 0 else 0.0  # a cap for thin uplinks
         self.fetch_window_s = fetch_window_s
 
-    def start(self) -> None:
-        self.mqtt.start()
+    def start(self, connect_timeout_s: float = 5.0) -> None:
+        """Connect to the broker; one that cannot be reached within ``connect_timeout_s`` (restarting
+        too, or not up yet) is logged and retried in the background, so the hub still starts."""
+        try:
+            self.mqtt.start(connect_timeout_s)
+        except ConfigError as exc:
+            log.warning("%s; the hub keeps trying and sends every desired state once connected", exc)
+            self.mqtt.start_in_background()
         self._sender.start()
 
     def stop(self) -> None:

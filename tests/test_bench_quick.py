@@ -20,6 +20,7 @@ REQUIRED_KEYS = {
     "failover": ("local_fail_to_cloud_p99_ms", "cloud_dead_overrun_p99_ms", "breaker_recovery_speedup"),
     "fanout": ("agents", "seconds", "hub_egress_ratio", "speedup_vs_unicast", "resume_retransfer_fraction"),
     "fleet": ("agents", "deploy_seconds", "state_exact"),
+    "convergence": ("schedules", "converged", "stuck", "median_converge_s"),
     "compiler": ("int8_size_ratio", "int8_latency_ratio", "top1_agreement", "minilm_cosine", "minilm_speedup"),
 }
 BENCHES = sorted(p for p in (Path(__file__).resolve().parents[1] / "bench").glob("*.py") if "--quick" in p.read_text())
