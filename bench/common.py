@@ -83,11 +83,11 @@ def artifact(work: Path, name: str, make_model: Callable[[Path], None], input_sh
         import onnxruntime as ort
 
         from edge_agent.protocol.canonical import canonical_json
-        from model_compiler.reference import reference_distribution
+        from edge_agent.protocol.sketch import build_reference
 
         x = np.random.default_rng(0).random((64, *input_shape[1:]), np.float32)
         outputs = ort.InferenceSession(str(directory / "model.onnx")).run(None, {"input": x})[0]
-        summary = reference_distribution({"input": x}, {"output": outputs})
+        summary = build_reference({"input": x}, {"output": outputs})
         (directory / "reference.json").write_bytes(canonical_json(summary))
     now = datetime.now(UTC)
     seal(directory, {

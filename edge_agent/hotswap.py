@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from device_profiles import DeviceProfile
-from edge_agent.reference import ReferenceBins
+from edge_agent.protocol.sketch import Sketch
 from edge_agent.runtimes import InputValidator, Runtime, open_runtime, zero_inputs
 from edge_agent.store import ActiveRecord, ModelStore
 
@@ -28,7 +28,7 @@ class Loaded:
     record: ActiveRecord
     runtime: Runtime
     validator: InputValidator
-    reference: ReferenceBins | None
+    reference: Sketch | None
 
 
 @dataclass
@@ -117,7 +117,7 @@ class ActiveModels:
             directory = self.store.version_dir(name, record.version)
             manifest = self.store.manifest(name, record.version)
             runtime = open_runtime(directory, manifest, self.profile, self.engines_dir)
-        return Loaded(record, runtime, InputValidator(manifest), ReferenceBins.load(directory))
+        return Loaded(record, runtime, InputValidator(manifest), Sketch.load(directory))
 
     def _swap(self, name: str, slot: Slot, stamp: tuple[int, int]) -> None:
         """Load and warm the new version off the caller's path, then switch in one assignment."""

@@ -30,7 +30,7 @@ from typing import cast
 import numpy as np
 
 from edge_agent.calls import OK, OVER_BUDGET, CallBlock, TensorCounts, aggregate
-from edge_agent.reference import ReferenceBins, bin_counts
+from edge_agent.protocol.sketch import Sketch
 from edge_agent.spool import MAX_SPOOL_CALLS, SPOOL_FILE, Spool
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ _now = time.time
 Key = tuple[str, str, str]  # model, version, route
 Tensors = dict[str, np.ndarray]
 # a call: key, time, latency ms, flags; a summarised call also its reference bins and tensors
-Summarised = tuple[Key, float, float, int, ReferenceBins, Tensors]
+Summarised = tuple[Key, float, float, int, Sketch, Tensors]
 Item = tuple[Key, float, float, int] | Summarised
 ELIGIBLE, SAMPLED = 4, 8  # queue-only flags (the spool keeps OK | OVER_BUDGET): has reference bins; summarised
 
@@ -73,7 +73,7 @@ class TelemetryRecorder:
         self.queue_size = QUEUE_SIZE
         self._pending: deque[Item] = deque()
         self._sample_p: dict[Key, float] = {}  # chance that a call's tensors are summarised; absent: 1
-        self._references: dict[Key, ReferenceBins] = {}  # the writer's: bins of the keys summarised so far
+        self._references: dict[Key, Sketch] = {}  # the writer's: bins of the keys summarised so far
         self._random = random.Random().random
         self._overflow = 0
         self._overflow_lock = threading.Lock()
@@ -85,7 +85,7 @@ class TelemetryRecorder:
 
     def record(
         self, model: str, version: str, route: str, latency_ms: float, ok: bool,
-        reference: ReferenceBins | None = None, inputs: Tensors | None = None, outputs: Tensors | None = None,
+        reference: Sketch | None = None, inputs: Tensors | None = None, outputs: Tensors | None = None,
         *, over_budget: bool = False,
     ) -> None:  # fmt: skip
         """Queue one call. ``reference`` makes it eligible for a tensor summary; ``over_budget``: a
@@ -174,16 +174,16 @@ class TelemetryRecorder:
         self.spool.close()
 
 
-def _to_summarise(reference: ReferenceBins, inputs: Tensors | None, outputs: Tensors | None) -> Tensors:
+def _to_summarise(reference: Sketch, inputs: Tensors | None, outputs: Tensors | None) -> Tensors:
     """The tensors of one call to bin: outputs (ours) as they are, inputs (the caller's) copied."""
     tensors = dict(outputs or {})
     for name, array in (inputs or {}).items():
-        if name in reference.edges and array.nbytes <= MAX_SUMMARY_BYTES:
+        if name in reference.tensors and array.nbytes <= MAX_SUMMARY_BYTES:
             tensors[name] = array.copy()
     return tensors
 
 
-def pack(taken: list[Item], max_summarised: int, references: dict[Key, ReferenceBins] | None = None) -> Packed:
+def pack(taken: list[Item], max_summarised: int, references: dict[Key, Sketch] | None = None) -> Packed:
     """Group calls by (model, version, route) into blocks and bin the tensors of at most ``max_summarised``
     summarised calls per group (a uniform random subset: scaling by calls / summarised stays unbiased).
     ``references`` remembers each key's bins, so a write in which none of a key's calls was summarised
@@ -214,7 +214,7 @@ def pack(taken: list[Item], max_summarised: int, references: dict[Key, Reference
 
 
 def _pack_group(key: Key, ts: np.ndarray, latency: np.ndarray, flags: np.ndarray, items: list[Item],
-                max_summarised: int, references: dict[Key, ReferenceBins]) -> Packed:  # fmt: skip
+                max_summarised: int, references: dict[Key, Sketch]) -> Packed:  # fmt: skip
     block = CallBlock(*key, ts, latency, flags & (OK | OVER_BUDGET))
     eligible = int(np.count_nonzero(flags & ELIGIBLE))
     if not eligible:
@@ -229,27 +229,34 @@ def _pack_group(key: Key, ts: np.ndarray, latency: np.ndarray, flags: np.ndarray
     return Packed([block], histograms, {key: eligible})
 
 
-def _histograms(key: Key, reference: ReferenceBins, summarised: list[Tensors], calls: int) -> list[TensorCounts]:
-    """Counts per reference tensor; a tensor no call of this write summarised still counts the calls
-    (zero counts, ``summarised`` 0), so ``calls`` stays the period's total."""
+def _histograms(key: Key, reference: Sketch, summarised: list[Tensors], calls: int) -> list[TensorCounts]:
+    """Counts per reference feature; a tensor no call of this write summarised still counts the calls
+    (zero counts, ``summarised`` 0), so ``calls`` stays the period's total. Tensors that are not
+    numbers (strings) have no features and are left out."""
     result = []
-    for name, edges in reference.edges.items():
+    for name in reference.tensors:
         parts = [tensors[name] for tensors in summarised if name in tensors]
-        if not parts:
-            counts = np.zeros(len(edges) - 1, np.int64)
-        elif parts[0].dtype.kind in "biuf":
-            counts = bin_counts(_join(parts), edges)
-        else:
-            continue
-        result.append(TensorCounts(key[0], key[1], name, edges, counts, calls, len(parts)))
+        counted = _count(reference, name, parts)
+        for feature in reference.features_of(name):
+            counts = counted.get(feature.name) if parts else np.zeros(len(feature.counts), np.int64)
+            if counts is not None:
+                result.append(TensorCounts(key[0], key[1], feature.name, feature.edges, counts, calls, len(parts)))
     return result
 
 
-def _join(parts: list[np.ndarray]) -> np.ndarray:
+def _count(reference: Sketch, name: str, parts: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Feature counts of the calls' ``parts`` of one tensor: one batch when their shapes agree, else
+    call by call (a sequence whose length varies)."""
+    if not parts:
+        return {}
     try:
-        return np.concatenate(parts)  # same trailing shape: one C call
+        return reference.count({name: np.concatenate(parts)})
     except ValueError:
-        return np.concatenate([p.reshape(-1) for p in parts])
+        total: dict[str, np.ndarray] = {}
+        for part in parts:
+            for feature, counts in reference.count({name: part}).items():
+                total[feature] = total[feature] + counts if feature in total else counts
+        return total
 
 
 __all__ = [

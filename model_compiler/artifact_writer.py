@@ -21,12 +21,12 @@ from edge_agent.protocol.artifact import seal
 from edge_agent.protocol.atomic import atomic_write_bytes, publish_dir
 from edge_agent.protocol.canonical import canonical_json
 from edge_agent.protocol.manifest import format_time
+from edge_agent.protocol.sketch import build_reference
 from model_compiler.data import Feeds
 from model_compiler.errors import CompileError
 from model_compiler.interface import Signature
 from model_compiler.ladder import Choice
 from model_compiler.options import CompileOptions, ProfileReport
-from model_compiler.reference import reference_distribution
 from model_compiler.tflite import TFLITE_KINDS
 
 DEFAULT_MAX_BATCH = 64  # TensorRT's max shape when the interface sets no limit
@@ -125,7 +125,7 @@ def _payload(staging: Path, choice: Choice, fp32: Path, val: Feeds, reference: n
     chosen = choice.variant
     shutil.copyfile(chosen.path, staging / ("model.tflite" if chosen.kind in TFLITE_KINDS else "model.onnx"))
     outputs = {batch.signature.outputs[0]["name"]: reference}
-    atomic_write_bytes(staging / "reference.json", canonical_json(reference_distribution(val, outputs)))
+    atomic_write_bytes(staging / "reference.json", canonical_json(build_reference(val, outputs)))
     if choice.runtime == "tensorrt":  # the device builds the engine from this ONNX (QDQ for int8) once
         most = batch.options.max_batch or DEFAULT_MAX_BATCH
         shapes = {name: {"min": [1, *a.shape[1:]], "opt": [min(8, most), *a.shape[1:]], "max": [most, *a.shape[1:]]}

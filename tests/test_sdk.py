@@ -248,9 +248,12 @@ def test_cache_batch_async_and_telemetry(tmp_path: Path, keys: tuple[Path, Path]
     assert batch is not None
     routes = {w.route: w.count for w in batch.windows}
     assert routes == {"cache": 3, "local": 3}  # `whole` repeats the batch's input and `ainfer` the first
-    inputs = next(h for h in batch.histograms if h.tensor == "input")
-    assert sum(inputs.counts) == 64 * (1 + 1 + 6)  # every value of every computed (not cached) call
-    assert len(inputs.edges) == len(inputs.counts) + 1
+    features = {h.tensor: h for h in batch.histograms}
+    assert {f"input/{i}" for i in range(64)} <= set(features)  # one histogram per pixel
+    assert {"output/class", "output/confidence"} <= set(features)
+    pixel = features["input/27"]
+    assert sum(pixel.counts) == 1 + 1 + 6  # every computed (not cached) call, once per feature
+    assert len(pixel.edges) == len(pixel.counts) + 1 and pixel.summarised == 3  # calls, of 8 samples
 
 
 def test_full_queue_drops_are_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keys: tuple[Path, Path],

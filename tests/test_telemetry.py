@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent.reference import ReferenceBins, bin_counts
+from edge_agent.protocol.sketch import Feature, Sketch
 from edge_agent.telemetry import (
     ELIGIBLE,
     OVER_BUDGET,
@@ -25,7 +25,8 @@ from edge_agent.telemetry import (
 )
 
 EDGES = np.linspace(-3.0, 3.0, 13)
-REFERENCE = ReferenceBins({"input": EDGES, "output": np.linspace(0.0, 1.0, 5)})
+REFERENCE = Sketch([Feature(name, name, "pooled", 0, edges, np.zeros(len(edges) - 1, np.int64))
+                    for name, edges in (("input", EDGES), ("output", np.linspace(0.0, 1.0, 5)))])  # fmt: skip
 # the schema of the spool before histograms kept call counts (edgefed up to issue 10), verbatim
 OLD_SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (id INTEGER PRIMARY KEY, model TEXT, version TEXT, route TEXT, n INTEGER,
@@ -81,7 +82,7 @@ def test_sampled_histograms_scale_back_to_the_true_counts(tmp_path: Path) -> Non
     for _ in range(40):  # ≈ 50,000 calls a second for half a second, against a budget of 100 a second
         for x in pool[:150]:
             rec.record("cnn", "1", "local", 0.1, True, REFERENCE, {"input": x}, {"output": np.full((1, 4), 0.3)})
-            true_counts += bin_counts(x, EDGES)
+            true_counts += REFERENCE.count({"input": x})["input"]
             calls += 1
         lowest_rate = min([lowest_rate, *rec.sample_rates.values()])
         time.sleep(0.012)
