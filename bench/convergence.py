@@ -3,8 +3,9 @@
 Real parts, each its own process: 20 agents (`edge-agent run`), the hub (`cloud-hub serve`, on the
 broker below, always restarted on the same ports) and Mosquitto (persistence on, saved every 5 s, so a
 kill loses what it has not saved). Each schedule deploys the next release of a small Gemm model to
-every agent and, at random moments within FAULT_WINDOW_S of the deploy, SIGKILLs 1-3 agents and/or
-the hub and/or the broker (at least one fault), restarting each 0-DOWN_S seconds later.
+every agent and, at random moments while it is under way (within 1.25x the median fault-free deploy
+time, measured in the same run), SIGKILLs 1-3 agents and/or the hub and/or the broker (at least one
+fault), restarting each 0-DOWN_S seconds later.
 
 A schedule has converged when every device holds the new artifact active in its store (read from its
 disk), the hub's deployment shows every device `active`, and no download is left in any state dir.
@@ -41,7 +42,6 @@ from edge_agent.protocol.artifact import read_manifest
 from edge_agent.protocol.signing import TrustStore, generate_keypair
 from edge_agent.store import ModelStore
 
-FAULT_WINDOW_S = 2.0  # faults strike within this long after the deploy returns
 DOWN_S = 2.0  # each killed process stays down up to this long
 STUCK_S = 60.0
 CLEAN_EVERY = 10
@@ -144,14 +144,14 @@ class Fleet:
         self.broker.stop()
 
 
-def random_faults(rng: random.Random, devices: list[str]) -> list[Fault]:
-    """1-3 agents and/or the hub and/or the broker, each at a random moment; at least one fault."""
+def random_faults(rng: random.Random, devices: list[str], window_s: float) -> list[Fault]:
+    """1-3 agents and/or the hub and/or the broker, each at a random moment of ``window_s``; at least one."""
     targets: list[str] = []
     while not targets:
         if rng.random() < 0.6:
             targets += rng.sample(devices, rng.randint(1, min(3, len(devices))))
         targets += [t for t in ("hub", "broker") if rng.random() < 0.4]
-    return [Fault(t, rng.uniform(0, FAULT_WINDOW_S), rng.uniform(0, DOWN_S)) for t in targets]
+    return [Fault(t, rng.uniform(0, window_s), rng.uniform(0, DOWN_S)) for t in targets]
 
 
 def run_faults(fleet: Fleet, faults: list[Fault], began: float) -> None:
@@ -211,7 +211,8 @@ def main() -> None:
             release = 0
             while len(results) < schedules:
                 release += 1
-                faults = [] if release % CLEAN_EVERY == 1 else random_faults(rng, sorted(fleet.agents))
+                window_s = 1.25 * statistics.median(c["deploy_s"] for c in clean) if clean else 1.0
+                faults = [] if release % CLEAN_EVERY == 1 else random_faults(rng, sorted(fleet.agents), window_s)
                 outcome = schedule(fleet, release, faults)
                 (clean if not faults else results).append(outcome)
                 what = ", ".join(f"{f.target}@{f.at_s:.1f}s/{f.down_s:.1f}s" for f in faults) or "no fault"
