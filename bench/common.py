@@ -72,20 +72,22 @@ def broken_gemm_onnx(path: Path) -> None:
 
 
 def artifact(work: Path, name: str, make_model: Callable[[Path], None], input_shape: list[Any],
-             output_shape: list[Any], key: Path, reference: bool = False,
+             output_shape: list[Any], key: Path, reference: bool | np.ndarray = False,
              dirname: str | None = None, version: str = "1.0.0", release: int = 1) -> Path:  # fmt: skip
     """A signed fp32 ONNX artifact for x86-64-generic in ``work/(dirname or name)``; with ``reference``
-    also a reference.json."""
+    also a reference.json, of 64 random samples or of the samples given."""
     directory = work / (dirname or name)
     directory.mkdir()
     make_model(directory / "model.onnx")
-    if reference:
+    if reference is not False:
         import onnxruntime as ort
 
         from edge_agent.protocol.canonical import canonical_json
         from edge_agent.protocol.sketch import build_reference
 
-        x = np.random.default_rng(0).random((64, *input_shape[1:]), np.float32)
+        x = reference if isinstance(reference, np.ndarray) else np.random.default_rng(0).random(
+            (64, *input_shape[1:]), np.float32
+        )
         outputs = ort.InferenceSession(str(directory / "model.onnx")).run(None, {"input": x})[0]
         summary = build_reference({"input": x}, {"output": outputs})
         (directory / "reference.json").write_bytes(canonical_json(summary))

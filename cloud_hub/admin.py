@@ -3,7 +3,8 @@
 device calls, authenticated by its single-use enrollment token instead.
 
 Errors are JSON ``{"error": message}``: 400 bad input, 401 no/wrong operator token, 403 enrollment
-refused, 404 unknown, 409 conflict (e.g. no artifact fits a device's profile).
+refused, 404 unknown, 409 conflict (e.g. no artifact fits a device's profile, an alert resolved twice).
+``GET /metrics`` answers Prometheus text instead (operator token unless ``public_metrics``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,14 @@ Handler = Callable[[BaseHTTPRequestHandler, dict[str, str], dict[str, list[str]]
 
 
 @dataclass(frozen=True)
+class Raw:
+    """A reply that is not JSON (``/metrics``)."""
+
+    body: bytes
+    content_type: str
+
+
+@dataclass(frozen=True)
 class Route:
     method: str
     pattern: re.Pattern[str]
@@ -43,8 +52,11 @@ class Route:
 class AdminApi:
     """Routes admin requests to the hub; ``hub`` provides the operations (see server.Hub)."""
 
-    def __init__(self, hub: Any, token: str, host: str = "127.0.0.1", port: int = 8080) -> None:
-        self.hub, self.token = hub, token
+    def __init__(self, hub: Any, token: str, host: str = "127.0.0.1", port: int = 8080,
+                 public_metrics: bool = False) -> None:  # fmt: skip
+        self.hub, self.token, self.public_metrics = hub, token, public_metrics
+        self._metrics_registry: Any = None
+        self._metrics_lock = threading.Lock()
         self.routes = self._routes()
         api = self
 
@@ -99,7 +111,25 @@ class AdminApi:
             route("POST", "/v1/deployments", lambda r, p, q: self._deploy(r)),
             route("GET", "/v1/telemetry", lambda r, p, q: hub.registry.telemetry(q.get("device", [None])[0])),
             route("GET", "/v1/usage", lambda r, p, q: (hub.flush_usage(), hub.registry.usage())[1]),
+            route(
+                "GET",
+                "/v1/alerts",  # ?state=open|acknowledged|resolved|active|all
+                lambda r, p, q: [a.to_dict() for a in hub.alerts.list(q.get("state", [None])[0])],
+            ),
+            route("GET", "/v1/alerts/{id}", lambda r, p, q: hub.alerts.get(p["id"]).to_dict()),
+            route("POST", "/v1/alerts/{id}/ack", lambda r, p, q: self._alert_change(r, p["id"], "ack")),
+            route("POST", "/v1/alerts/{id}/resolve", lambda r, p, q: self._alert_change(r, p["id"], "resolve")),
+            route("GET", "/v1/drift/{model}", lambda r, p, q: self._drift(p["model"], q)),
+            route("GET", "/metrics", lambda r, p, q: self._metrics(r), operator=not self.public_metrics),
         ]
+
+    def _drift(self, model: str, query: dict[str, list[str]]) -> Any:
+        """?version=V (default: the one scored last) &scope=all|group:G &since=UNIX_SECONDS"""
+        try:
+            since = float(query.get("since", ["0"])[0])
+        except ValueError:
+            raise ValueError("since: give Unix seconds") from None
+        return self.hub.drift_report(model, query.get("version", [None])[0], query.get("scope", ["all"])[0], since)
 
     def _match(self, method: str, path: str) -> tuple[Route, dict[str, str]] | None:
         for candidate in self.routes:
@@ -118,7 +148,10 @@ class AdminApi:
         if route.operator and not hmac.compare_digest(supplied.encode(), self.token.encode()):
             return self._reply(request, HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong operator token"})
         try:
-            self._reply(request, HTTPStatus.OK, route.handler(request, params, parse_qs(url.query)))
+            result = route.handler(request, params, parse_qs(url.query))
+            if isinstance(result, Raw):
+                return self._reply_raw(request, result)
+            self._reply(request, HTTPStatus.OK, result)
         except NotFound as exc:
             self._reply(request, HTTPStatus.NOT_FOUND, {"error": str(exc)})
         except (Conflict, ArtifactRejected) as exc:
@@ -179,11 +212,43 @@ class AdminApi:
         result: dict[str, Any] = self.hub.enroll(body["token"], body["device_id"], body["profile"])
         return result
 
+    def _alert_change(self, request: BaseHTTPRequestHandler, alert_id: str, action: str) -> dict[str, Any]:
+        by = self._json(request, {}).get("by", "operator")
+        if not isinstance(by, str) or not by:
+            raise ValueError("field 'by' must be a non-empty string (who acknowledges or resolves)")
+        alert = (self.hub.alerts.ack if action == "ack" else self.hub.alerts.resolve)(alert_id, by)
+        self.hub.registry.audit(by, f"alerts.{action}", {"alert_id": alert.id, "key": alert.key})
+        result: dict[str, Any] = alert.to_dict()
+        return result
+
+    def _metrics(self, request: BaseHTTPRequestHandler) -> Raw:
+        try:
+            from cloud_hub.metrics import HubCollector, exposition, metrics_registry
+        except ImportError:
+            raise HubError("/metrics needs prometheus-client: pip install 'edgefed[hub]'") from None
+        with self._metrics_lock:
+            if self._metrics_registry is None:
+                hub = self.hub
+                collector = HubCollector(str(hub.config.state_dir / "registry.db"), hub.alerts.counts, hub.webhook,
+                                         hub.drift_scores, hub.flush_usage)  # fmt: skip
+                self._metrics_registry = metrics_registry(collector)
+            registry = self._metrics_registry
+        body, content_type = exposition(registry, request.headers.get("Accept"))
+        return Raw(body, content_type)
+
     def _model(self, name: str) -> dict[str, Any]:
         artifacts = self.hub.registry.artifacts(name)
         if not artifacts:
             raise NotFound(f"model {name!r} is not registered; see 'cloud-hub models list'")
         return {"name": name, "versions": sorted({a["version"] for a in artifacts}), "artifacts": artifacts}
+
+    @staticmethod
+    def _reply_raw(request: BaseHTTPRequestHandler, raw: Raw) -> None:
+        request.send_response(HTTPStatus.OK)
+        request.send_header("Content-Type", raw.content_type)
+        request.send_header("Content-Length", str(len(raw.body)))
+        request.end_headers()
+        request.wfile.write(raw.body)
 
     @staticmethod
     def _reply(request: BaseHTTPRequestHandler, status: HTTPStatus, body: Any) -> None:

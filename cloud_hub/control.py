@@ -99,9 +99,8 @@ class ControlPlane:
         try:
             state = from_wire(ReportedState, payload)
         except MessageError as exc:  # keep what it last said, marked: the operator sees why it is stale
-            log.warning("refused the reported state of %s: %s", device_id, exc)
             self._mark_report_refused(device_id, str(exc))
-            return
+            raise  # and counted as malformed, like any other
         if state.device_id != device_id:
             raise ValueError(f"reported state for {state.device_id} on {device_id}'s topic")
         fields = {"profile": state.profile, "reported": dataclasses.asdict(state), "last_seen": time.time()}

@@ -69,5 +69,24 @@ def spec() -> dict[str, Any]:
             "/v1/telemetry": {"get": {**_op("Stored telemetry batches", _LIST), "parameters": [
                 {"name": "device", "in": "query", "required": False, "schema": _STR}]}},
             "/v1/usage": {"get": _op("Cloud inference calls per device and model", _LIST)},
+            "/v1/alerts": {"get": {**_op("Alerts, most recently seen first", _LIST), "parameters": [
+                {"name": "state", "in": "query", "required": False, "schema": {
+                    "type": "string", "enum": ["open", "acknowledged", "resolved", "active", "all"]}}]}},
+            "/v1/alerts/{id}": {"get": {**_op("One alert", _OBJECT), "parameters": _PATH_ID}},
+            "/v1/alerts/{id}/ack": {"post": {**_op("Acknowledge an open alert (409 when it is not open)", _OBJECT,
+                                                   _props([], by=_STR)), "parameters": _PATH_ID}},
+            "/v1/alerts/{id}/resolve": {"post": {**_op("Resolve an alert (409 when already resolved)", _OBJECT,
+                                                       _props([], by=_STR)), "parameters": _PATH_ID}},
+            "/v1/drift/{model}": {"get": {**_op("A model version's drift report: features by score with reference "
+                                                "and live counts, and the windows' scores", _OBJECT), "parameters": [
+                {"name": "model", "in": "path", "required": True, "schema": _STR},
+                {"name": "version", "in": "query", "required": False, "schema": _STR},
+                {"name": "scope", "in": "query", "required": False, "schema": _STR},
+                {"name": "since", "in": "query", "required": False, "schema": {"type": "number"}}]}},
+            "/metrics": {"get": {"summary": "Prometheus metrics (text exposition format); public when the hub runs "
+                                            "with --public-metrics",
+                                 "responses": {"200": {"description": "OK", "content": {"text/plain": {
+                                     "schema": {"type": "string"}}}},
+                                     "401": {"description": "Missing or wrong operator token"}}}},
         },
     }  # fmt: skip

@@ -83,6 +83,10 @@ class Registry(Protocol):
 
     def telemetry(self, device_id: str | None = None) -> list[dict[str, Any]]: ...
 
+    def telemetry_after(self, cursor: int, limit: int = 500) -> list[dict[str, Any]]:
+        """Batches stored after ``cursor`` in arrival order, each with its own ``cursor`` (0: from the
+        first), at most ``limit``: how the drift job reads what is new."""
+
     def audit(self, actor: str, action: str, detail: dict[str, Any]) -> None: ...
 
     def add_device_token(self, device_id: str, token_sha256: str) -> None:
@@ -361,6 +365,13 @@ class SQLiteRegistry:
                 {**r, "windows": json.loads(r["windows"]), "histograms": json.loads(r["histograms"] or "[]")}
                 for r in rows
             ]
+
+    def telemetry_after(self, cursor: int, limit: int = 500) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self.db.query(f"SELECT rowid AS cursor, {_TELEMETRY_COLUMNS} FROM telemetry WHERE rowid > ? "
+                                 "ORDER BY rowid LIMIT ?", [cursor, limit])  # fmt: skip
+            return [{**r, "windows": json.loads(r["windows"]), "histograms": json.loads(r["histograms"] or "[]")}
+                    for r in rows]  # fmt: skip
 
     def audit(self, actor: str, action: str, detail: dict[str, Any]) -> None:
         with self._lock:

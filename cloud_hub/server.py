@@ -20,8 +20,10 @@ from typing import Any
 
 from cloud_hub.accounting import UsageCounter
 from cloud_hub.admin import AdminApi
+from cloud_hub.alerts import AlertStore, AlertWebhook
 from cloud_hub.broker import EmbeddedBroker
 from cloud_hub.control import ControlPlane
+from cloud_hub.drift.monitor import DriftMonitor
 from cloud_hub.errors import Conflict, NotFound
 from cloud_hub.inference import (
     InferenceOptions,
@@ -63,6 +65,11 @@ class HubConfig:
     shared_above: float = 0.5  # chunks more of a round's devices lack than this share: shared topic
     serving_profile: str | None = None  # the profile whose artifacts the OIP server runs; None: detected
     deploy_timeout_s: float = 900.0  # a device still pending this long after a deploy shows "failed: timed out"
+    alert_webhook: str | None = None  # POST alert events (opened, acknowledged, resolved) here as JSON
+    public_metrics: bool = False  # serve GET /metrics without the operator token
+    drift_window_calls: int = 200  # samples per drift window of a model version and scope
+    drift_interval_s: float = 10.0  # how often the drift job reads new telemetry
+    drift_false_alarms_per_100k: float = 1.0  # the detector's false-alarm budget per 100,000 clean samples
 
 
 def serving_profile(profile_id: str | None) -> DeviceProfile:
@@ -104,6 +111,13 @@ class Hub:
         self.grpc_port = 0
         self.stopped = threading.Event()
         self._registering = threading.Lock()  # one upload's checks and registration at a time
+        self.alerts = AlertStore(str(state / "registry.db"))  # the drift job raises alerts here
+        self.webhook = AlertWebhook(config.alert_webhook) if config.alert_webhook else None
+        if self.webhook is not None:
+            self.alerts.subscribe(self.webhook)
+        self.drift = DriftMonitor(self.registry, self.store, self.alerts, str(state / "registry.db"),
+                                  window_calls=config.drift_window_calls, interval_s=config.drift_interval_s,
+                                  false_alarms_per_100k=config.drift_false_alarms_per_100k)  # fmt: skip
 
     def start(self) -> None:
         if self.broker is not None:
@@ -124,9 +138,11 @@ class Hub:
                               logging.getLogger().level)  # fmt: skip
             self.workers = InferenceWorkers(spec, self.config.inference.processes, self.repository.generation)
         threading.Thread(target=self._flush_usage_periodically, name="edgefed-usage", daemon=True).start()
-        self.admin = AdminApi(
-            self, operator_token(self.config.state_dir), self.config.admin_host, self.config.admin_port
-        )
+        if self.webhook is not None:
+            self.webhook.start()
+        self.drift.start()
+        self.admin = AdminApi(self, operator_token(self.config.state_dir), self.config.admin_host,
+                              self.config.admin_port, public_metrics=self.config.public_metrics)  # fmt: skip
         self.admin.start()
         log.info(
             "hub up: broker %s, gRPC %s:%d, admin http://%s:%d",
@@ -146,6 +162,10 @@ class Hub:
             self.grpc_server.stop(grace_s=2)
         self.stopped.set()
         self.flush_usage()
+        self.drift.stop()
+        self.alerts.close()
+        if self.webhook is not None:
+            self.webhook.stop()
         if self.control is not None:
             self.control.stop()
         if self.broker is not None:
@@ -166,6 +186,16 @@ class Hub:
             "corrupt_chunks": control.corrupt_chunks if control else 0,
             "malformed_messages": control.mqtt.malformed if control else 0,
         }
+
+    def drift_scores(self) -> list[tuple[str, str, str, str, float]]:
+        """The drift score per (model, version, scope, feature), for ``/metrics``: the feature's largest
+        CUSUM over the alarm threshold (1 or more: alarming)."""
+        return self.drift.scores()
+
+    def drift_report(self, model: str, version: str | None, scope: str, since: float) -> dict[str, Any]:
+        if not self.registry.artifacts(model):
+            raise NotFound(f"model {model!r} is unknown; see 'cloud-hub models list'")
+        return self.drift.report(model, version, scope, since)
 
     def add_artifact(self, tar_path: Path, allow_interface_change: bool = False) -> dict[str, Any]:
         """Verify, check against the version's other artifacts (registration.py) and register."""

@@ -144,7 +144,20 @@ def install_service(
 
 @app.command()
 def run(
-    state_dir: StateDir = None, log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO"
+    state_dir: StateDir = None,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=65535,
+            help="Serve Prometheus metrics (spool counters, broker link, active models) at "
+            "http://HOST:PORT/metrics; off unless given; needs prometheus-client",
+        ),
+    ] = None,
+    metrics_host: Annotated[
+        str, typer.Option(help="Address the metrics port listens on (0.0.0.0: every interface)")
+    ] = "127.0.0.1",
 ) -> None:
     """Run the agent daemon until SIGTERM/SIGINT."""
     from edge_agent.agent import Agent
@@ -153,6 +166,11 @@ def run(
     state = _state(state_dir)
     try:
         agent = Agent(state, AgentConfig.load(state))
+        if metrics_port is not None:
+            from edge_agent.metrics import start_metrics_server
+
+            server, _ = start_metrics_server(agent, metrics_port, metrics_host)
+            err.print(f"metrics at http://{metrics_host}:{server.server_port}/metrics")
     except (EdgefedError, ProfileError) as exc:
         raise _fail(exc) from None
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -1,8 +1,8 @@
-"""cloud-hub: run the hub (`serve`) and operate it (models, deploy, devices, telemetry, status).
+"""cloud-hub: run the hub (`serve`) and operate it (models, deploy, devices, alerts, drift, telemetry, status).
 
 Operator commands talk to the running hub's admin API; they never write its database directly. One
 module per command group: ``serve``, ``models``, ``deploy`` (deploy and deployments), ``devices`` and
-``fleet`` (usage, telemetry, status).
+``fleet`` (usage, telemetry, status), ``alerts``, ``drift``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,11 @@ devices_app = typer.Typer(help="Enroll, list, show and remove devices.", no_args
 deployments_app = typer.Typer(help="List deployments and follow their progress.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(devices_app, name="devices")
+alerts_app = typer.Typer(help="List, acknowledge and resolve alerts (drift and others).", no_args_is_help=True)
 app.add_typer(deployments_app, name="deployments")
+app.add_typer(alerts_app, name="alerts")
+drift_app = typer.Typer(help="Drift reports and backtests of the drift detector.", no_args_is_help=True)
+app.add_typer(drift_app, name="drift")
 err = Console(stderr=True, soft_wrap=True)  # messages are never cut or wrapped mid-word
 STATE_ENV = "EDGEFED_HUB_STATE_DIR"
 HubUrl = Annotated[str | None, typer.Option("--hub", envvar=HUB_URL_ENV, help="Admin API URL")]
@@ -84,6 +88,6 @@ def main() -> None:
     app()
 
 
-from cloud_hub.cli import deploy, devices, fleet, models, serve  # noqa: E402  (they register their commands)
+from cloud_hub.cli import alerts, deploy, devices, drift, fleet, models, serve  # noqa: E402  (they register their commands)
 
-__all__ = ["app", "deploy", "devices", "fleet", "main", "models", "serve"]
+__all__ = ["alerts", "app", "deploy", "devices", "drift", "fleet", "main", "models", "serve"]

@@ -79,6 +79,16 @@ def serve_command(
         float,
         typer.Option(min=1.0, help="Seconds after a deploy when a still pending device shows failed: timed out"),
     ] = 900.0,
+    alert_webhook: Annotated[
+        str | None,
+        typer.Option(
+            help="POST each alert event (opened, acknowledged, resolved) as JSON to this http(s) URL; from a "
+            "background thread, 5 s deadline, 3 tries; failures are logged and counted in /metrics"
+        ),
+    ] = None,
+    public_metrics: Annotated[
+        bool, typer.Option(help="Serve GET /metrics on the admin port without the operator token")
+    ] = False,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
 ) -> None:
     """Run the hub: registry, MQTT control plane, OIP gRPC inference and the admin API."""
@@ -110,5 +120,7 @@ def serve_command(
         shared_above,
         serving_profile,
         deploy_timeout,
+        alert_webhook=alert_webhook,
+        public_metrics=public_metrics,
     )
     run(lambda: serve(config))

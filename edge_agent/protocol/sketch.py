@@ -100,6 +100,7 @@ class Sketch:
         order = {kind: i for i, kind in enumerate(_KINDS)}
         self.features = tuple(sorted(features, key=lambda f: (f.tensor, order[f.kind], f.index)))
         projections, channel_axes = projections or {}, channel_axes or {}
+        self._by_name = {f.name: f for f in self.features}
         self._tensors = {}
         for name in dict.fromkeys(f.tensor for f in self.features):
             own = [f for f in self.features if f.tensor == name]
@@ -111,6 +112,9 @@ class Sketch:
 
     def features_of(self, tensor: str) -> tuple[Feature, ...]:
         return self._tensors[tensor].features
+
+    def feature(self, name: str) -> Feature | None:
+        return self._by_name.get(name)
 
     def count(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Feature name → int64 counts of the samples in ``tensors`` (batches, samples on axis 0); a

@@ -1,0 +1,300 @@
+"""Alerts: records with a state, deduplicated by a key, stored in the hub's registry file.
+
+An alert's life is ``open`` → ``acknowledged`` (optional) → ``resolved``. Raising an alert whose key
+already has an open or acknowledged alert updates that one (``last_seen``, ``count`` + 1, the latest
+summary and details) instead of opening another; once it is resolved, the same key opens a new alert.
+A partial unique index holds at most one unresolved alert per key, and every change is one SQLite
+transaction (``BEGIN IMMEDIATE`` … ``COMMIT``), so a crash leaves either the old or the new record.
+
+Listeners (``AlertStore.subscribe``) hear ``opened``, ``acknowledged`` and ``resolved`` after the
+change is committed; ``AlertWebhook`` is one: it POSTs each event as JSON from a background thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import sqlite3
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from cloud_hub.errors import Conflict, HubError, NotFound
+
+log = logging.getLogger(__name__)
+STATES = ("open", "acknowledged", "resolved")
+SEVERITIES = ("info", "warning", "critical")
+MAX_DETAILS_BYTES = 64 * 1024
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS alerts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    key TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    severity TEXT NOT NULL,
+    model TEXT NOT NULL,
+    version TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    summary TEXT NOT NULL,
+    details TEXT NOT NULL,
+    state TEXT NOT NULL,
+    first_seen REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    count INTEGER NOT NULL,
+    acknowledged_at REAL,
+    acknowledged_by TEXT,
+    resolved_at REAL,
+    resolved_by TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS alerts_unresolved_key ON alerts (key) WHERE state != 'resolved';
+CREATE INDEX IF NOT EXISTS alerts_state ON alerts (state, last_seen);
+"""
+
+
+@dataclass(frozen=True)
+class Alert:
+    id: int
+    key: str  # what deduplicates: e.g. "drift:digits-cnn@1.0.0:group:lab:input/pixel_12"
+    kind: str  # e.g. "drift", "latency", "errors"
+    severity: str  # info | warning | critical
+    model: str
+    version: str
+    scope: str  # "all", "group:G", "tag:K=V", "device:ID"
+    summary: str
+    details: dict[str, Any]
+    state: str  # open | acknowledged | resolved
+    first_seen: float
+    last_seen: float
+    count: int
+    acknowledged_at: float | None = None
+    acknowledged_by: str | None = None
+    resolved_at: float | None = None
+    resolved_by: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+Listener = Callable[[str, Alert], None]
+
+
+class AlertStore:
+    """Alerts in the ``alerts`` table of a SQLite file (the hub's ``registry.db``; created if missing).
+    Thread-safe. Timestamps are Unix seconds."""
+
+    def __init__(self, path: str) -> None:
+        self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self._lock = threading.RLock()
+        self._listeners: list[Listener] = []
+        with self._transaction():
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                self.db.execute(statement)
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.close()
+
+    def subscribe(self, listener: Listener) -> None:
+        """Call ``listener(event, alert)`` after each committed open, ack and resolve (not for updates
+        of an alert already open). A listener must not block; its exceptions are logged."""
+        self._listeners.append(listener)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+
+    def raise_alert(self, key: str, kind: str, severity: str, model: str, version: str, scope: str, summary: str,
+                    details: dict[str, Any] | None = None) -> tuple[Alert, bool]:  # fmt: skip
+        """Open an alert, or update the unresolved one with the same ``key``; True when newly opened."""
+        for name, value in (("key", key), ("kind", kind), ("model", model), ("version", version), ("scope", scope)):
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"alert field {name!r} must be a non-empty string")
+        if severity not in SEVERITIES:
+            raise ValueError(f"alert field 'severity' is {severity!r}; use one of {', '.join(SEVERITIES)}")
+        encoded = json.dumps(details or {}, sort_keys=True, default=str)
+        if len(encoded) > MAX_DETAILS_BYTES:
+            raise ValueError(f"alert field 'details' is {len(encoded)} bytes of JSON, over {MAX_DETAILS_BYTES}; "
+                             "keep only the top findings")  # fmt: skip
+        now = time.time()
+        with self._transaction():
+            row = self.db.execute("SELECT id FROM alerts WHERE key = ? AND state != 'resolved'", [key]).fetchone()
+            if row is None:
+                cursor = self.db.execute(
+                    "INSERT INTO alerts (key, kind, severity, model, version, scope, summary, details, state, "
+                    "first_seen, last_seen, count) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'open', ?, ?, 1)",
+                    [key, kind, severity, model, version, scope, summary, encoded, now, now],
+                )
+                alert_id = int(cursor.lastrowid or 0)
+            else:
+                alert_id = int(row["id"])
+                self.db.execute(
+                    "UPDATE alerts SET severity = ?, summary = ?, details = ?, last_seen = ?, count = count + 1 "
+                    "WHERE id = ?",
+                    [severity, summary, encoded, now, alert_id],
+                )
+            alert = self._get(alert_id)
+        if row is None:
+            self._notify("opened", alert)
+        return alert, row is None
+
+    def ack(self, alert_id: int | str, by: str) -> Alert:
+        """Acknowledge an open alert; Conflict when it is already acknowledged or resolved."""
+        with self._transaction():
+            alert = self._get(alert_id)
+            if alert.state != "open":
+                who = alert.acknowledged_by if alert.state == "acknowledged" else alert.resolved_by
+                raise Conflict(f"alert {alert.id} is already {alert.state} (by {who}); nothing to acknowledge")
+            self.db.execute("UPDATE alerts SET state = 'acknowledged', acknowledged_at = ?, acknowledged_by = ? "
+                            "WHERE id = ?", [time.time(), by, alert.id])  # fmt: skip
+            alert = self._get(alert.id)
+        self._notify("acknowledged", alert)
+        return alert
+
+    def resolve(self, alert_id: int | str, by: str) -> Alert:
+        """Resolve an open or acknowledged alert; Conflict when it is already resolved. The next alert
+        raised with its key opens a new record."""
+        with self._transaction():
+            alert = self._get(alert_id)
+            if alert.state == "resolved":
+                raise Conflict(f"alert {alert.id} is already resolved (by {alert.resolved_by}); a new occurrence "
+                               "opens a new alert")  # fmt: skip
+            self.db.execute("UPDATE alerts SET state = 'resolved', resolved_at = ?, resolved_by = ? WHERE id = ?",
+                            [time.time(), by, alert.id])  # fmt: skip
+            alert = self._get(alert.id)
+        self._notify("resolved", alert)
+        return alert
+
+    def get(self, alert_id: int | str) -> Alert:
+        """One alert; NotFound when unknown."""
+        with self._lock:
+            return self._get(alert_id)
+
+    def list(self, state: str | None = None) -> list[Alert]:
+        """Alerts, most recently seen first; ``state``: open, acknowledged, resolved, ``active`` (open or
+        acknowledged), or None / ``all``."""
+        args: list[str] = []
+        if state in (None, "all"):
+            where = ""
+        elif state == "active":
+            where = "WHERE state != 'resolved'"
+        elif state in STATES:
+            where, args = "WHERE state = ?", [state]
+        else:
+            raise ValueError(f"state {state!r} is not one of open, acknowledged, resolved, active, all")
+        with self._lock:
+            rows = self.db.execute(f"SELECT * FROM alerts {where} ORDER BY last_seen DESC, id DESC", args).fetchall()
+        return [_alert(row) for row in rows]
+
+    def counts(self) -> Counter[tuple[str, str, str]]:
+        """Unresolved alerts per (kind, severity, state)."""
+        with self._lock:
+            rows = self.db.execute(
+                "SELECT kind, severity, state, COUNT(*) FROM alerts WHERE state != 'resolved' GROUP BY 1, 2, 3"
+            ).fetchall()
+        return Counter({(r[0], r[1], r[2]): int(r[3]) for r in rows})
+
+    def _get(self, alert_id: int | str) -> Alert:
+        try:
+            number = int(alert_id)
+        except (TypeError, ValueError):
+            number = -1
+        row = self.db.execute("SELECT * FROM alerts WHERE id = ?", [number]).fetchone()
+        if row is None:
+            raise NotFound(f"alert {alert_id!r} is unknown; see 'cloud-hub alerts list --state all'")
+        return _alert(row)
+
+    def _notify(self, event: str, alert: Alert) -> None:
+        for listener in self._listeners:
+            try:
+                listener(event, alert)
+            except Exception:
+                log.exception("alert listener failed on %s of alert %d", event, alert.id)
+
+
+def _alert(row: sqlite3.Row) -> Alert:
+    fields = dict(row)
+    return Alert(**{**fields, "details": json.loads(fields["details"])})
+
+
+class AlertWebhook:
+    """POSTs alert events as JSON to ``url`` from one background thread: a bounded queue (a full one
+    drops the event), ``timeout_s`` per attempt, ``attempts`` tries with doubling backoff. A failure is
+    logged and counted in ``failures`` by reason (``queue_full``, ``unreachable``, ``http_status``);
+    nothing here ever blocks the hub.
+
+    Payload: ``{"event": "opened" | "acknowledged" | "resolved", "alert": {...Alert fields...},
+    "sent_at": unix seconds, "source": "edgefed-hub"}``.
+    """
+
+    def __init__(self, url: str, timeout_s: float = 5.0, attempts: int = 3, backoff_s: float = 1.0,
+                 queue_size: int = 1000) -> None:  # fmt: skip
+        if not url.startswith(("http://", "https://")):
+            raise HubError(f"--alert-webhook {url!r}: use an http:// or https:// URL")
+        self.url, self.timeout_s, self.attempts, self.backoff_s = url, timeout_s, max(1, attempts), backoff_s
+        self.queue: queue.Queue[tuple[str, Alert] | None] = queue.Queue(maxsize=queue_size)
+        self.delivered = 0
+        self.failures: Counter[str] = Counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="edgefed-alert-webhook", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 2.0) -> None:
+        self._stop.set()
+        with suppress(queue.Full):
+            self.queue.put_nowait(None)
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    def __call__(self, event: str, alert: Alert) -> None:
+        """Queue an event (an AlertStore listener); never blocks."""
+        try:
+            self.queue.put_nowait((event, alert))
+        except queue.Full:
+            self.failures["queue_full"] += 1
+            log.warning("alert webhook queue is full: %s of alert %d not sent to %s", event, alert.id, self.url)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            item = self.queue.get()
+            if item is None:
+                return
+            self._deliver(*item)
+
+    def _deliver(self, event: str, alert: Alert) -> None:
+        body = json.dumps({"event": event, "alert": alert.to_dict(), "sent_at": time.time(),
+                           "source": "edgefed-hub"}).encode()  # fmt: skip
+        reason = ""
+        for attempt in range(self.attempts):
+            if attempt and self._stop.wait(self.backoff_s * 2 ** (attempt - 1)):
+                break
+            request = urllib.request.Request(self.url, data=body, method="POST",
+                                             headers={"Content-Type": "application/json"})  # fmt: skip
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                    response.read()
+                self.delivered += 1
+                return
+            except urllib.error.HTTPError as exc:
+                reason, detail = "http_status", f"HTTP {exc.code}"
+            except (urllib.error.URLError, OSError) as exc:
+                reason, detail = "unreachable", str(getattr(exc, "reason", exc))
+            log.warning("alert webhook %s: %s of alert %d, attempt %d/%d failed: %s", self.url, event, alert.id,
+                        attempt + 1, self.attempts, detail)  # fmt: skip
+        self.failures[reason or "stopped"] += 1

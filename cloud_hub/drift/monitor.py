@@ -1,0 +1,218 @@
+"""The hub's drift job: telemetry histograms → windows per (model, version, scope) → the sequential
+detector → alerts.
+
+Every ``interval_s`` it reads the telemetry batches stored since its cursor, adds each batch's feature
+counts (the sampled calls' counts; they are a uniform sample, so the test needs no scaling) to the open
+window of the model version for every scope the device is in (``all`` and ``group:G`` for each of its
+groups), and when a window holds ``window_calls`` samples closes it: the detector scores it, and an
+alarm raises (or refreshes) the alert ``drift:MODEL@VERSION:SCOPE`` naming the drifting features, after
+which that stream's detector starts again. Counts are compared with the artifact's ``reference.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cloud_hub.alerts import AlertStore
+from cloud_hub.artifacts import ArtifactStore
+from cloud_hub.drift.scores import g_test, js_distance, psi
+from cloud_hub.drift.sequential import SequentialDetector, WindowResult
+from cloud_hub.drift.store import ClosedWindow, DriftStore, SavedStream, StreamKey
+from cloud_hub.registry import Registry
+from edge_agent.protocol.sketch import Sketch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Stream:
+    """One (model, version, scope): its detector and the window it is filling."""
+
+    key: StreamKey
+    detector: SequentialDetector
+    pending: dict[str, np.ndarray] = field(default_factory=dict)
+    samples: int = 0
+    last_scores: dict[str, float] = field(default_factory=dict)  # of the last closed window (before a reset)
+
+    def add(self, counts: dict[str, np.ndarray], samples: int) -> None:
+        for name, values in counts.items():
+            self.pending[name] = self.pending[name] + values if name in self.pending else values.copy()
+        self.samples += samples
+
+    def saved(self) -> SavedStream:
+        pending = {name: values.tolist() for name, values in self.pending.items()}
+        return SavedStream(self.key, self.detector.state(), pending, self.samples)
+
+
+class DriftMonitor:
+    def __init__(self, registry: Registry, artifacts: ArtifactStore, alerts: AlertStore, db_path: str, *,
+                 window_calls: int = 200, false_alarms_per_100k: float = 1.0,
+                 interval_s: float = 10.0) -> None:  # fmt: skip
+        self.registry, self.artifacts, self.alerts = registry, artifacts, alerts
+        self.store = DriftStore(db_path)
+        self.window_calls, self.false_alarms_per_100k, self.interval_s = window_calls, false_alarms_per_100k, interval_s
+        self._sketches: dict[tuple[str, str], Sketch | None] = {}
+        self._streams: dict[StreamKey, Stream] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="edgefed-drift", daemon=True)
+        for saved in self.store.streams():
+            self._restore(saved)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        self.store.close()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                while self.run_once():
+                    pass
+            except Exception:  # the job must outlive one bad run; the next one repeats it
+                log.exception("drift job failed")
+
+    def run_once(self, limit: int = 500) -> int:
+        """Process up to ``limit`` new telemetry batches; the number processed."""
+        with self._lock:
+            rows = self.registry.telemetry_after(self.store.cursor(), limit)
+            if not rows:
+                return 0
+            groups = {d["device_id"]: d.get("groups") or [] for d in self.registry.devices()}
+            changed: dict[StreamKey, Stream] = {}
+            closed: list[ClosedWindow] = []
+            for row in rows:
+                for (model, version), counts in self._batch_counts(row["histograms"]).items():
+                    samples = max(int(c.sum()) for c in counts.values())
+                    for scope in ["all", *(f"group:{g}" for g in groups.get(row["device_id"], []))]:
+                        stream = self._stream((model, version, scope))
+                        if stream is None:
+                            continue
+                        stream.add(counts, samples)
+                        changed[stream.key] = stream
+                        if stream.samples >= self.window_calls:
+                            closed.append(self._close(stream))
+            self.store.save(rows[-1]["cursor"], [s.saved() for s in changed.values()], closed)
+            return len(rows)
+
+    def _batch_counts(self, histograms: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, np.ndarray]]:
+        """Feature counts per model version of one batch: those the version's reference knows, with the
+        reference's number of bins, from calls that were summarised."""
+        found: dict[tuple[str, str], dict[str, np.ndarray]] = defaultdict(dict)
+        for h in histograms:
+            sketch = self._sketch(h["model"], h["version"])
+            feature = sketch.feature(h["tensor"]) if sketch is not None else None
+            if feature is None or len(h["counts"]) != len(feature.counts) or not sum(h["counts"]):
+                continue
+            found[(h["model"], h["version"])][h["tensor"]] = np.asarray(h["counts"], np.int64)
+        return found
+
+    def _sketch(self, model: str, version: str) -> Sketch | None:
+        if (model, version) not in self._sketches:
+            rows = self.registry.artifacts(model, version)
+            sketch = Sketch.load(self.artifacts.path(rows[0]["artifact_id"])) if rows else None
+            if sketch is None:
+                log.info("%s@%s has no reference.json: no drift detection for it", model, version)
+            self._sketches[(model, version)] = sketch
+        return self._sketches[(model, version)]
+
+    def _detector(self, sketch: Sketch) -> SequentialDetector:
+        reference = {f.name: f.counts for f in sketch.features}
+        return SequentialDetector(reference, false_alarms_per_100k=self.false_alarms_per_100k,
+                                  window_calls=self.window_calls)  # fmt: skip
+
+    def _stream(self, key: StreamKey) -> Stream | None:
+        if key not in self._streams:
+            sketch = self._sketch(key[0], key[1])
+            if sketch is None:
+                return None
+            self._streams[key] = Stream(key, self._detector(sketch))
+        return self._streams[key]
+
+    def _restore(self, saved: SavedStream) -> None:
+        sketch = self._sketch(saved.key[0], saved.key[1])
+        if sketch is None:
+            return
+        reference = {f.name: f.counts for f in sketch.features}
+        try:
+            detector = SequentialDetector.from_state(reference, saved.detector)
+        except (ValueError, KeyError) as exc:
+            log.warning("drift state of %s is unusable (%s): starting it again", "/".join(saved.key), exc)
+            detector = self._detector(sketch)
+        pending = {name: np.asarray(values, np.int64) for name, values in saved.pending.items()}
+        self._streams[saved.key] = Stream(saved.key, detector, pending, saved.samples)
+
+    def _close(self, stream: Stream) -> ClosedWindow:
+        result = stream.detector.update(stream.pending)
+        window = ClosedWindow(stream.key, time.time(), stream.samples, result.combined, result.threshold,
+                              result.alarm, list(result.drifting), self._feature_scores(stream, result))  # fmt: skip
+        stream.last_scores = {name: scored["score"] for name, scored in window.features.items()}
+        if result.alarm:
+            self._alert(stream.key, result)
+            stream.detector.reset()
+        stream.pending, stream.samples = {}, 0
+        return window
+
+    def _feature_scores(self, stream: Stream, result: WindowResult) -> dict[str, dict[str, Any]]:
+        return {name: {"score": round(score.cusum / result.threshold, 4) if result.threshold else 0.0,
+                       "psi": round(score.psi, 5), "js": round(score.js, 5), "p_value": score.p_value,
+                       "counts": stream.pending[name].tolist()}
+                for name, score in result.scores.items()}  # fmt: skip
+
+    def _alert(self, key: StreamKey, result: WindowResult) -> None:
+        model, version, scope = key
+        worst = list(result.drifting[:5])
+        summary = f"drift in {model}@{version} ({scope}): {', '.join(worst)}"
+        scores = {name: result.scores[name].to_dict() for name in worst if name in result.scores}
+        details = {"drifting": list(result.drifting[:20]), "combined": result.combined,
+                   "threshold": result.threshold, "scores": scores}  # fmt: skip
+        self.alerts.raise_alert(f"drift:{model}@{version}:{scope}", "drift", "warning", model, version, scope,
+                                summary, details)  # fmt: skip
+
+    def scores(self) -> list[tuple[str, str, str, str, float]]:
+        """(model, version, scope, feature, score) of each stream's last closed window: the feature's
+        largest CUSUM over the alarm threshold (1 or more: alarming)."""
+        with self._lock:
+            return [(*key, name, score) for key, stream in self._streams.items()
+                    for name, score in stream.last_scores.items()]  # fmt: skip
+
+    def report(self, model: str, version: str | None, scope: str = "all", since: float = 0.0) -> dict[str, Any]:
+        """Features by drift score (latest window) with reference and live (merged since ``since``) counts,
+        and the combined score over time."""
+        version = version or next(iter(self.store.versions(model)), None)
+        if version is None:
+            return {"model": model, "version": None, "scope": scope, "windows": [], "features": []}
+        windows = self.store.windows(model, version, scope, since)
+        sketch = self._sketch(model, version)
+        live: dict[str, np.ndarray] = {}
+        for window in windows:
+            for name, scored in window.features.items():
+                window_counts = np.asarray(scored["counts"], np.int64)
+                live[name] = live[name] + window_counts if name in live else window_counts
+        latest = windows[-1].features if windows else {}
+        features = []
+        for feature in sketch.features if sketch is not None else ():
+            counts = live.get(feature.name)
+            row: dict[str, Any] = {"name": feature.name, "score": latest.get(feature.name, {}).get("score", 0.0),
+                                   "edges": feature.edges.tolist(), "reference": feature.counts.tolist(),
+                                   "live": counts.tolist() if counts is not None else None}  # fmt: skip
+            if counts is not None and counts.sum():
+                row.update(psi=psi(feature.counts, counts), js=js_distance(feature.counts, counts),
+                           p_value=g_test(feature.counts, counts).p_value)  # fmt: skip
+            features.append(row)
+        features.sort(key=lambda r: -r["score"])
+        history = [{"at": w.at, "samples": w.samples, "combined": w.combined, "threshold": w.threshold,
+                    "alarm": w.alarm, "scores": {n: f["score"] for n, f in w.features.items()}}
+                   for w in windows]  # fmt: skip
+        return {"model": model, "version": version, "scope": scope, "windows": history, "features": features}
