@@ -16,9 +16,10 @@ from typer.testing import CliRunner
 
 from cloud_hub.cli import app as hub_cli
 from cloud_hub.drift.monitor import DriftMonitor
+from cloud_hub.drift.operations import FEATURES as OPERATION_FEATURES
 from cloud_hub.drift.plot import write_plot
 from cloud_hub.server import Hub
-from edge_agent.protocol.messages import TelemetryBatch, TensorHistogram
+from edge_agent.protocol.messages import LATENCY_EDGES_MS, TelemetryBatch, TelemetryWindow, TensorHistogram
 from edge_agent.protocol.sketch import Sketch
 
 RNG = np.random.default_rng(7)
@@ -147,3 +148,35 @@ def test_backtest_finds_a_shift_and_stays_quiet_on_clean_data(sensor: Path, tmp_
     np.savez(tmp_path / "wrong.npz", x=clean(10))
     wrong = runner.invoke(hub_cli, ["drift", "backtest", str(sensor), str(tmp_path / "wrong.npz")])
     assert wrong.exit_code == 2 and "no array named input; the model's inputs are input" in wrong.output
+
+
+def window(route: str, calls: int, errors: int, slow: int = 0) -> TelemetryWindow:
+    """A telemetry window of ``calls`` at 0.3 ms, ``slow`` of them at 30 ms and over the budget."""
+    hist = [0] * (len(LATENCY_EDGES_MS) + 1)
+    hist[LATENCY_EDGES_MS.index(0.5)] += calls - slow
+    hist[LATENCY_EDGES_MS.index(50.0)] += slow
+    return TelemetryWindow("sensor", "1.0.0", route, 0.0, 1.0, calls, errors, 0.3 * calls, tuple(hist), slow)
+
+
+def test_errors_fallbacks_and_slow_calls_raise_an_operations_alert_against_the_stream_s_baseline(
+    hub: Hub
+) -> None:
+    hub.registry.upsert_device("dev-1", profile="x86-64-generic")
+    batches = [(window("local", 90, 1), window("cloud", 10, 0))] * 50  # baseline 2,000 calls, 1% errors; then quiet
+    for seq, windows in enumerate(batches, 1):
+        hub.registry.add_telemetry(TelemetryBatch("dev-1", seq, windows=windows, epoch="e"))
+    hub.drift.run_once()
+    assert not hub.alerts.list()
+    worse = (window("local", 50, 10, slow=20), window("cloud", 50, 0))  # more errors, fallbacks, slow calls
+    for seq in range(51, 56):
+        hub.registry.add_telemetry(TelemetryBatch("dev-1", seq, windows=worse, epoch="e"))
+    hub.drift.run_once()
+    (alert,) = hub.alerts.list()
+    assert alert.kind == "operations" and alert.key == "operations:sensor@1.0.0:all"
+    assert alert.details["drifting"] and set(alert.details["drifting"]) <= set(OPERATION_FEATURES)
+    report = hub.drift.report("sensor", "1.0.0", "operations/all")
+    features = {f["name"]: f for f in report["features"]}
+    assert set(features) == set(OPERATION_FEATURES)
+    assert features["ops/errors"]["reference"] == [1980, 20]  # its first 2,000 calls
+    ok, errors = features["ops/errors"]["live"]
+    assert errors / (ok + errors) > 0.02  # the live error rate, above the baseline's 1%

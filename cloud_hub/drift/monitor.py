@@ -22,6 +22,7 @@ import numpy as np
 
 from cloud_hub.alerts import AlertStore
 from cloud_hub.artifacts import ArtifactStore
+from cloud_hub.drift.operations import OperationsBaseline, window_counts
 from cloud_hub.drift.scores import g_test, js_distance, psi
 from cloud_hub.drift.sequential import SequentialDetector, WindowResult
 from cloud_hub.drift.store import ClosedWindow, DriftStore, SavedStream, StreamKey
@@ -31,12 +32,17 @@ from edge_agent.protocol.sketch import Sketch
 log = logging.getLogger(__name__)
 
 
+OPERATIONS = "operations/"  # the scope prefix of operations streams (errors, routes, latency, budget)
+
+
 @dataclass
 class Stream:
-    """One (model, version, scope): its detector and the window it is filling."""
+    """One (model, version, scope): its detector and the window it is filling. An operations stream has
+    a ``baseline`` instead of a reference, and no detector until the baseline is complete."""
 
     key: StreamKey
-    detector: SequentialDetector
+    detector: SequentialDetector | None
+    baseline: OperationsBaseline | None = None
     pending: dict[str, np.ndarray] = field(default_factory=dict)
     samples: int = 0
     last_scores: dict[str, float] = field(default_factory=dict)  # of the last closed window (before a reset)
@@ -48,7 +54,8 @@ class Stream:
 
     def saved(self) -> SavedStream:
         pending = {name: values.tolist() for name, values in self.pending.items()}
-        return SavedStream(self.key, self.detector.state(), pending, self.samples)
+        state = self.baseline.state() if self.baseline is not None else self.detector.state() if self.detector else {}
+        return SavedStream(self.key, state, pending, self.samples)
 
 
 class DriftMonitor:
@@ -103,8 +110,30 @@ class DriftMonitor:
                         changed[stream.key] = stream
                         if stream.samples >= self.window_calls:
                             closed.append(self._close(stream))
+                closed += self._operations(row, groups.get(row["device_id"], []), changed)
             self.store.save(rows[-1]["cursor"], [s.saved() for s in changed.values()], closed)
             return len(rows)
+
+    def _operations(
+        self, row: dict[str, Any], groups: list[str], changed: dict[StreamKey, Stream]
+    ) -> list[ClosedWindow]:
+        """Feed a batch's windows (errors, routes, budget, latency) to the operations streams."""
+        closed = []
+        for (model, version), counts in window_counts(row["windows"]).items():
+            calls = int(counts["ops/errors"].sum())
+            for scope in ["all", *(f"group:{g}" for g in groups)]:
+                key = (model, version, OPERATIONS + scope)
+                stream = self._streams.setdefault(key, Stream(key, None, OperationsBaseline()))
+                changed[key] = stream
+                assert stream.baseline is not None
+                if stream.detector is None:
+                    if stream.baseline.add(counts, calls, self.false_alarms_per_100k, self.window_calls):
+                        stream.detector = stream.baseline.detector
+                    continue
+                stream.add({n: v for n, v in counts.items() if n in stream.detector.reference}, calls)
+                if stream.samples >= self.window_calls:
+                    closed.append(self._close(stream))
+        return closed
 
     def _batch_counts(self, histograms: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, np.ndarray]]:
         """Feature counts per model version of one batch: those the version's reference knows, with the
@@ -141,6 +170,11 @@ class DriftMonitor:
         return self._streams[key]
 
     def _restore(self, saved: SavedStream) -> None:
+        pending = {name: np.asarray(values, np.int64) for name, values in saved.pending.items()}
+        if saved.key[2].startswith(OPERATIONS):
+            baseline = OperationsBaseline.from_state(saved.detector)
+            self._streams[saved.key] = Stream(saved.key, baseline.detector, baseline, pending, saved.samples)
+            return
         sketch = self._sketch(saved.key[0], saved.key[1])
         if sketch is None:
             return
@@ -150,10 +184,10 @@ class DriftMonitor:
         except (ValueError, KeyError) as exc:
             log.warning("drift state of %s is unusable (%s): starting it again", "/".join(saved.key), exc)
             detector = self._detector(sketch)
-        pending = {name: np.asarray(values, np.int64) for name, values in saved.pending.items()}
-        self._streams[saved.key] = Stream(saved.key, detector, pending, saved.samples)
+        self._streams[saved.key] = Stream(saved.key, detector, None, pending, saved.samples)
 
     def _close(self, stream: Stream) -> ClosedWindow:
+        assert stream.detector is not None
         result = stream.detector.update(stream.pending)
         window = ClosedWindow(stream.key, time.time(), stream.samples, result.combined, result.threshold,
                               result.alarm, list(result.drifting), self._feature_scores(stream, result))  # fmt: skip
@@ -172,12 +206,14 @@ class DriftMonitor:
 
     def _alert(self, key: StreamKey, result: WindowResult) -> None:
         model, version, scope = key
+        kind = "operations" if scope.startswith(OPERATIONS) else "drift"
+        scope = scope.removeprefix(OPERATIONS)
         worst = list(result.drifting[:5])
-        summary = f"drift in {model}@{version} ({scope}): {', '.join(worst)}"
+        summary = f"{kind} drift in {model}@{version} ({scope}): {', '.join(worst)}"
         scores = {name: result.scores[name].to_dict() for name in worst if name in result.scores}
         details = {"drifting": list(result.drifting[:20]), "combined": result.combined,
                    "threshold": result.threshold, "scores": scores}  # fmt: skip
-        self.alerts.raise_alert(f"drift:{model}@{version}:{scope}", "drift", "warning", model, version, scope,
+        self.alerts.raise_alert(f"{kind}:{model}@{version}:{scope}", kind, "warning", model, version, scope,
                                 summary, details)  # fmt: skip
 
     def scores(self) -> list[tuple[str, str, str, str, float]]:
@@ -187,6 +223,16 @@ class DriftMonitor:
             return [(*key, name, score) for key, stream in self._streams.items()
                     for name, score in stream.last_scores.items()]  # fmt: skip
 
+    def _references(self, model: str, version: str, scope: str) -> list[tuple[str, list[float], np.ndarray]]:
+        """(feature, bin edges, reference counts): the artifact's, or an operations stream's baseline (bins
+        numbered, the latency ones on LATENCY_EDGES_MS)."""
+        if not scope.startswith(OPERATIONS):
+            sketch = self._sketch(model, version)
+            return [(f.name, f.edges.tolist(), f.counts) for f in sketch.features] if sketch is not None else []
+        stream = self._streams.get((model, version, scope))
+        baseline = stream.baseline.counts if stream is not None and stream.baseline is not None else {}
+        return [(name, [float(i) for i in range(len(counts) + 1)], counts) for name, counts in baseline.items()]
+
     def report(self, model: str, version: str | None, scope: str = "all", since: float = 0.0) -> dict[str, Any]:
         """Features by drift score (latest window) with reference and live (merged since ``since``) counts,
         and the combined score over time."""
@@ -194,22 +240,21 @@ class DriftMonitor:
         if version is None:
             return {"model": model, "version": None, "scope": scope, "windows": [], "features": []}
         windows = self.store.windows(model, version, scope, since)
-        sketch = self._sketch(model, version)
         live: dict[str, np.ndarray] = {}
         for window in windows:
             for name, scored in window.features.items():
-                window_counts = np.asarray(scored["counts"], np.int64)
-                live[name] = live[name] + window_counts if name in live else window_counts
+                counts = np.asarray(scored["counts"], np.int64)
+                live[name] = live[name] + counts if name in live else counts
         latest = windows[-1].features if windows else {}
         features = []
-        for feature in sketch.features if sketch is not None else ():
-            counts = live.get(feature.name)
-            row: dict[str, Any] = {"name": feature.name, "score": latest.get(feature.name, {}).get("score", 0.0),
-                                   "edges": feature.edges.tolist(), "reference": feature.counts.tolist(),
-                                   "live": counts.tolist() if counts is not None else None}  # fmt: skip
-            if counts is not None and counts.sum():
-                row.update(psi=psi(feature.counts, counts), js=js_distance(feature.counts, counts),
-                           p_value=g_test(feature.counts, counts).p_value)  # fmt: skip
+        for name, edges, reference in self._references(model, version, scope):
+            seen = live.get(name)
+            row: dict[str, Any] = {"name": name, "score": latest.get(name, {}).get("score", 0.0), "edges": edges,
+                                   "reference": reference.tolist(),
+                                   "live": None if seen is None else seen.tolist()}  # fmt: skip
+            if seen is not None and seen.sum():
+                row.update(psi=psi(reference, seen), js=js_distance(reference, seen),
+                           p_value=g_test(reference, seen).p_value)  # fmt: skip
             features.append(row)
         features.sort(key=lambda r: -r["score"])
         history = [{"at": w.at, "samples": w.samples, "combined": w.combined, "threshold": w.threshold,

@@ -77,11 +77,12 @@ class WindowResult:
         }
 
 
-def alarm_threshold(n_features: int, *, false_alarms_per_100k: float, window_calls: int) -> float:
+def alarm_threshold(n_features: int, *, false_alarms_per_100k: float, window_calls: int,
+                    alternatives: int = len(ALTERNATIVES)) -> float:  # fmt: skip
     """h such that 4 * n_features + 1 CUSUMs raise at most the given rate per 100,000 samples."""
     if false_alarms_per_100k <= 0 or window_calls <= 0 or n_features <= 0:
         raise ValueError("false_alarms_per_100k, window_calls and the number of features must be positive")
-    cusums = len(ALTERNATIVES) * n_features + 1
+    cusums = alternatives * n_features + 1
     alarms_per_window = false_alarms_per_100k * window_calls / 100_000
     return max(math.log(cusums / alarms_per_window), 0.0)
 
@@ -116,7 +117,10 @@ class SequentialDetector:
         shift: float = 0.5,
         weight: float = 0.5,
         independent_features: bool = False,
+        watch: tuple[str, ...] = ALTERNATIVES,
     ) -> None:
+        """``watch``: the alternatives to raise on (e.g. only ``mean_up`` for error rates and latency,
+        where only a rise matters); the others are never evidence, and the threshold counts only these."""
         if not reference:
             raise ValueError("the reference has no features")
         if not 0 < weight < 1 or shift <= 0:
@@ -131,9 +135,12 @@ class SequentialDetector:
         self.shift = float(shift)
         self.weight = float(weight)
         self.independent_features = bool(independent_features)
-        self.threshold = alarm_threshold(
-            len(self.names), false_alarms_per_100k=false_alarms_per_100k, window_calls=window_calls
-        )
+        if not watch or not set(watch) <= set(ALTERNATIVES):
+            raise ValueError(f"watch: choose among {', '.join(ALTERNATIVES)}")
+        self.watch = tuple(a for a in ALTERNATIVES if a in watch)
+        self._unwatched = [i for i, a in enumerate(ALTERNATIVES) if a not in self.watch]
+        self.threshold = alarm_threshold(len(self.names), false_alarms_per_100k=false_alarms_per_100k,
+                                         window_calls=window_calls, alternatives=len(self.watch))  # fmt: skip
         self.digest = reference_digest(self.reference)
         self.reset()
 
@@ -152,6 +159,7 @@ class SequentialDetector:
         ratios = np.zeros((len(self.names), len(ALTERNATIVES)))
         for i in present:
             ratios[i] = self.models[self.names[i]].log_ratios(counts[self.names[i]])
+        ratios[:, self._unwatched] = -np.inf  # never evidence: the CUSUM stays at 0, the mixture ignores it
         self.step(ratios, present)
         self.windows += 1
         self.samples += max((int(c.sum()) for c in counts.values()), default=0)
@@ -219,6 +227,7 @@ class SequentialDetector:
             "shift": self.shift,
             "weight": self.weight,
             "independent_features": self.independent_features,
+            "watch": list(self.watch),
             "windows": self.windows,
             "samples": self.samples,
             "combined": self.combined,
@@ -239,6 +248,7 @@ class SequentialDetector:
             shift=float(state["shift"]),
             weight=float(state["weight"]),
             independent_features=bool(state["independent_features"]),
+            watch=tuple(state.get("watch", ALTERNATIVES)),
         )
         if detector.digest != state["reference_sha256"]:
             raise ValueError("the detector state was saved for a different reference; start a new detector")
