@@ -32,6 +32,7 @@ def report(
     group: Annotated[str | None, typer.Option(help="Only devices of this group (default: every device)")] = None,
     since: Annotated[str | None, typer.Option(help="Only windows since: 30m, 2h, 1d or Unix seconds")] = None,
     plot: Annotated[Path | None, typer.Option(help="Also draw FILE.png or FILE.html (histograms, scores)")] = None,
+    operations: Annotated[bool, typer.Option(help="Errors, routes, budget, latency vs its first 2,000 calls")] = False,
     hub: HubUrl = None, token: Token = None, state_dir: StateDir = Path("hub-state"), as_json: AsJson = False,
 ) -> None:  # fmt: skip
     """Features of a model version by drift score (latest window's CUSUM over the alarm threshold: 1 or
@@ -39,7 +40,8 @@ def report(
     if plot is not None and plot.suffix.lower() not in (".png", ".html"):
         raise fail(f"--plot {plot}: name a .png or .html file")
     name, _, version = model.partition("@")
-    query = {"scope": f"group:{group}" if group else "all", "since": _since(since)}
+    scope = f"group:{group}" if group else "all"
+    query = {"scope": f"operations/{scope}" if operations else scope, "since": _since(since)}
     if version:
         query["version"] = version
     path = f"/v1/drift/{quote(name, safe='')}?{urlencode(query)}"

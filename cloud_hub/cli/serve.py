@@ -89,6 +89,18 @@ def serve_command(
     public_metrics: Annotated[
         bool, typer.Option(help="Serve GET /metrics on the admin port without the operator token")
     ] = False,
+    drift_window_calls: Annotated[
+        int, typer.Option(min=10, help="Samples per drift window of a model version and scope (all, each group)")
+    ] = 200,
+    drift_interval: Annotated[float, typer.Option(min=0.1, help="Seconds between drift job runs")] = 10.0,
+    drift_false_alarms: Annotated[
+        float,
+        typer.Option(
+            "--drift-false-alarms-per-100k",
+            min=1e-6,
+            help="Drift detector's false-alarm budget per 100,000 clean samples, all features together",
+        ),
+    ] = 1.0,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
 ) -> None:
     """Run the hub: registry, MQTT control plane, OIP gRPC inference and the admin API."""
@@ -122,5 +134,8 @@ def serve_command(
         deploy_timeout,
         alert_webhook=alert_webhook,
         public_metrics=public_metrics,
+        drift_window_calls=drift_window_calls,
+        drift_interval_s=drift_interval,
+        drift_false_alarms_per_100k=drift_false_alarms,
     )
     run(lambda: serve(config))
