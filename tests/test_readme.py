@@ -5,7 +5,7 @@ Two things differ from a person at a terminal, and only these: the fixed ports o
 8080) become free ones (``cloud-hub serve`` gets ``--broker-port/--grpc-port/--admin-port`` and the
 operator commands ``EDGEFED_HUB_URL``), and after a command that starts a daemon in the background the
 test waits for it as a person would (the hub's admin port answers; the hub has heard from the agent).
-The last command (telemetry) is repeated until the agent's first upload arrives (it uploads every 5 s).
+The telemetry command is repeated until the agent's first upload arrives (it uploads every 5 s).
 """
 
 from __future__ import annotations
@@ -127,12 +127,13 @@ def test_the_readme_tour_runs_as_written(tour: Tour) -> None:
     snippet = outputs[-1]
     assert re.search(r"\[\d \d \d \d\] local 1\.0\.0 [\d.]+ ms", snippet), snippet
     assert "Interface(inputs=(TensorSpec(name='input'" in snippet
-    [telemetry] = commands(blocks[2][1])
+    telemetry, alerts = commands(blocks[2][1])
     shown = wait_for("the agent's telemetry at the hub", lambda: (out := tour.run(telemetry)) and
                      "digits-cnn" in out and out, timeout_s=60)  # fmt: skip
     assert re.search(r"dev-1\W+[0-9a-f]+\W+\d+\W+digits-cnn\W+1\.0\.0\W+local\W+1\W+0\W", shown), shown
     assert "…" not in shown  # a pipe gets the whole table
     rows = json.loads(tour.run(f"{telemetry} --json"))
     assert isinstance(rows[0]["mean ms"], float) and rows[0]["over budget"] == 0
+    assert "digits-cnn" not in tour.run(alerts)  # the validation set is what the reference was made of
     status = json.loads(tour.run("edge-agent status --state-dir dev"))
     assert status["broker"]["connected"] and status["active"] == {"digits-cnn": "1.0.0"}
