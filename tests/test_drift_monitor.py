@@ -37,9 +37,10 @@ def sensor(tmp_path: Path, keys: tuple[Path, Path]) -> Path:
 class Device:
     """Sends the batches an agent would: its sampled calls' feature counts on the reference."""
 
-    def __init__(self, hub: Hub, device_id: str, sketch: Sketch, groups: list[str]) -> None:
+    def __init__(self, hub: Hub, device_id: str, sketch: Sketch, groups: list[str],
+                 tags: dict[str, str] | None = None) -> None:  # fmt: skip
         self.hub, self.device_id, self.sketch, self.seq = hub, device_id, sketch, 0
-        hub.registry.upsert_device(device_id, profile="x86-64-generic", groups=groups)
+        hub.registry.upsert_device(device_id, profile="x86-64-generic", groups=groups, tags=tags or {})
 
     def send(self, x: np.ndarray) -> None:
         self.seq += 1
@@ -68,7 +69,7 @@ def test_a_shift_in_one_feature_raises_one_alert_per_scope_naming_it(hub: Hub, s
     admin(hub).add_artifact(sensor)
     sketch = Sketch.load(sensor)
     assert sketch is not None
-    lab = Device(hub, "dev-lab", sketch, ["lab"])
+    lab = Device(hub, "dev-lab", sketch, ["lab"], {"site": "north"})
     other = Device(hub, "dev-other", sketch, [])
     for _ in range(40):  # 40 windows of 200 clean samples in scope "all", 20 in group:lab
         lab.send(clean(100))
@@ -79,7 +80,7 @@ def test_a_shift_in_one_feature_raises_one_alert_per_scope_naming_it(hub: Hub, s
         lab.send(shifted(100))
     hub.drift.run_once()
     alerts = {a.scope: a for a in drift_alerts(hub)}
-    assert set(alerts) == {"all", "group:lab"} and all(a.state == "open" for a in alerts.values())
+    assert set(alerts) == {"all", "group:lab", "tag:site=north"} and all(a.state == "open" for a in alerts.values())
     assert alerts["group:lab"].key == "drift:sensor@1.0.0:group:lab"
     assert alerts["group:lab"].details["drifting"][0] == "input/3"
     assert "input/3" in alerts["group:lab"].summary

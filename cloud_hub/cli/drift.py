@@ -30,6 +30,7 @@ def _since(text: str | None) -> float:
 def report(
     model: Annotated[str, typer.Argument(help="NAME or NAME@VERSION (default: the version scored last)")],
     group: Annotated[str | None, typer.Option(help="Only devices of this group (default: every device)")] = None,
+    tag: Annotated[str | None, typer.Option(help="Only devices with this tag, KEY=VALUE")] = None,
     since: Annotated[str | None, typer.Option(help="Only windows since: 30m, 2h, 1d or Unix seconds")] = None,
     plot: Annotated[Path | None, typer.Option(help="Also draw FILE.png or FILE.html (histograms, scores)")] = None,
     operations: Annotated[bool, typer.Option(help="Errors, routes, budget, latency vs its first 2,000 calls")] = False,
@@ -40,7 +41,11 @@ def report(
     if plot is not None and plot.suffix.lower() not in (".png", ".html"):
         raise fail(f"--plot {plot}: name a .png or .html file")
     name, _, version = model.partition("@")
-    scope = f"group:{group}" if group else "all"
+    if group and tag:
+        raise fail("--group and --tag: give one of them")
+    if tag is not None and "=" not in tag:
+        raise fail(f"--tag {tag!r}: write it as KEY=VALUE")
+    scope = f"group:{group}" if group else f"tag:{tag}" if tag else "all"
     query = {"scope": f"operations/{scope}" if operations else scope, "since": _since(since)}
     if version:
         query["version"] = version

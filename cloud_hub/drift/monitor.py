@@ -3,10 +3,11 @@ detector → alerts.
 
 Every ``interval_s`` it reads the telemetry batches stored since its cursor, adds each batch's feature
 counts (the sampled calls' counts; they are a uniform sample, so the test needs no scaling) to the open
-window of the model version for every scope the device is in (``all`` and ``group:G`` for each of its
-groups), and when a window holds ``window_calls`` samples closes it: the detector scores it, and an
-alarm raises (or refreshes) the alert ``drift:MODEL@VERSION:SCOPE`` naming the drifting features, after
-which that stream's detector starts again. Counts are compared with the artifact's ``reference.json``.
+window of the model version for every scope the device is in (``all``, ``group:G`` for each of its
+groups, ``tag:K=V`` for each of its tags), and when a window holds ``window_calls`` samples closes it:
+the detector scores it, and an alarm raises (or refreshes) the alert ``drift:MODEL@VERSION:SCOPE``
+naming the drifting features, after which that stream's detector starts again. Counts are compared with
+the artifact's ``reference.json``.
 """
 
 from __future__ import annotations
@@ -58,6 +59,12 @@ class Stream:
         return SavedStream(self.key, state, pending, self.samples)
 
 
+def device_scopes(device: dict[str, Any]) -> list[str]:
+    """The scopes a device's counts go to: ``all``, ``group:G`` per group, ``tag:K=V`` per tag."""
+    tags = device.get("tags") or {}
+    return ["all", *(f"group:{g}" for g in device.get("groups") or []), *(f"tag:{k}={v}" for k, v in tags.items())]
+
+
 class DriftMonitor:
     def __init__(self, registry: Registry, artifacts: ArtifactStore, alerts: AlertStore, db_path: str, *,
                  window_calls: int = 200, false_alarms_per_100k: float = 1.0,
@@ -96,13 +103,13 @@ class DriftMonitor:
             rows = self.registry.telemetry_after(self.store.cursor(), limit)
             if not rows:
                 return 0
-            groups = {d["device_id"]: d.get("groups") or [] for d in self.registry.devices()}
+            scopes = {d["device_id"]: device_scopes(d) for d in self.registry.devices()}
             changed: dict[StreamKey, Stream] = {}
             closed: list[ClosedWindow] = []
             for row in rows:
                 for (model, version), counts in self._batch_counts(row["histograms"]).items():
                     samples = max(int(c.sum()) for c in counts.values())
-                    for scope in ["all", *(f"group:{g}" for g in groups.get(row["device_id"], []))]:
+                    for scope in scopes.get(row["device_id"], ["all"]):
                         stream = self._stream((model, version, scope))
                         if stream is None:
                             continue
@@ -110,18 +117,18 @@ class DriftMonitor:
                         changed[stream.key] = stream
                         if stream.samples >= self.window_calls:
                             closed.append(self._close(stream))
-                closed += self._operations(row, groups.get(row["device_id"], []), changed)
+                closed += self._operations(row, scopes.get(row["device_id"], ["all"]), changed)
             self.store.save(rows[-1]["cursor"], [s.saved() for s in changed.values()], closed)
             return len(rows)
 
     def _operations(
-        self, row: dict[str, Any], groups: list[str], changed: dict[StreamKey, Stream]
+        self, row: dict[str, Any], scopes: list[str], changed: dict[StreamKey, Stream]
     ) -> list[ClosedWindow]:
         """Feed a batch's windows (errors, routes, budget, latency) to the operations streams."""
         closed = []
         for (model, version), counts in window_counts(row["windows"]).items():
             calls = int(counts["ops/errors"].sum())
-            for scope in ["all", *(f"group:{g}" for g in groups)]:
+            for scope in scopes:
                 key = (model, version, OPERATIONS + scope)
                 stream = self._streams.setdefault(key, Stream(key, None, OperationsBaseline()))
                 changed[key] = stream
