@@ -116,9 +116,21 @@ def write_artifact(profile: DeviceProfile, choice: Choice, fp32: Path, val: Feed
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    warnings = [*choice.fallbacks, *([warning] if warning else [])]
+    warnings = [*choice.fallbacks, *([warning] if warning else []), *reference_warnings(len(reference))]
     return ProfileReport(profile.id, str(final), manifest.artifact_id, choice.variant.kind, choice.reason,
                          choice.attempts, runtime=choice.runtime, warnings=warnings)  # fmt: skip
+
+
+MIN_REFERENCE_SAMPLES = 2000
+
+
+def reference_warnings(samples: int) -> list[str]:
+    """The drift detector takes the reference's proportions as exact: from few samples they are not,
+    and a clean stream raises more false alarms (about 2 per 100,000 samples from 500, docs/drift.md)."""
+    if samples >= MIN_REFERENCE_SAMPLES:
+        return []
+    return [f"drift reference from {samples} validation samples: give --val at least {MIN_REFERENCE_SAMPLES} "
+            "for the hub's drift alarms to keep their false-alarm rate"]  # fmt: skip
 
 
 def _payload(staging: Path, choice: Choice, fp32: Path, val: Feeds, reference: np.ndarray, batch: Batch) -> None:

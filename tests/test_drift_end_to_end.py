@@ -37,6 +37,8 @@ def metric(url: str, token: str, name: str) -> list[tuple[dict[str, str], float]
 def test_shifted_digits_raise_a_drift_alert_shown_in_metrics_and_a_report_plot(
     hub: Hub, tmp_path: Path, keys: tuple[Path, Path], digits_artifact: dict[str, Any]
 ) -> None:
+    warnings = digits_artifact["report"].warnings
+    assert any(w.startswith(f"drift reference from {len(digits_artifact['x'])} validation samples") for w in warnings)
     assert hub.admin is not None
     url, token = f"http://127.0.0.1:{hub.admin.port}", operator_token(hub.config.state_dir)
     admin = AdminClient(url, token)
