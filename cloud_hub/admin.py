@@ -110,6 +110,16 @@ class AdminApi:
             route("GET", "/v1/deployments/{id}", lambda r, p, q: hub.deployment(p["id"])),
             route("POST", "/v1/deployments", lambda r, p, q: self._deploy(r)),
             route("GET", "/v1/telemetry", lambda r, p, q: hub.registry.telemetry(q.get("device", [None])[0])),
+            route(
+                "GET",
+                "/v1/examples",
+                lambda r, p, q: hub.examples.list(q.get("model", [None])[0], q.get("device", [None])[0]),
+            ),
+            route(
+                "GET",
+                "/v1/examples/{id}/npz",
+                lambda r, p, q: Raw(hub.examples.read(p["id"]), "application/octet-stream"),
+            ),
             route("GET", "/v1/usage", lambda r, p, q: (hub.flush_usage(), hub.registry.usage())[1]),
             route(
                 "GET",

@@ -41,7 +41,8 @@ class AdminClient:
         self.timeout_s = timeout_s
 
     def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
-                length: int | None = None) -> Any:  # fmt: skip
+                length: int | None = None, raw: bool = False) -> Any:  # fmt: skip
+        """The reply's JSON (its bytes with ``raw``); NotFound, Conflict or HubError naming the cause."""
         req = urllib.request.Request(f"{self.url}{path}", data=body, method=method)
         if length is not None:
             req.add_header("Content-Length", str(length))
@@ -49,7 +50,8 @@ class AdminClient:
         req.add_header("Content-Type", content_type)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as response:
-                return json.loads(response.read())
+                data = response.read()
+                return data if raw else json.loads(data)
         except urllib.error.HTTPError as exc:
             try:
                 message = json.loads(exc.read()).get("error", exc.reason)

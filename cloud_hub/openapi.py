@@ -68,6 +68,15 @@ def spec() -> dict[str, Any]:
                                              "parameters": _PATH_ID}},
             "/v1/telemetry": {"get": {**_op("Stored telemetry batches", _LIST), "parameters": [
                 {"name": "device", "in": "query", "required": False, "schema": _STR}]}},
+            "/v1/examples": {"get": {**_op("Hard examples devices uploaded (opt-in), newest first; no arrays",
+                                           _LIST), "parameters": [
+                {"name": "model", "in": "query", "required": False, "schema": _STR},
+                {"name": "device", "in": "query", "required": False, "schema": _STR}]}},
+            "/v1/examples/{id}/npz": {"get": {"summary": "One hard example's arrays (.npz: input/NAME, output/NAME)",
+                                              "parameters": _PATH_ID, "responses": {
+                "200": {"description": "OK", "content": {"application/octet-stream": {
+                    "schema": {"type": "string", "format": "binary"}}}},
+                "401": {"description": "Missing or wrong operator token"}, "404": {"description": "Unknown"}}}},
             "/v1/usage": {"get": _op("Cloud inference calls per device and model", _LIST)},
             "/v1/alerts": {"get": {**_op("Alerts, most recently seen first", _LIST), "parameters": [
                 {"name": "state", "in": "query", "required": False, "schema": {

@@ -5,6 +5,7 @@ in one process that owns the hub's state directory.
     STATE/artifacts/{id}/    content-addressed artifacts
     STATE/trust/*.pub        keys whose signatures the hub accepts on upload
     STATE/operator.token     the admin API token (mode 0600), created on first start
+    STATE/examples/          opt-in hard examples devices uploaded (cloud_hub/examples.py)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from cloud_hub.broker import EmbeddedBroker
 from cloud_hub.control import ControlPlane
 from cloud_hub.drift.monitor import DriftMonitor
 from cloud_hub.errors import Conflict, NotFound
+from cloud_hub.examples import EXAMPLES_DIR, MAX_PER_DEVICE, ExampleIngest, ExampleStore
 from cloud_hub.inference import (
     InferenceOptions,
     InferenceServer,
@@ -69,6 +71,7 @@ class HubConfig:
     public_metrics: bool = False  # serve GET /metrics without the operator token
     drift_window_calls: int = 200  # samples per drift window of a model version and scope
     drift_interval_s: float = 10.0  # how often the drift job reads new telemetry
+    examples_per_device: int = MAX_PER_DEVICE  # hard examples kept per device (its oldest go first)
     drift_false_alarms_per_100k: float = 1.0  # the detector's false-alarm budget per 100,000 clean samples
 
 
@@ -115,6 +118,7 @@ class Hub:
         self.webhook = AlertWebhook(config.alert_webhook) if config.alert_webhook else None
         if self.webhook is not None:
             self.alerts.subscribe(self.webhook)
+        self.examples = ExampleStore(state / EXAMPLES_DIR, config.examples_per_device)
         self.drift = DriftMonitor(self.registry, self.store, self.alerts, str(state / "registry.db"),
                                   window_calls=config.drift_window_calls, interval_s=config.drift_interval_s,
                                   false_alarms_per_100k=config.drift_false_alarms_per_100k)  # fmt: skip
@@ -124,6 +128,7 @@ class Hub:
             self.broker.start()
         self.control = ControlPlane(self.broker_url, self.registry, self.store, self.topics, self.config.max_chunk_rate,
                                     shared_above=self.config.shared_above)  # fmt: skip
+        ExampleIngest(self.examples, self.control.mqtt, self.topics)  # devices/+/examples → stored, acknowledged
         self.control.start()
         if self.config.inference.processes == 1:
             self.grpc_server = start_inference_server(
@@ -168,6 +173,7 @@ class Hub:
             self.webhook.stop()
         if self.control is not None:
             self.control.stop()
+        self.examples.close()
         if self.broker is not None:
             self.broker.stop()
 
@@ -185,6 +191,7 @@ class Hub:
             "chunks_sent": control.chunks_sent if control else 0,
             "corrupt_chunks": control.corrupt_chunks if control else 0,
             "malformed_messages": control.mqtt.malformed if control else 0,
+            "hard_examples": dict(self.examples.counters),
         }
 
     def drift_scores(self) -> list[tuple[str, str, str, str, float]]:

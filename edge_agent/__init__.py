@@ -13,6 +13,7 @@ from edge_agent.errors import (
     ModelNotDeployed,
     StoreError,
 )
+from edge_agent.examples import HardExamples
 from edge_agent.protocol.manifest import Interface, TensorSpec
 
 __version__ = "0.1.0"
@@ -23,6 +24,7 @@ __all__ = [
     "ConfigError",
     "EdgeClient",
     "EdgefedError",
+    "HardExamples",
     "InferResult",
     "InferenceFailed",
     "InputMismatch",

@@ -25,6 +25,7 @@ import numpy as np
 from device_profiles import DeviceProfile, get_profile
 from edge_agent import __version__
 from edge_agent.config import AgentConfig
+from edge_agent.example_upload import ExampleUploader
 from edge_agent.journal import JOURNAL_DIR, InstallJournal
 from edge_agent.mqtt import MqttConnection
 from edge_agent.protocol.artifact import check_freshness
@@ -88,6 +89,8 @@ class Agent:
         )
         self.mqtt.route(self.topics.desired(self.device_id), self._enqueue(self._on_desired))
         self.mqtt.route(self.topics.telemetry_ack(self.device_id), self._enqueue(self._on_ack))
+        self.examples = ExampleUploader(state_dir, self.mqtt, self.topics, self.device_id)  # opt-in hard examples
+        self.mqtt.route(self.topics.examples_ack(self.device_id), self._enqueue(self.examples.on_ack))
         self.mqtt.route(self.topics.device_chunks(self.device_id), self._enqueue(self._on_chunk))
         self.events: queue.Queue[Callable[[], None]] = queue.Queue(maxsize=1024)
         self.transfers: dict[str, tuple[DesiredModel, Transfer, float]] = {}
@@ -114,6 +117,7 @@ class Agent:
     def _on_connect(self) -> None:
         self.mqtt.publish(self.topics.status(self.device_id), to_wire(Status("online", now_text())), retain=True)
         self.events.put(self._publish_reported)
+        self.events.put(functools.partial(self.examples.reset, time.monotonic()))  # unacknowledged: again
         self.ask_desired_at = time.monotonic() + ASK_DESIRED_AFTER_S  # the retained copy comes first
         for artifact_id in list(self.transfers):
             self.events.put(functools.partial(self._request_missing, artifact_id))
@@ -334,6 +338,7 @@ class Agent:
                 if now >= next_telemetry:
                     self.send_telemetry()
                     next_telemetry = now + self.config.telemetry_interval_s
+                self.examples.send(now)
         finally:
             offline = to_wire(Status("offline", now_text()))
             if self.mqtt.connected:

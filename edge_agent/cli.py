@@ -73,6 +73,12 @@ def init(
     cloud_token: Annotated[str | None, typer.Option(help="Bearer token from `cloud-hub devices token`")] = None,
     cloud_ca: Annotated[str | None, typer.Option(help="CA bundle for a grpcs:// cloud")] = None,
     profile: Annotated[str | None, typer.Option(help="Profile id; default: detected")] = None,
+    spool_max_calls: Annotated[
+        int, typer.Option(min=1, help="Telemetry spool cap: calls kept while the hub is unreachable")
+    ] = AgentConfig.spool_max_calls,
+    spool_full: Annotated[
+        str, typer.Option(help="When the spool is full: drop_oldest or reject_new (both counted as dropped)")
+    ] = AgentConfig.spool_full,
     state_dir: StateDir = None,
 ) -> None:
     """Write the agent configuration and trusted keys into the state directory."""
@@ -81,7 +87,8 @@ def init(
         profile_id = profile or _detected()
         get_profile(profile_id)
         config = AgentConfig(device_id=device_id, profile=profile_id, broker=broker, cloud=cloud,
-                             cloud_token=cloud_token, cloud_ca=cloud_ca)  # fmt: skip
+                             cloud_token=cloud_token, cloud_ca=cloud_ca, spool_max_calls=spool_max_calls,
+                             spool_full=spool_full)  # fmt: skip
         (state / "trust").mkdir(parents=True, exist_ok=True)
         for key in trust:
             shutil.copyfile(key, state / "trust" / key.name)
@@ -256,6 +263,7 @@ def rollback(name: Annotated[str, typer.Argument(help="Model name")], state_dir:
 @app.command()
 def status(state_dir: StateDir = None) -> None:
     """Configuration, installed models and telemetry spool of this device."""
+    from edge_agent.example_spool import ExampleSpool, spool_dir
     from edge_agent.telemetry import SPOOL_FILE, Spool
 
     state = _state(state_dir)
@@ -274,6 +282,7 @@ def status(state_dir: StateDir = None) -> None:
         "dropped": spool.counter("dropped"),
         "budget_breaches": spool.counter("budget_breaches"),
         "spool_resets": spool.counter("spool_resets"),
+        "hard_examples": ExampleSpool(spool_dir(state), create=False).status(),  # opt-in: all 0 unless an app kept some
     }
     print(json.dumps(report, indent=2))
 

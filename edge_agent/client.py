@@ -31,6 +31,8 @@ from edge_agent.errors import (
     InputMismatch,
     ModelNotDeployed,
 )
+from edge_agent.example_spool import ExampleSpool, spool_dir
+from edge_agent.examples import ExampleKeeper, HardExamples
 from edge_agent.hotswap import ActiveModels, Loaded
 from edge_agent.protocol.manifest import Interface
 from edge_agent.routing import POLICIES, CircuitBreaker, Confidence, RateBudget, confidence
@@ -66,6 +68,8 @@ class EdgeClient:
     ``EdgeClient()`` reads the state directory the agent wrote (``EDGEFED_STATE_DIR`` or the default);
     ``cloud`` overrides the agent's cloud endpoint (``grpc://host:port``) and ``cloud=False`` disables it.
     ``cache_size`` > 0 enables an LRU prediction cache keyed by the input bytes and the model version.
+    ``hard_examples=HardExamples(...)`` opts in to keeping samples for retraining (``keep_example`` and
+    an optional low-confidence policy; docs/sdk.md, "Hard examples"): off by default, nothing is kept.
     """
 
     def __init__(
@@ -84,6 +88,7 @@ class EdgeClient:
         confidence_measure: Confidence = "max_softmax",
         cloud_budget_per_minute: float | None = None,
         cloud_retries: int = 2,
+        hard_examples: HardExamples | None = None,
     ) -> None:
         self.state_dir = Path(state_dir) if state_dir else default_state_dir()
         if not self.state_dir.is_dir():
@@ -125,6 +130,9 @@ class EdgeClient:
         self.budget_breaches = 0  # local calls over the latency budget (also counted in telemetry)
         self._breaches_lock = threading.Lock()
         self._cache = PredictionCache(cache_size) if cache_size > 0 else None
+        self._examples = (ExampleKeeper(ExampleSpool(spool_dir(self.state_dir)), hard_examples,
+                                        config.device_id if config else "") if hard_examples else None)  # fmt: skip
+        self._watch = self._examples if hard_examples and hard_examples.low_confidence_below is not None else None
 
     def _config(self) -> AgentConfig | None:
         try:
@@ -230,6 +238,8 @@ class EdgeClient:
         if self._recorder is not None:
             self._recorder.record(model, version, "local", latency_ms, True, loaded.reference, checked, outputs,
                                   over_budget=over_budget)  # fmt: skip
+        if self._watch is not None:  # the opt-in low-confidence policy: copy and enqueue
+            self._watch.observe(model, version, checked, outputs)
         if self._cache is not None:
             self._cache.put(model, version, checked, outputs)
         return InferResult(outputs, model, version, "local", latency_ms, reason + "active locally")
@@ -315,6 +325,32 @@ class EdgeClient:
             self._recorder.record(model, version, route, latency_ms, ok)
         return latency_ms
 
+    def keep_example(self, model: str, inputs: Inputs | np.ndarray, outputs: dict[str, np.ndarray] | None = None,
+                     reason: str = "marked by the app", version: str | None = None) -> str | None:  # fmt: skip
+        """Keep a sample for retraining (opt-in: ``hard_examples=HardExamples(...)``): its arrays are
+        copied and written to the example spool off the caller's thread; the agent uploads it to the hub.
+        Returns its id, or None when refused (over ``max_example_bytes``, queue full: counted).
+        ``version`` defaults to the version active here."""
+        if self._examples is None:
+            raise ConfigError("hard examples are off for this client: pass EdgeClient(..., "
+                              "hard_examples=HardExamples()) to keep samples for upload")  # fmt: skip
+        active = self.store.active(model)
+        if type(inputs) is not dict:  # a bare array: the one input of the version active here
+            specs = self.store.manifest(model, active.version).inputs if active else ()
+            if len(specs) != 1:
+                raise InputMismatch("-", f"a dict of named inputs for {model}", "a bare array")
+            inputs = {specs[0].name: inputs}  # type: ignore[dict-item]
+        if version is None:
+            version = active.version if active else ""
+        return self._examples.keep(model, version, inputs, outputs, reason)  # type: ignore[arg-type]
+
+    def example_counters(self) -> dict[str, int]:
+        """The device's hard-example counters (every process's) and what waits in the spool."""
+        if self._examples is None:
+            return {}
+        self._examples.flush()
+        return self._examples.spool.status()
+
     # housekeeping ------------------------------------------------------------------------------
     def model_info(self, name: str) -> ModelInfo:
         """A model's versions here and its interface: the active local version's, else the cloud's."""
@@ -339,6 +375,8 @@ class EdgeClient:
 
     def close(self) -> None:
         self._active.close()
+        if self._examples is not None:
+            self._examples.close()
         if self._recorder is not None:
             self._recorder.close()
         if self._cloud is not None:

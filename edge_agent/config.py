@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 from edge_agent.errors import ConfigError
 from edge_agent.protocol.atomic import atomic_write_bytes
 from edge_agent.protocol.topics import DEFAULT_ROOT, valid_device_id
+from edge_agent.spool_schema import DEFAULT_MAX_CALLS, DROP_OLDEST, FULL_POLICIES
 
 STATE_DIR_ENV = "EDGEFED_STATE_DIR"
 CONFIG_FILE = "agent.json"
@@ -54,6 +55,8 @@ class AgentConfig:
     cloud_ca: str | None = None  # CA bundle for grpcs:// endpoints
     topic_root: str = DEFAULT_ROOT
     telemetry_interval_s: float = 5.0
+    spool_max_calls: int = DEFAULT_MAX_CALLS  # the telemetry spool's cap (calls waiting to be sent)
+    spool_full: str = DROP_OLDEST  # past the cap: drop_oldest or reject_new (both counted as dropped)
 
     def __post_init__(self) -> None:
         if not valid_device_id(self.device_id):
@@ -63,6 +66,10 @@ class AgentConfig:
             parse_endpoint(self.cloud.replace("grpcs://", "grpc://", 1), "grpc", "cloud", 8001)
         if self.telemetry_interval_s <= 0:
             raise ConfigError("telemetry_interval_s: must be positive")
+        if type(self.spool_max_calls) is not int or self.spool_max_calls < 1:
+            raise ConfigError(f"spool_max_calls: {self.spool_max_calls!r} is not a positive whole number of calls")
+        if self.spool_full not in FULL_POLICIES:
+            raise ConfigError(f"spool_full: {self.spool_full!r} is not one of {', '.join(FULL_POLICIES)}")
 
     @classmethod
     def load(cls, state_dir: Path) -> AgentConfig:

@@ -10,6 +10,18 @@ hub on (device, epoch, seq). A spool file written by an older version is migrate
 
 The spool's ``epoch`` is a random id made with it (and given to an older file when it is opened) and
 sent in every batch: a spool made again starts ``seq`` at 1 under a new epoch, which the hub keeps apart.
+
+**Cap and full policy.** At most ``max_calls`` calls wait in the ``calls`` table (the batch in flight, in
+the outbox, is no longer counted there); past that, ``drop_oldest`` deletes the oldest rows (one write of
+one app each) and ``reject_new`` refuses the newest calls of the write; either way the
+calls lost are counted in ``dropped`` and reported to the hub, so generated = delivered + dropped. Both
+come from ``agent.json`` (``spool_max_calls``, ``spool_full``) in the spool's directory unless given.
+
+**Durability.** WAL with ``synchronous=NORMAL`` (docs/sdk.md, Telemetry): a commit is in the OS's cache
+when it returns, so a process crash (even SIGKILL) loses nothing committed; the WAL is fsynced only at
+checkpoints, so a power cut or an OS crash can roll back the commits since the last one (the file stays
+consistent).
+
 A spool file deleted or corrupted under running processes is made again (a corrupted one is set aside
 as ``telemetry.db.corrupt-TIME``); what the old one still held unsent is counted as ``dropped`` (once,
 however many processes notice) and ``spool_resets`` counts the re-creations.
@@ -31,11 +43,18 @@ from pathlib import Path
 import numpy as np
 
 from edge_agent.calls import CallBlock, TensorCounts, aggregate
+from edge_agent.config import AgentConfig
+from edge_agent.errors import ConfigError
 from edge_agent.protocol.errors import MessageError
 from edge_agent.protocol.messages import TelemetryBatch, TensorHistogram, from_wire
 from edge_agent.spool_schema import (
+    DEFAULT_MAX_CALLS,
+    DROP_OLDEST,
+    FULL_POLICIES,
+    REJECT_NEW,
     SCHEMA,
     Identity,
+    admit,
     bump,
     counter_in,
     epoch_in,
@@ -49,7 +68,7 @@ from edge_agent.spool_schema import (
 log = logging.getLogger(__name__)
 
 SPOOL_FILE = "telemetry.db"
-MAX_SPOOL_CALLS = 1_000_000
+MAX_SPOOL_CALLS = DEFAULT_MAX_CALLS
 
 
 class Spool:
@@ -57,10 +76,18 @@ class Spool:
 
     ``append`` keeps one connection open (a writer thread appends a few times a second; opening and
     closing a WAL database each time cost a connect and a checkpoint); the other methods open their own.
+    ``max_calls`` and ``full_policy`` (``drop_oldest`` or ``reject_new``) default to ``agent.json``'s
+    ``spool_max_calls`` and ``spool_full`` in the spool's directory, else 1,000,000 and ``drop_oldest``.
     """
 
-    def __init__(self, path: Path, max_calls: int = MAX_SPOOL_CALLS) -> None:
-        self.path, self.max_calls = path, max_calls
+    def __init__(self, path: Path, max_calls: int | None = None, full_policy: str | None = None) -> None:
+        configured_cap, configured_policy = _configured(path.parent)
+        self.path = path
+        self.max_calls = configured_cap if max_calls is None else max_calls
+        self.full_policy = configured_policy if full_policy is None else full_policy
+        if self.max_calls < 1 or self.full_policy not in FULL_POLICIES:
+            raise ValueError(f"spool cap {self.max_calls} / policy {self.full_policy!r}: a cap >= 1 and one of "
+                             f"{', '.join(FULL_POLICIES)}")  # fmt: skip
         self.epoch = ""
         self._identity: Identity = None
         self._write_db: sqlite3.Connection | None = None
@@ -197,8 +224,9 @@ class Spool:
                 self._write_db = None
 
     def append(self, blocks: list[CallBlock], dropped: int = 0, histograms: Iterable[TensorCounts] = ()) -> None:
-        """Store packed calls and histogram counts in one transaction; past ``max_calls`` the oldest rows
-        go and are counted as dropped. A spool found corrupted is made again and the write retried there."""
+        """Store packed calls and histogram counts in one transaction; past ``max_calls`` the oldest calls
+        go (``drop_oldest``) or the newest are refused (``reject_new``), counted as dropped either way. A
+        spool found corrupted is made again and the write retried there."""
         histograms = [h for h in histograms if np.isfinite(h.edges).all()]  # edges the hub would refuse
         identity = self._identity
         try:
@@ -213,6 +241,9 @@ class Spool:
     def _append(self, blocks: list[CallBlock], dropped: int, histograms: list[TensorCounts]) -> None:
         with self._writer() as db:
             db.execute("BEGIN IMMEDIATE")
+            if self.full_policy == REJECT_NEW:
+                blocks, refused = admit(blocks, self.max_calls - counter_in(db, "spooled"))
+                dropped += refused
             db.executemany(
                 "INSERT INTO calls (model, version, route, n, ts, latency_ms, ok) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [b.row() for b in blocks],
@@ -225,7 +256,8 @@ class Spool:
             db.execute("COMMIT")
 
     def _enforce_cap(self, db: sqlite3.Connection) -> int:
-        """Delete the oldest rows while more than ``max_calls`` calls are spooled; the calls removed."""
+        """Delete the oldest rows (one write's calls each) while more than ``max_calls`` calls are
+        spooled; the calls removed."""
         excess, removed = counter_in(db, "spooled") - self.max_calls, 0
         while removed < excess:
             rows = db.execute("SELECT id, n FROM calls ORDER BY id LIMIT 256").fetchall()
@@ -300,6 +332,16 @@ class Spool:
             if epoch is None or epoch == epoch_in(db):
                 db.execute("DELETE FROM outbox WHERE seq <= ?", (seq,))
             db.execute("COMMIT")
+
+
+def _configured(state_dir: Path) -> tuple[int, str]:
+    """The cap and full policy ``agent.json`` beside the spool sets; the defaults when there is none (a
+    broken one stops the agent and the SDK before they open the spool)."""
+    try:
+        config = AgentConfig.load(state_dir)
+    except (ConfigError, OSError):  # none, or not readable by this process
+        return DEFAULT_MAX_CALLS, DROP_OLDEST
+    return config.spool_max_calls, config.spool_full
 
 
 def _first_valid(db: sqlite3.Connection) -> TelemetryBatch | None:

@@ -2,7 +2,7 @@
 
 Operator commands talk to the running hub's admin API; they never write its database directly. One
 module per command group: ``serve``, ``models``, ``deploy`` (deploy and deployments), ``devices`` and
-``fleet`` (usage, telemetry, status), ``alerts``, ``drift``.
+``fleet`` (usage, telemetry, status), ``alerts``, ``drift``, ``examples``.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ app.add_typer(deployments_app, name="deployments")
 app.add_typer(alerts_app, name="alerts")
 drift_app = typer.Typer(help="Drift reports and backtests of the drift detector.", no_args_is_help=True)
 app.add_typer(drift_app, name="drift")
+examples_app = typer.Typer(help="List and export the hard examples devices uploaded (opt-in).", no_args_is_help=True)
+app.add_typer(examples_app, name="examples")
 err = Console(stderr=True, soft_wrap=True)  # messages are never cut or wrapped mid-word
 STATE_ENV = "EDGEFED_HUB_STATE_DIR"
 HubUrl = Annotated[str | None, typer.Option("--hub", envvar=HUB_URL_ENV, help="Admin API URL")]
@@ -88,6 +90,6 @@ def main() -> None:
     app()
 
 
-from cloud_hub.cli import alerts, deploy, devices, drift, fleet, models, serve  # noqa: E402  (they register their commands)
+from cloud_hub.cli import alerts, deploy, devices, drift, examples, fleet, models, serve  # noqa: E402  (they register their commands)
 
-__all__ = ["alerts", "app", "deploy", "devices", "drift", "fleet", "main", "models", "serve"]
+__all__ = ["alerts", "app", "deploy", "devices", "drift", "examples", "fleet", "main", "models", "serve"]

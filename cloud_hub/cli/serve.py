@@ -101,6 +101,9 @@ def serve_command(
             help="Drift detector's false-alarm budget per 100,000 clean samples, all features together",
         ),
     ] = 1.0,
+    examples_per_device: Annotated[
+        int, typer.Option(min=1, help="Hard examples kept per device (opt-in uploads); past it its oldest go")
+    ] = 10_000,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
 ) -> None:
     """Run the hub: registry, MQTT control plane, OIP gRPC inference and the admin API."""
@@ -137,5 +140,6 @@ def serve_command(
         drift_window_calls=drift_window_calls,
         drift_interval_s=drift_interval,
         drift_false_alarms_per_100k=drift_false_alarms,
+        examples_per_device=examples_per_device,
     )
     run(lambda: serve(config))

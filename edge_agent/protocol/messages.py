@@ -297,3 +297,73 @@ class Chunk:
             raise MessageError("Chunk: missing EFC1 header")
         _, file_index, chunk_index = _CHUNK_HEADER.unpack_from(payload)
         return cls(file_index, chunk_index, payload[_CHUNK_HEADER.size :])
+
+
+MAX_EXAMPLE_BYTES = 1024 * 1024  # one hard example on the wire (header + npz); the device refuses bigger ones
+MAX_EXAMPLE_REASON_CHARS = 200
+_EXAMPLE_HEADER = struct.Struct(">4sI")
+_EXAMPLE_MAGIC = b"EFX1"
+
+
+@dataclass(frozen=True)
+class ExampleHeader:
+    """What a hard example is: ``example_id`` (32 hex digits, random, made on the device: the hub stores
+    an example once per id), the model version that saw it, why it was kept and when (Unix seconds)."""
+
+    example_id: str
+    device_id: str
+    model: str
+    version: str
+    reason: str
+    at: float
+
+    def __post_init__(self) -> None:
+        if len(self.example_id) != 32 or any(c not in "0123456789abcdef" for c in self.example_id):
+            raise MessageError(f"ExampleHeader.example_id: {self.example_id!r} is not 32 lowercase hex digits")
+        if not self.model:
+            raise MessageError("ExampleHeader.model: empty; name the model the sample was given to")
+        if len(self.reason) > MAX_EXAMPLE_REASON_CHARS:
+            raise MessageError(f"ExampleHeader.reason: over {MAX_EXAMPLE_REASON_CHARS} characters; shorten it")
+        _check_finite("ExampleHeader", self, ("at",))
+
+
+@dataclass(frozen=True)
+class HardExample:
+    """An opt-in sample for retraining (docs/sdk.md, "Hard examples"). Binary on the wire, like a chunk:
+    ``EFX1`` + uint32 header length (big-endian) + the header's JSON + the arrays as an ``.npz`` file
+    (``input/NAME``, ``output/NAME``), at most MAX_EXAMPLE_BYTES in all: ``to_wire`` refuses a bigger
+    one (the device never sends it) and ``from_wire`` refuses to read one."""
+
+    max_bytes: ClassVar[int] = MAX_EXAMPLE_BYTES
+    header: ExampleHeader
+    npz: bytes = field(repr=False)
+
+    def to_wire(self) -> bytes:
+        header = json.dumps(dataclasses.asdict(self.header), separators=(",", ":")).encode()
+        payload = _EXAMPLE_HEADER.pack(_EXAMPLE_MAGIC, len(header)) + header + self.npz
+        _check_size(HardExample, payload)
+        return payload
+
+    @classmethod
+    def from_wire(cls, payload: bytes) -> HardExample:
+        _check_size(cls, payload)
+        if len(payload) < _EXAMPLE_HEADER.size or payload[:4] != _EXAMPLE_MAGIC:
+            raise MessageError("HardExample: missing EFX1 header")
+        _, length = _EXAMPLE_HEADER.unpack_from(payload)
+        end = _EXAMPLE_HEADER.size + length
+        if end > len(payload):
+            raise MessageError(f"HardExample: header of {length} bytes runs past the message's end")
+        try:
+            data = strict_loads(payload[_EXAMPLE_HEADER.size : end])
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise MessageError(f"HardExample.header: not valid JSON ({exc})") from None
+        return cls(_decode(ExampleHeader, data, "HardExample.header"), payload[end:])
+
+
+@dataclass(frozen=True)
+class HardExampleAck:
+    """The hub stored ``example_id`` (or already had it); ``error``: it refused it for good (say, arrays
+    that are not an npz), so the device drops it too and counts it as refused."""
+
+    example_id: str
+    error: str = ""

@@ -10,6 +10,8 @@ device.
     {root}/devices/{device}/fetch           device → hub   QoS 1: chunks it still needs
     {root}/devices/{device}/telemetry       device → hub   QoS 1: aggregated windows with a sequence
     {root}/devices/{device}/telemetry/ack   hub → device   QoS 1: highest sequence stored
+    {root}/devices/{device}/examples        device → hub   QoS 1: one opt-in hard example (binary EFX1)
+    {root}/devices/{device}/examples/ack    hub → device   QoS 1: that example is stored (or refused)
     {root}/devices/{device}/chunks/{artifact}  hub → device  QoS 1: a chunk few others still need
     {root}/artifacts/{artifact}/chunks      hub → devices  QoS 1: one binary chunk per message
 """
@@ -57,6 +59,12 @@ class Topics:
 
     def telemetry_ack(self, device_id: str) -> str:
         return self.device(device_id, "telemetry/ack")
+
+    def examples(self, device_id: str) -> str:
+        return self.device(device_id, "examples")
+
+    def examples_ack(self, device_id: str) -> str:
+        return self.device(device_id, "examples/ack")
 
     def chunks(self, artifact_id: str) -> str:
         return f"{self.root}/artifacts/{artifact_id}/chunks"
