@@ -54,6 +54,60 @@ def gemm_onnx(path: Path, seed: int = 0, features: int = 32, classes: int = 30) 
     onnx.save(model, str(path))
 
 
+def flaky_gemm_onnx(path: Path, above: float = 1.0, seed: int = 0) -> None:
+    """``gemm_onnx``'s interface, but a row whose first input is above ``above`` makes the run raise (a
+    Gather index out of range): a model that fails on a fraction of its inputs."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("Gemm", ["input", "W", "B"], ["scores"]),
+        helper.make_node("Slice", ["input", "zero", "one", "one"], ["first"]),
+        helper.make_node("Reshape", ["first", "flat"], ["row"]),
+        helper.make_node("Greater", ["row", "above"], ["bad"]),
+        helper.make_node("Cast", ["bad"], ["bad_i"], to=TensorProto.INT64),
+        helper.make_node("Mul", ["bad_i", "seven"], ["index"]),
+        helper.make_node("Gather", ["table", "index"], ["offset"], axis=0),
+        helper.make_node("Add", ["scores", "offset"], ["output"]),
+    ]
+    constants = {"W": rng.standard_normal((32, 30)).astype(np.float32), "B": np.zeros(30, np.float32),
+                 "zero": np.array([0], np.int64), "one": np.array([1], np.int64), "flat": np.array([-1], np.int64),
+                 "above": np.array(above, np.float32), "seven": np.array(7, np.int64),
+                 "table": np.zeros((1, 30), np.float32)}  # fmt: skip
+    graph = helper.make_graph(
+        nodes, "flaky", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 32])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 30])],
+        [numpy_helper.from_array(v, k) for k, v in constants.items()],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def slow_gemm_onnx(path: Path, width: int = 1024, layers: int = 3, seed: int = 0) -> None:
+    """``gemm_onnx``'s interface with ``layers`` extra ``width``-wide MatMuls: the same answers' shape,
+    many times the work (a slower model version)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    weights = {"W_in": rng.standard_normal((32, width)), "W_out": rng.standard_normal((width, 30))}
+    weights |= {f"W_{i}": rng.standard_normal((width, width)) / np.sqrt(width) for i in range(layers)}
+    names = ["h_in", *(f"h_{i}" for i in range(layers))]
+    nodes = [helper.make_node("MatMul", ["input", "W_in"], ["h_in"])]
+    nodes += [helper.make_node("MatMul", [names[i], f"W_{i}"], [names[i + 1]]) for i in range(layers)]
+    nodes.append(helper.make_node("MatMul", [names[-1], "W_out"], ["output"]))
+    graph = helper.make_graph(
+        nodes, "slow", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 32])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 30])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
 def broken_gemm_onnx(path: Path) -> None:
     """Loads fine, fails at run time for batch 1 (30 values reshaped into rows of 7): a dying runtime."""
     import onnx

@@ -109,6 +109,7 @@ class AdminApi:
             route("GET", "/v1/deployments", lambda r, p, q: hub.registry.deployments()),
             route("GET", "/v1/deployments/{id}", lambda r, p, q: hub.deployment(p["id"])),
             route("POST", "/v1/deployments", lambda r, p, q: self._deploy(r)),
+            route("POST", "/v1/rollbacks", lambda r, p, q: self._rollback(r)),
             route("GET", "/v1/telemetry", lambda r, p, q: hub.registry.telemetry(q.get("device", [None])[0])),
             route(
                 "GET",
@@ -129,9 +130,22 @@ class AdminApi:
             route("GET", "/v1/alerts/{id}", lambda r, p, q: hub.alerts.get(p["id"]).to_dict()),
             route("POST", "/v1/alerts/{id}/ack", lambda r, p, q: self._alert_change(r, p["id"], "ack")),
             route("POST", "/v1/alerts/{id}/resolve", lambda r, p, q: self._alert_change(r, p["id"], "resolve")),
+            route("POST", "/v1/rollouts", lambda r, p, q: hub.rollouts.create(self._json(r, {}))),
+            route("GET", "/v1/rollouts", lambda r, p, q: hub.rollouts.list()),
+            route("GET", "/v1/rollouts/{id}", lambda r, p, q: hub.rollouts.get(p["id"])),
+            route("POST", "/v1/rollouts/{id}/{action}", lambda r, p, q: self._rollout_action(p["id"], p["action"])),
             route("GET", "/v1/drift/{model}", lambda r, p, q: self._drift(p["model"], q)),
             route("GET", "/metrics", lambda r, p, q: self._metrics(r), operator=not self.public_metrics),
         ]
+
+    def _rollout_action(self, rollout_id: str, action: str) -> Any:
+        actions = {"pause": self.hub.rollouts.pause, "resume": self.hub.rollouts.resume,
+                   "abort": self.hub.rollouts.abort, "rollback": self.hub.rollouts.rollback}  # fmt: skip
+        if action not in actions:
+            raise NotFound(f"no rollout action {action!r}: use {', '.join(actions)}")
+        result = actions[action](rollout_id)
+        self.hub.registry.audit("operator", f"rollout.{action}", {"rollout": rollout_id})
+        return result
 
     def _drift(self, model: str, query: dict[str, list[str]]) -> Any:
         """?version=V (default: the one scored last) &scope=all|group:G &since=UNIX_SECONDS"""
@@ -203,6 +217,11 @@ class AdminApi:
     def _deploy(self, request: BaseHTTPRequestHandler) -> dict[str, Any]:
         body = self._json(request, {"model": str, "version": str, "target": str})
         result: dict[str, Any] = self.hub.deploy(body["model"], body["version"], body["target"])
+        return result
+
+    def _rollback(self, request: BaseHTTPRequestHandler) -> dict[str, Any]:
+        body = self._json(request, {"model": str, "version": str, "target": str})
+        result: dict[str, Any] = self.hub.rollback(body["model"], body["version"], body["target"])
         return result
 
     def _enroll_token(self, request: BaseHTTPRequestHandler) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from cloud_hub.artifacts import ArtifactStore
+from cloud_hub.desired_signing import DesiredSigner
 from cloud_hub.errors import Conflict, NotFound
 from cloud_hub.registry import Registry
 from device_profiles import DeviceProfile, ProfileError, get_profile
@@ -42,8 +43,9 @@ log = logging.getLogger(__name__)
 class ControlPlane:
     def __init__(self, broker_url: str, registry: Registry, store: ArtifactStore, topics: Topics,
                  max_chunk_rate: float = 0.0, fetch_window_s: float = 0.1,
-                 shared_above: float = 0.5) -> None:  # fmt: skip
+                 shared_above: float = 0.5, signer: DesiredSigner | None = None) -> None:  # fmt: skip
         self.registry, self.store, self.topics = registry, store, topics
+        self.signer = signer  # signs desired states (docs/security.md); None: unsigned, as before issue 13
         self.mqtt = MqttConnection(broker_url, client_id="edgefed-hub", clean_session=True,
                                    on_connect=self.republish_desired)  # fmt: skip
         self._republished_at: dict[str, float] = {}  # device → when its desired state was last sent again
@@ -244,7 +246,12 @@ class ControlPlane:
         """Resolve the target, pick each device's artifact, record the deployment, publish desired state."""
         if not self.registry.artifacts(name, version):
             raise NotFound(f"model {name}@{version} has no artifact; add one with 'cloud-hub models add'")
-        devices = self._resolve(target)
+        return self.deploy_devices(name, version, self._resolve(target), target)
+
+    def deploy_devices(self, name: str, version: str, devices: list[dict[str, Any]], target: str) -> dict[str, Any]:
+        """``deploy`` to these device records (a rollout's wave), recorded under the label ``target``."""
+        if not self.registry.artifacts(name, version):
+            raise NotFound(f"model {name}@{version} has no artifact; add one with 'cloud-hub models add'")
         assignments = {d["device_id"]: self._artifact_for(name, version, d) for d in devices}
         for device_id, artifact_id in assignments.items():
             self._check_desired_fits(device_id, (name, version, artifact_id))
@@ -320,7 +327,9 @@ class ControlPlane:
         models = []
         for model, version, artifact_id in rows:
             artifact = self.registry.artifact(artifact_id)
-            models.append(DesiredModel(model, version, artifact_id, artifact["manifest"], artifact["signature"]))
+            rollback = self.signer is not None and self.signer.is_rollback(device_id, model, artifact_id)
+            models.append(DesiredModel(model, version, artifact_id, artifact["manifest"], artifact["signature"],
+                                       rollback=rollback))  # fmt: skip
         return models
 
     def _check_desired_fits(self, device_id: str, new: tuple[str, str, str]) -> None:
@@ -331,5 +340,21 @@ class ControlPlane:
             raise Conflict(f"cannot deploy {new[0]}@{new[1]} to {device_id}: {exc}") from None
 
     def publish_desired(self, device_id: str, deployment_id: str) -> None:
+        """Publish the device's desired state, signed (``signer``): the same signed message again when
+        nothing changed for a deployment the device already had, a new counter for a new decision."""
         state = DesiredState(deployment_id, now_text(), tuple(self._desired_models(device_id)))
-        self.mqtt.publish(self.topics.desired(device_id), to_wire(state), qos=1, retain=True)
+        payload = self.signer.payload(device_id, state) if self.signer is not None else to_wire(state)
+        self.mqtt.publish(self.topics.desired(device_id), payload, qos=1, retain=True)
+
+    def rollback(self, name: str, version: str, target: str) -> dict[str, Any]:
+        """A signed rollback: ``deploy`` whose desired states authorise a release below the installed one
+        (``DesiredModel.rollback``) on exactly the targeted devices, recorded as a deployment."""
+        if self.signer is None:
+            raise Conflict("a rollback needs the hub's desired-state key (the hub makes it on start)")
+        if not self.registry.artifacts(name, version):
+            raise NotFound(f"model {name}@{version} has no artifact; add one with 'cloud-hub models add'")
+        devices = self._resolve(target)
+        self.signer.mark_rollback(name, {d["device_id"]: self._artifact_for(name, version, d) for d in devices})
+        result = self.deploy_devices(name, version, devices, target)
+        self.signer.record_rollback_deployment(result["deployment_id"])
+        return {**result, "rollback": True}

@@ -64,6 +64,11 @@ def spec() -> dict[str, Any]:
                     ["model", "version", "target"], model=_STR, version=_STR,
                     target={"type": "string", "pattern": "^(device|group|tag):.+$"})),
             },
+            "/v1/rollbacks": {"post": _op(
+                "Roll a target back to a model version: a deployment whose hub-signed desired states let devices "
+                "go below their installed release (docs/security.md)", _OBJECT, _props(
+                    ["model", "version", "target"], model=_STR, version=_STR,
+                    target={"type": "string", "pattern": "^(device|group|tag):.+$"}))},
             "/v1/deployments/{id}": {"get": {**_op("A deployment and each device's state", _OBJECT),
                                              "parameters": _PATH_ID}},
             "/v1/telemetry": {"get": {**_op("Stored telemetry batches", _LIST), "parameters": [
@@ -86,6 +91,21 @@ def spec() -> dict[str, Any]:
                                                    _props([], by=_STR)), "parameters": _PATH_ID}},
             "/v1/alerts/{id}/resolve": {"post": {**_op("Resolve an alert (409 when already resolved)", _OBJECT,
                                                        _props([], by=_STR)), "parameters": _PATH_ID}},
+            "/v1/rollouts": {
+                "get": _op("Rollouts, newest first", _LIST),
+                "post": _op("Start a rollout: waves with health gates (docs/rollouts.md)", _OBJECT, _props(
+                    ["model", "version", "target"], model=_STR, version=_STR, target=_STR,
+                    strategy={"type": "string", "enum": ["all", "canary", "waves"]}, canary=_STR,
+                    waves={"type": "array", "items": _STR}, pause_s={"type": "number"}, gates={"type": "object"},
+                    abort={"type": "object"}, on_failure={"type": "string", "enum": ["rollback", "halt"]},
+                    wave_timeout_s={"type": "number"})),
+            },
+            "/v1/rollouts/{id}": {"get": {**_op("One rollout: waves, gate verdicts, events", _OBJECT),
+                                          "parameters": _PATH_ID}},
+            "/v1/rollouts/{id}/{action}": {"post": {**_op("pause, resume, abort or rollback a rollout (409 when "
+                                                          "its state does not allow it)", _OBJECT), "parameters": [
+                *_PATH_ID, {"name": "action", "in": "path", "required": True, "schema": {
+                    "type": "string", "enum": ["pause", "resume", "abort", "rollback"]}}]}},
             "/v1/drift/{model}": {"get": {**_op("A model version's drift report: features by score with reference "
                                                 "and live counts, and the windows' scores", _OBJECT), "parameters": [
                 {"name": "model", "in": "path", "required": True, "schema": _STR},

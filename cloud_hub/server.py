@@ -5,6 +5,7 @@ in one process that owns the hub's state directory.
     STATE/artifacts/{id}/    content-addressed artifacts
     STATE/trust/*.pub        keys whose signatures the hub accepts on upload
     STATE/operator.token     the admin API token (mode 0600), created on first start
+    STATE/hub-key/           the hub's desired-state signing key (hub.key 0600, hub.pub), made on first start
     STATE/examples/          opt-in hard examples devices uploaded (cloud_hub/examples.py)
 """
 
@@ -24,6 +25,7 @@ from cloud_hub.admin import AdminApi
 from cloud_hub.alerts import AlertStore, AlertWebhook
 from cloud_hub.broker import EmbeddedBroker
 from cloud_hub.control import ControlPlane
+from cloud_hub.desired_signing import DesiredSigner
 from cloud_hub.drift.monitor import DriftMonitor
 from cloud_hub.errors import Conflict, NotFound
 from cloud_hub.examples import EXAMPLES_DIR, MAX_PER_DEVICE, ExampleIngest, ExampleStore
@@ -36,6 +38,7 @@ from cloud_hub.inference import (
     token_hash,
 )
 from cloud_hub.registration import check_registration, registered_interface
+from cloud_hub.rollouts import RolloutEngine
 from cloud_hub.workers import USAGE_FLUSH_S, InferenceWorkers, WorkerSpec, free_port, open_store
 from device_profiles import DeviceProfile, ProfileError, get_profile, load_profiles
 from device_profiles.detect import detect_profile
@@ -73,6 +76,7 @@ class HubConfig:
     drift_interval_s: float = 10.0  # how often the drift job reads new telemetry
     examples_per_device: int = MAX_PER_DEVICE  # hard examples kept per device (its oldest go first)
     drift_false_alarms_per_100k: float = 1.0  # the detector's false-alarm budget per 100,000 clean samples
+    rollout_tick_s: float = 1.0  # how often the rollout engine takes each running rollout a step
 
 
 def serving_profile(profile_id: str | None) -> DeviceProfile:
@@ -119,6 +123,8 @@ class Hub:
         if self.webhook is not None:
             self.alerts.subscribe(self.webhook)
         self.examples = ExampleStore(state / EXAMPLES_DIR, config.examples_per_device)
+        self.desired_signer = DesiredSigner(state, str(state / "registry.db"))  # hub key, counters (security.md)
+        self.rollouts = RolloutEngine(self, str(state / "registry.db"), tick_s=config.rollout_tick_s)
         self.drift = DriftMonitor(self.registry, self.store, self.alerts, str(state / "registry.db"),
                                   window_calls=config.drift_window_calls, interval_s=config.drift_interval_s,
                                   false_alarms_per_100k=config.drift_false_alarms_per_100k)  # fmt: skip
@@ -127,7 +133,7 @@ class Hub:
         if self.broker is not None:
             self.broker.start()
         self.control = ControlPlane(self.broker_url, self.registry, self.store, self.topics, self.config.max_chunk_rate,
-                                    shared_above=self.config.shared_above)  # fmt: skip
+                                    shared_above=self.config.shared_above, signer=self.desired_signer)  # fmt: skip
         ExampleIngest(self.examples, self.control.mqtt, self.topics)  # devices/+/examples → stored, acknowledged
         self.control.start()
         if self.config.inference.processes == 1:
@@ -146,6 +152,7 @@ class Hub:
         if self.webhook is not None:
             self.webhook.start()
         self.drift.start()
+        self.rollouts.start()
         self.admin = AdminApi(self, operator_token(self.config.state_dir), self.config.admin_host,
                               self.config.admin_port, public_metrics=self.config.public_metrics)  # fmt: skip
         self.admin.start()
@@ -167,6 +174,7 @@ class Hub:
             self.grpc_server.stop(grace_s=2)
         self.stopped.set()
         self.flush_usage()
+        self.rollouts.stop()
         self.drift.stop()
         self.alerts.close()
         if self.webhook is not None:
@@ -174,6 +182,7 @@ class Hub:
         if self.control is not None:
             self.control.stop()
         self.examples.close()
+        self.desired_signer.close()
         if self.broker is not None:
             self.broker.stop()
 
@@ -287,6 +296,7 @@ class Hub:
             "broker": self.config.public_broker or self.broker_url,
             "cloud": self.config.public_grpc or f"grpc://{self.config.grpc_host}:{self.grpc_port}",
             "cloud_token": self.issue_token(device_id)["token"], "trusted_keys": trusted,
+            "hub_key": self.desired_signer.public_pem,  # desired states are signed with it (docs/security.md)
         }  # fmt: skip
 
     def deployment(self, deployment_id: str) -> dict[str, Any]:
@@ -304,7 +314,7 @@ class Hub:
                 states[device_id] = {"state": "failed", "error": f"timed out: {deployment['name']}@"
                                      f"{deployment['version']} not reported active within "
                                      f"{self.config.deploy_timeout_s:g} s of the deploy"}  # fmt: skip
-        return {**deployment, "states": states}
+        return {**deployment, "states": states, "rollback": self.desired_signer.rollback_deployment(deployment_id)}
 
     def _device_state(self, device_id: str, deployment: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -312,6 +322,9 @@ class Hub:
         except NotFound:
             return {"state": "removed"}
         model = next((m for m in reported.get("models", []) if m["name"] == deployment["name"]), None)
+        if model is not None and model.get("origin") == "local" and model.get("version") != deployment["version"]:
+            return {"state": "overridden", "error": f"{model.get('version')} made active on the device (a local "
+                    "rollback or activate); stands until the hub's next desired state"}  # fmt: skip
         if model is None or model.get("version") != deployment["version"]:
             # a device that refused its desired state (or whose report the hub refused) says why
             return {"state": "failed", "error": reported["error"]} if reported.get("error") else {"state": "pending"}
@@ -329,6 +342,21 @@ class Hub:
         assert self.control is not None
         result = self.control.deploy(name, version, target)
         self.registry.audit("operator", "deploy", {"model": name, "version": version, "target": target, **result})
+        return result
+
+    def rollback(self, name: str, version: str, target: str) -> dict[str, Any]:
+        """A signed rollback of ``target`` (device:ID, group:G, tag:K=V) to ``name@version``: a deployment whose
+        signed desired states let devices go below their installed release (docs/security.md)."""
+        assert self.control is not None
+        result = self.control.rollback(name, version, target)
+        self.registry.audit("operator", "rollback", {"model": name, "version": version, "target": target, **result})
+        return result
+
+    def deploy_devices(self, name: str, version: str, device_ids: list[str], label: str) -> dict[str, Any]:
+        """A rollout wave: deploy to these devices, recorded as a deployment with target ``label``."""
+        assert self.control is not None
+        result = self.control.deploy_devices(name, version, [self.registry.device(d) for d in device_ids], label)
+        self.registry.audit("rollouts", "deploy", {"model": name, "version": version, "target": label, **result})
         return result
 
 

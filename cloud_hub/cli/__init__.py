@@ -32,6 +32,8 @@ app.add_typer(devices_app, name="devices")
 alerts_app = typer.Typer(help="List, acknowledge and resolve alerts (drift and others).", no_args_is_help=True)
 app.add_typer(deployments_app, name="deployments")
 app.add_typer(alerts_app, name="alerts")
+rollout_app = typer.Typer(help="Follow and steer rollouts: waves with health gates.", no_args_is_help=True)
+app.add_typer(rollout_app, name="rollout")
 drift_app = typer.Typer(help="Drift reports and backtests of the drift detector.", no_args_is_help=True)
 app.add_typer(drift_app, name="drift")
 examples_app = typer.Typer(help="List and export the hard examples devices uploaded (opt-in).", no_args_is_help=True)
@@ -90,6 +92,7 @@ def main() -> None:
     app()
 
 
-from cloud_hub.cli import alerts, deploy, devices, drift, examples, fleet, models, serve  # noqa: E402  (they register their commands)
+from cloud_hub.cli import alerts, deploy, devices, drift, examples, fleet, models, rollback, rollout, serve  # noqa: E402  (they register their commands)
 
-__all__ = ["alerts", "app", "deploy", "devices", "drift", "examples", "fleet", "main", "models", "serve"]
+__all__ = ["alerts", "app", "deploy", "devices", "drift", "examples", "fleet", "main", "models", "rollback", "rollout",
+           "serve"]

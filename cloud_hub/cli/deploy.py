@@ -23,6 +23,7 @@ from cloud_hub.cli import (
     run,
     show,
 )
+from cloud_hub.cli.rollout import parse_gates, start_rollout
 
 
 @app.command()
@@ -30,16 +31,46 @@ def deploy(
     model: Annotated[str, typer.Argument(help="NAME@VERSION")],
     to: Annotated[str, typer.Option("--to", help="Target: device:ID, group:NAME or tag:KEY=VALUE")],
     wait: Annotated[float, typer.Option(help="Follow progress up to this many seconds (0: don't)")] = 0.0,
+    strategy: Annotated[
+        str | None,
+        typer.Option(
+            help="all | canary | waves: a rollout with health gates "
+            "(docs/rollouts.md); without it, every device at once"
+        ),
+    ] = None,
+    canary: Annotated[str, typer.Option(help="Canary wave: 5% | N devices | device:ID,ID")] = "5%",
+    waves: Annotated[str, typer.Option(help="Waves, cumulative: 5%,25%,100% (sizes as for --canary)")] = "5%,25%,100%",
+    pause: Annotated[float, typer.Option(min=0.0, help="Seconds between a wave passing and the next")] = 0.0,
+    gate: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Health gate KEY=VALUE, repeatable: min_calls, min_soak_s, max_error_rate, "
+            "max_error_ratio, max_p95_ratio, max_fallback_ratio, max_breach_ratio, max_drift_score"
+        ),
+    ] = None,
+    on_failure: Annotated[str, typer.Option(help="rollback (to each device's previous version) or halt")] = "rollback",
+    abort_failed: Annotated[
+        float,
+        typer.Option(min=0.0, max=1.0, help="Abort when more than this share of a wave's finished installs failed"),
+    ] = 0.1,
+    abort_min_devices: Annotated[int, typer.Option(min=1, help="... once this many devices finished")] = 5,
     hub: HubUrl = None,
     token: Token = None,
     state_dir: StateDir = Path("hub-state"),
     as_json: AsJson = False,
 ) -> None:
-    """Deploy a model version: the hub publishes each targeted device's desired state."""
+    """Deploy a model version: the hub publishes each targeted device's desired state; with --strategy, as
+    a rollout in waves that must pass health gates, rolled back automatically when one fails."""
     name, sep, version = model.partition("@")
     if not sep or not name or not version:
         raise fail(f"{model!r}: write the model as NAME@VERSION, e.g. digits-cnn@1.0.0")
     admin = client(hub, token, state_dir)
+    if strategy is not None:
+        request = {"model": name, "version": version, "target": to, "strategy": strategy, "canary": canary,
+                   "waves": waves.split(","), "pause_s": pause, "gates": parse_gates(gate or []),
+                   "on_failure": on_failure, "abort": {"failed_fraction": abort_failed,
+                                                       "min_devices": abort_min_devices}}  # fmt: skip
+        return start_rollout(admin, request, wait, as_json)
     result = run(lambda: admin.deploy(name, version, to))
     rows = [{"deployment": result["deployment_id"], "device": d, "artifact": a} for d, a in result["devices"].items()]
     show(rows, ["deployment", "device", "artifact"], as_json, f"deployed {model}")

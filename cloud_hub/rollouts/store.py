@@ -1,0 +1,109 @@
+"""Rollout records in the hub's registry file: one row per rollout, each change one transaction, so a
+restarted hub resumes every rollout from the state it last recorded."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from cloud_hub.errors import NotFound
+
+STATES = ("pending", "running", "paused", "succeeded", "failed", "rolled-back", "aborted")
+FINAL = ("succeeded", "failed", "rolled-back", "aborted")
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS rollouts (
+    id TEXT PRIMARY KEY, created REAL NOT NULL, updated REAL NOT NULL, state TEXT NOT NULL,
+    spec TEXT NOT NULL, waves TEXT NOT NULL, previous TEXT NOT NULL, current INTEGER NOT NULL,
+    reason TEXT, events TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS rollouts_state ON rollouts (state);
+"""
+
+
+@dataclass
+class Wave:
+    devices: list[str]
+    deployment_id: str | None = None
+    started_at: float | None = None  # deployed
+    active_at: float | None = None  # every device finished installing (active or failed)
+    passed_at: float | None = None  # gates passed
+    verdict: dict[str, Any] = field(default_factory=dict)  # the last gate evaluation
+
+
+@dataclass
+class Rollout:
+    id: str
+    created: float
+    state: str
+    spec: dict[str, Any]
+    waves: list[Wave]
+    previous: dict[str, str | None]  # device → the version it ran before (None: the model was new there)
+    current: int = 0  # the wave under way
+    reason: str | None = None
+    events: list[dict[str, Any]] = field(default_factory=list)
+    updated: float = 0.0
+
+    def event(self, text: str) -> None:
+        self.events.append({"at": time.time(), "event": text})
+        del self.events[:-200]  # the newest 200
+
+    def to_json(self) -> dict[str, Any]:
+        waves = [w.__dict__ for w in self.waves]
+        deployed = sum(len(w.devices) for w in self.waves[: self.current + 1] if w.deployment_id)
+        return {"id": self.id, "created": self.created, "updated": self.updated, "state": self.state,
+                "model": self.spec["model"], "version": self.spec["version"], "target": self.spec["target"],
+                "strategy": self.spec["strategy"], "current_wave": self.current, "waves": waves,
+                "devices": sum(len(w.devices) for w in self.waves), "deployed": deployed, "reason": self.reason,
+                "previous": self.previous, "spec": self.spec, "events": self.events}  # fmt: skip
+
+
+class RolloutStore:
+    def __init__(self, path: str) -> None:
+        self.db = sqlite3.connect(path, check_same_thread=False, timeout=30, isolation_level=None)
+        self.db.row_factory = sqlite3.Row
+        self.db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.close()
+
+    def create(self, spec: dict[str, Any], waves: list[list[str]], previous: dict[str, str | None],
+               rollout_id: str) -> Rollout:  # fmt: skip
+        rollout = Rollout(rollout_id, time.time(), "pending", spec,
+                          [Wave(devices) for devices in waves], previous)  # fmt: skip
+        rollout.event(f"created: {len(waves)} waves of {', '.join(str(len(w)) for w in waves)} devices")
+        self.save(rollout)
+        return rollout
+
+    def save(self, rollout: Rollout) -> None:
+        rollout.updated = time.time()
+        row = (rollout.id, rollout.created, rollout.updated, rollout.state, json.dumps(rollout.spec),
+               json.dumps([w.__dict__ for w in rollout.waves]), json.dumps(rollout.previous), rollout.current,
+               rollout.reason, json.dumps(rollout.events))  # fmt: skip
+        with self._lock:
+            self.db.execute("INSERT OR REPLACE INTO rollouts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+
+    def get(self, rollout_id: str) -> Rollout:
+        with self._lock:
+            row = self.db.execute("SELECT * FROM rollouts WHERE id = ?", [rollout_id]).fetchone()
+        if row is None:
+            raise NotFound(f"rollout {rollout_id!r} is unknown; see 'cloud-hub rollout list'")
+        return _rollout(row)
+
+    def list(self, states: tuple[str, ...] = STATES) -> list[Rollout]:
+        marks = ", ".join("?" * len(states))
+        with self._lock:
+            rows = self.db.execute(f"SELECT * FROM rollouts WHERE state IN ({marks}) ORDER BY created DESC",
+                                   states).fetchall()  # fmt: skip
+        return [_rollout(r) for r in rows]
+
+
+def _rollout(row: sqlite3.Row) -> Rollout:
+    waves = [Wave(**w) for w in json.loads(row["waves"])]
+    return Rollout(row["id"], row["created"], row["state"], json.loads(row["spec"]), waves, json.loads(row["previous"]),
+                   row["current"], row["reason"], json.loads(row["events"]), row["updated"])  # fmt: skip

@@ -1,0 +1,133 @@
+"""Rollouts (issue 13) on real parts: a hub on Mosquitto, real agents with apps calling the SDK, waves
+judged by health gates on the telemetry the agents send."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+from common import artifact, flaky_gemm_onnx, gemm_onnx, slow_gemm_onnx
+from rollout_fleet import Device, wait_until
+from test_hub_restarts import admin
+
+from cloud_hub.rollouts import RolloutSpec, SpecError
+from cloud_hub.server import Hub
+
+GATES = {"min_calls": 150, "min_soak_s": 1.0}
+
+
+@pytest.fixture
+def fleet(hub: Hub, tmp_path: Path, keys: tuple[Path, Path]) -> Iterator[list[Device]]:
+    devices = []
+    for i in range(4):
+        hub.registry.upsert_device(f"dev-{i}", profile="x86-64-generic", groups=["fleet"])
+        devices.append(Device(tmp_path / "fleet", f"dev-{i}", hub.broker_url, keys, "fleet"))
+    yield devices
+    for device in devices:
+        device.stop()
+
+
+def add(hub: Hub, tmp_path: Path, keys: tuple[Path, Path], release: int, model: Callable[[Path], None]) -> str:
+    version = f"1.{release}.0"
+    directory = artifact(tmp_path, "gemm", model, ["batch", 32], ["batch", 30], keys[0], dirname=version,
+                         version=version, release=release)  # fmt: skip
+    admin(hub).add_artifact(directory)
+    return version
+
+
+def running_v1(hub: Hub, fleet: list[Device], tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    """Version 1.1.0 on every device, apps calling it, and enough of its telemetry at the hub."""
+    version = add(hub, tmp_path, keys, 1, gemm_onnx)
+    admin(hub).deploy("gemm", version, "group:fleet")
+    wait_until("1.1.0 everywhere", lambda: all(d.active_version("gemm") == version for d in fleet))
+    for device in fleet:
+        device.start_app("gemm")
+    wait_until("1.1.0's telemetry", lambda: calls(hub, version) >= 4 * GATES["min_calls"])
+
+
+def calls(hub: Hub, version: str) -> int:
+    hub.rollouts.tally.catch_up()
+    return sum(t.calls for (model, v, _), t in hub.rollouts.tally.totals.items() if (model, v) == ("gemm", version))
+
+
+def rollout(hub: Hub, version: str, **extra: Any) -> dict[str, Any]:
+    request = {"model": "gemm", "version": version, "target": "group:fleet", "strategy": "waves",
+               "waves": ["1", "2", "100%"], "gates": GATES, **extra}  # fmt: skip
+    return dict(admin(hub).request("POST", "/v1/rollouts", json.dumps(request).encode()))
+
+
+def final(hub: Hub, rollout_id: str, timeout_s: float = 90.0) -> dict[str, Any]:
+    state: dict[str, Any] = {}
+
+    def done() -> bool:
+        state.update(hub.rollouts.get(rollout_id))
+        return state["state"] in ("succeeded", "failed", "rolled-back", "aborted")
+
+    wait_until(f"rollout {rollout_id} to end", done, timeout_s)
+    return state
+
+
+def test_a_good_version_goes_through_every_wave(hub: Hub, fleet: list[Device], tmp_path: Path,
+                                                keys: tuple[Path, Path]) -> None:  # fmt: skip
+    running_v1(hub, fleet, tmp_path, keys)
+    good = add(hub, tmp_path, keys, 2, partial(gemm_onnx, seed=1))
+    started = rollout(hub, good)
+    assert [len(w["devices"]) for w in started["waves"]] == [1, 1, 2] and started["state"] == "running"
+    ended = final(hub, started["id"])
+    assert ended["state"] == "succeeded", ended["events"]
+    assert all(w["verdict"]["passed"] for w in ended["waves"])
+    assert all(d.active_version("gemm") == good for d in fleet)
+    reported = {d["device_id"]: d["reported"] for d in admin(hub).request("GET", "/v1/devices")}
+    assert all(any(m["version"] == good and m["state"] == "active" for m in r["models"]) for r in reported.values())
+
+
+@pytest.mark.parametrize("model, why", [(partial(flaky_gemm_onnx, above=0.5), "error rate"),
+                                        (slow_gemm_onnx, "p95 latency")])  # fmt: skip
+def test_a_bad_version_is_stopped_at_the_canary_wave(hub: Hub, fleet: list[Device], tmp_path: Path,
+                                                     keys: tuple[Path, Path], model: Callable[[Path], None],
+                                                     why: str) -> None:  # fmt: skip
+    running_v1(hub, fleet, tmp_path, keys)
+    bad = add(hub, tmp_path, keys, 2, model)
+    started = rollout(hub, bad, on_failure="halt")
+    canary = started["waves"][0]["devices"]
+    ended = final(hub, started["id"])
+    assert ended["state"] == "failed" and why in ended["reason"], ended["reason"]
+    assert ended["current_wave"] == 0
+    assert [w["deployment_id"] is not None for w in ended["waves"]] == [True, False, False]
+    assert {d.device_id for d in fleet if d.active_version("gemm") == bad} == set(canary)  # no one else
+
+
+def test_pause_resume_and_abort_are_checked_against_the_state(hub: Hub, fleet: list[Device], tmp_path: Path,
+                                                              keys: tuple[Path, Path]) -> None:  # fmt: skip
+    running_v1(hub, fleet, tmp_path, keys)
+    version = add(hub, tmp_path, keys, 2, partial(gemm_onnx, seed=1))
+    started = rollout(hub, version, pause_s=600)
+    assert hub.rollouts.pause(started["id"])["state"] == "paused"
+    with pytest.raises(Exception, match="is paused: it cannot be paused"):
+        hub.rollouts.pause(started["id"])
+    assert hub.rollouts.resume(started["id"])["state"] == "running"
+    with pytest.raises(Exception, match=r"rollout \w+ of gemm is under way"):
+        rollout(hub, version)
+    assert hub.rollouts.abort(started["id"])["state"] == "aborted"
+    assert hub.rollouts.get(started["id"])["events"][-1]["event"].startswith("aborted by the operator")
+
+
+def test_a_rollout_spec_names_what_is_wrong() -> None:
+    base = {"model": "m", "version": "1", "target": "group:g"}
+    with pytest.raises(SpecError, match="strategy 'fast': use one of all, canary, waves"):
+        RolloutSpec.from_json({**base, "strategy": "fast"})
+    with pytest.raises(SpecError, match="wave size 'five%'"):
+        RolloutSpec.from_json({**base, "waves": ["five%"]})
+    with pytest.raises(SpecError, match="gates: unknown max_errors"):
+        RolloutSpec.from_json({**base, "gates": {"max_errors": 1}})
+    devices = [f"d{i}" for i in range(100)]
+    plan = RolloutSpec.from_json({**base, "waves": ["5%", "25%", "100%"]}).plan(devices, "r1")
+    assert [len(w) for w in plan] == [5, 20, 75] and sorted(d for w in plan for d in w) == sorted(devices)
+    assert plan == RolloutSpec.from_json({**base, "waves": ["5%", "25%", "100%"]}).plan(devices, "r1")  # stable
+    canary = RolloutSpec.from_json({**base, "strategy": "canary", "canary": "device:d7,d9"}).plan(devices, "r2")
+    assert canary[0] == ["d7", "d9"] and len(canary[1]) == 98
+    assert [len(w) for w in RolloutSpec.from_json({**base, "waves": ["30%"]}).plan(devices[:3], "r")] == [1, 2]
