@@ -24,7 +24,9 @@ import numpy as np
 
 from device_profiles import DeviceProfile, get_profile
 from edge_agent import __version__
+from edge_agent.active_watch import ActiveWatch
 from edge_agent.config import AgentConfig
+from edge_agent.desired_guard import DesiredGuard, models_to_follow, record_override
 from edge_agent.example_upload import ExampleUploader
 from edge_agent.journal import JOURNAL_DIR, InstallJournal
 from edge_agent.mqtt import MqttConnection
@@ -36,7 +38,6 @@ from edge_agent.protocol.messages import (
     Chunk,
     DesiredModel,
     DesiredRequest,
-    DesiredState,
     FetchRequest,
     ReportedModel,
     ReportedState,
@@ -62,11 +63,16 @@ AGENT_STATUS_FILE = "agent-status.json"
 
 
 def health_check(directory: Path, manifest: Manifest, profile: DeviceProfile) -> None:
-    """Load the runtime and run one zero input shaped like the signature (dynamic axes = 1)."""
+    """Load the runtime, warm it with one zero input shaped like the signature (dynamic axes = 1), then
+    check the artifact's golden samples (``edge_agent.golden``; raises GoldenSamplesFailed, an
+    ArtifactRejected); an artifact without golden samples passes on finite zero-input outputs."""
+    from edge_agent.golden import check_golden  # here: health_check is the golden check's only caller
+
     runtime = open_runtime(directory, manifest, profile)
     outputs = runtime.run(zero_inputs(manifest.inputs))
     if not all(np.all(np.isfinite(v)) for v in outputs.values() if v.dtype.kind == "f"):
         raise RuntimeError("health check produced non-finite outputs")
+    check_golden(directory, manifest, runtime)
 
 
 class Agent:
@@ -101,6 +107,9 @@ class Agent:
         self.stop_event = threading.Event()
         self.installs = 0
         self.journal = InstallJournal(state_dir / JOURNAL_DIR)
+        self.guard = DesiredGuard(state_dir, self.device_id)  # hub signature and counter (docs/security.md)
+        self.watch = ActiveWatch(self.store)  # active versions switched by other processes
+        self.watch_at = 0.0
 
     def _enqueue(self, handler: Callable[[str, bytes], None]) -> Callable[[str, bytes], None]:
         return lambda topic, payload: self.events.put(lambda: handler(topic, payload))
@@ -134,15 +143,19 @@ class Agent:
         if not payload:
             return
         try:
-            desired = from_wire(DesiredState, payload)
+            accepted = self.guard.accept(payload)  # unsigned, forged, replayed: refused, nothing changed
         except MessageError as exc:  # say so: the hub shows the deployment failed, not pending
             log.error("refused the desired state: %s", exc)
-            self.desired_error = short_error(f"desired state refused: {exc}")
+            text = str(exc) if str(exc).startswith("desired state refused") else f"desired state refused: {exc}"
+            self.desired_error = short_error(text)
             self._publish_reported()
             return
+        desired = accepted.state
         self.desired_error = None
         self.applied_desired = desired_digest(m.artifact_id for m in desired.models)
-        for model in desired.models:
+        follow, overridden = models_to_follow(accepted, self.state_dir, self.store.active)
+        self.reported.update(overridden)
+        for model in follow:
             self._converge(model)
         self._clean_downloads()
         self._publish_reported()
@@ -161,7 +174,7 @@ class Agent:
             self.journal.discard(model.name)  # whatever was in flight for it, this is now settled
             return
         if model.artifact_id in self.transfers or self._activate_installed(
-            model.name, model.version, model.artifact_id
+            model.name, model.version, model.artifact_id, model.rollback
         ):
             return
         try:
@@ -187,12 +200,14 @@ class Agent:
         else:
             self._request_missing(model.artifact_id)
 
-    def _activate_installed(self, name: str, version: str, artifact_id: str) -> bool:
+    def _activate_installed(self, name: str, version: str, artifact_id: str, rollback: bool = False) -> bool:
         """The desired artifact is already installed above the active release (an install killed before
-        its activation): verify it, health-check it and activate it, with no fetch and no refusal of
-        the agent's own install as a downgrade. False when it is not (fetch and check as usual)."""
+        its activation), or at any release for a signed ``rollback``: verify it, health-check it and
+        activate it, with no fetch and no refusal of the agent's own install as a downgrade. False when it
+        is not (fetch and check as usual)."""
+        check = self._checker(name, version, artifact_id)
         try:
-            if not self.store.activate_installed(artifact_id, name, self._checker(name, version, artifact_id)):
+            if not self.store.activate_installed(artifact_id, name, check, allow_release_below=rollback):
                 return False
         except Exception as exc:
             log.warning("activating installed %s@%s failed: %s", name, version, exc)
@@ -245,7 +260,8 @@ class Agent:
         if manifest.artifact_id != model.artifact_id:
             raise ArtifactRejected("manifest", "artifact id does not match the manifest")
         check_compatible(manifest, self.profile)
-        check_freshness(manifest, max((m.release for m in self.store.versions(manifest.name)), default=None))
+        installed = max((m.release for m in self.store.versions(manifest.name)), default=None)
+        check_freshness(manifest, None if model.rollback else installed)  # rollback: signed by the hub (guard)
         if manifest.total_size > self.profile.max_artifact_bytes:
             raise ArtifactRejected("too-large", f"{manifest.total_size} bytes is over {self.profile.id}'s limit")
         return manifest
@@ -284,7 +300,8 @@ class Agent:
             source = transfer.assemble()
             kill_point("assembled")
             check = self._checker(model.name, model.version, artifact_id)
-            manifest = self.store.install(source, self.trust, self.profile, activate=True, check=check)
+            manifest = self.store.install(source, self.trust, self.profile, activate=True, check=check,
+                                          allow_release_below=model.rollback)  # fmt: skip
             self.installs += 1
             log.info("activated %s@%s", manifest.name, manifest.version)
             self._outcome(model.name, model.version, artifact_id)
@@ -301,9 +318,21 @@ class Agent:
             if active and name not in self.reported:
                 self.reported[name] = ReportedModel(name, "active", active.version, active.artifact_id)
         state = ReportedState(self.device_id, self.profile.id, __version__, now_text(),
-                              tuple(self.reported.values()), self.desired_error)  # fmt: skip
+                              tuple(self.reported.values()), self.desired_error, self.guard.counter)  # fmt: skip
         self.mqtt.publish(self.topics.reported(self.device_id), reported_to_wire(state), retain=True)
         self.journal.remove_final()
+        self.watch.mark_seen()  # what is active now is reported: only later switches are someone else's
+
+    def _watch_active(self) -> None:
+        """Report at once an active version switched by another process (a local `edge-agent rollback`):
+        it stands as a device-side override until the hub's next desired state (docs/security.md)."""
+        changed = self.watch.changed()
+        for name, record in changed.items():
+            log.info("%s: %s made active on the device (a local switch); reporting it", name, record.version)
+            self.reported[name] = ReportedModel(name, "active", record.version, record.artifact_id, origin="local")
+            record_override(self.state_dir, name, record.version, record.artifact_id)
+        if changed:
+            self._publish_reported()
 
     # telemetry ----------------------------------------------------------------------------------
     def _on_ack(self, topic: str, payload: bytes) -> None:
@@ -318,6 +347,7 @@ class Agent:
     # main loop ----------------------------------------------------------------------------------
     def run(self) -> None:
         self.resume()
+        self.watch.mark_seen()
         self._broker_state(False, "connecting")
         self.mqtt.start_in_background()
         next_telemetry = time.monotonic()
@@ -335,6 +365,9 @@ class Agent:
                         self._request_missing(artifact_id)
                 if now >= self.ask_desired_at:
                     self._ask_for_desired()
+                if now >= self.watch_at:
+                    self.watch_at = now + 1.0
+                    self._watch_active()
                 if now >= next_telemetry:
                     self.send_telemetry()
                     next_telemetry = now + self.config.telemetry_interval_s

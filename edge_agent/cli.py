@@ -79,6 +79,13 @@ def init(
     spool_full: Annotated[
         str, typer.Option(help="When the spool is full: drop_oldest or reject_new (both counted as dropped)")
     ] = AgentConfig.spool_full,
+    hub_key: Annotated[
+        Path | None,
+        typer.Option(
+            help="The hub's desired-state key (its STATE/hub-key/hub.pub): desired states must then "
+            "be signed by it, and signed rollbacks are honoured"
+        ),
+    ] = None,
     state_dir: StateDir = None,
 ) -> None:
     """Write the agent configuration and trusted keys into the state directory."""
@@ -93,6 +100,10 @@ def init(
         for key in trust:
             shutil.copyfile(key, state / "trust" / key.name)
         TrustStore.from_dir(state / "trust")
+        if hub_key is not None:
+            from edge_agent.desired_guard import install_hub_key
+
+            install_hub_key(state, hub_key.read_bytes())
         config.save(state)
     except (EdgefedError, ProfileError, OSError, ValueError) as exc:
         raise _fail(exc) from None
@@ -242,22 +253,29 @@ def models(state_dir: StateDir = None, as_json: AsJson = False) -> None:
 @app.command()
 def activate(model: Annotated[str, typer.Argument(help="NAME@VERSION")], state_dir: StateDir = None) -> None:
     """Switch the active version of a model to another installed version."""
+    from edge_agent.desired_guard import record_override
+
     name, _, version = model.partition("@")
     try:
         record = ModelStore(_state(state_dir) / "models").activate(name, version)
-    except EdgefedError as exc:
+        record_override(_state(state_dir), name, record.version, record.artifact_id)  # until the next desired state
+    except (EdgefedError, OSError) as exc:
         raise _fail(exc) from None
     err.print(f"{name}: active {record.version} (previous {record.previous})")
 
 
 @app.command()
 def rollback(name: Annotated[str, typer.Argument(help="Model name")], state_dir: StateDir = None) -> None:
-    """Switch a model back to its previous version."""
+    """Switch a model to the newest installed release below the active one (again: further back). A
+    running agent reports it to the hub within a second; the hub's next desired state replaces it."""
+    from edge_agent.desired_guard import record_override
+
     try:
         record = ModelStore(_state(state_dir) / "models").rollback(name)
-    except EdgefedError as exc:
+        record_override(_state(state_dir), name, record.version, record.artifact_id)  # until the next desired state
+    except (EdgefedError, OSError) as exc:
         raise _fail(exc) from None
-    err.print(f"{name}: active {record.version}")
+    err.print(f"{name}: active {record.version} (was {record.previous})")
 
 
 @app.command()

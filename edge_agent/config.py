@@ -1,7 +1,8 @@
 """The device's state directory and the agent configuration stored in it.
 
 STATE/agent.json              AgentConfig (mode 0640: it holds credentials)
-STATE/trust/*.pub             Ed25519 keys whose signatures the agent accepts
+STATE/trust/*.pub             Ed25519 keys whose signatures the agent accepts (artifacts)
+STATE/hub-keys/*.pub          the hub's desired-state keys (desired_guard.py, docs/security.md)
 STATE/models/                 the model store (see store.py)
 STATE/downloads/{artifact}/   chunks of transfers in progress
 STATE/telemetry.db            the telemetry spool (SQLite, WAL)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.config import AgentConfig
+from edge_agent.desired_guard import install_hub_key
 from edge_agent.errors import ConfigError
 from edge_agent.protocol.atomic import atomic_write_bytes
 from edge_agent.protocol.signing import TrustStore
@@ -33,7 +34,8 @@ def request_enrollment(hub: str, token: str, device_id: str, profile: str, timeo
 
 
 def enroll(hub: str, token: str, device_id: str, profile: str, state_dir: Path) -> AgentConfig:
-    """Enroll, then write the trusted keys and ``agent.json`` (0640) into ``state_dir``."""
+    """Enroll, then write the trusted keys, the hub's desired-state key (``hub-keys/hub.pub``, when the hub
+    sends one) and ``agent.json`` (0640) into ``state_dir``."""
     answer = request_enrollment(hub, token, device_id, profile)
     config = AgentConfig(device_id=answer["device_id"], profile=answer["profile"], broker=answer["broker"],
                          cloud=answer.get("cloud"), cloud_token=answer.get("cloud_token"),
@@ -44,5 +46,10 @@ def enroll(hub: str, token: str, device_id: str, profile: str, state_dir: Path) 
         atomic_write_bytes(trust / f"hub-{index}.pub", pem.encode())
     if not TrustStore.from_dir(trust).keys:
         raise ConfigError("the hub sent no signing keys to trust; give the hub one with 'cloud-hub serve --trust'")
+    if answer.get("hub_key"):  # a hub older than signed desired states sends none: unsigned ones are followed
+        try:
+            install_hub_key(state_dir, str(answer["hub_key"]).encode())
+        except ValueError as exc:
+            raise ConfigError(f"the hub's answer: hub_key: {exc}") from None
     config.save(state_dir)
     return config

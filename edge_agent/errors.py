@@ -9,6 +9,8 @@ EdgefedError
 │   └── CloudThrottled    the device's cloud budget (calls per minute) is spent
 └── StoreError            the model store cannot do what was asked (unknown version, ...)
 ArtifactRejected          (from edge_agent.protocol.errors) an artifact failed verification
+└── GoldenSamplesFailed   (edge_agent.golden) reason ``golden``: the version missed its golden samples
+                          before activation; it stays installed, inactive, the previous one serving
 """
 
 from __future__ import annotations

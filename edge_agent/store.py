@@ -137,7 +137,7 @@ class ModelStore:
 
     def install(
         self, source: Path, trust: TrustStore, profile: DeviceProfile, *, activate: bool = False,
-        check: Callable[[Path, Manifest], None] | None = None,
+        check: Callable[[Path, Manifest], None] | None = None, allow_release_below: bool = False,
     ) -> Manifest:  # fmt: skip
         """Verify the artifact at ``source`` and add it as a new version.
 
@@ -146,6 +146,8 @@ class ModelStore:
         offered files and the installed copy (a damaged installed copy is replaced by the verified
         offered one). With ``activate``, ``check`` (given the installed directory) runs and the version
         becomes active under the same writer lock, so no other process can activate or prune in between.
+        ``allow_release_below`` (only for a rollback the hub signed, docs/security.md) lifts the downgrade
+        check: a release below the installed ones is accepted; expiry and every other check still apply.
         """
         signed = read_signed(source, trust)
         manifest = signed.manifest
@@ -158,7 +160,8 @@ class ModelStore:
                     self._copy_in(source, signed, replace=True)
             else:
                 check_compatible(manifest, profile)
-                check_freshness(manifest, max((m.release for m in self.versions(manifest.name)), default=None))
+                installed = max((m.release for m in self.versions(manifest.name)), default=None)
+                check_freshness(manifest, None if allow_release_below else installed)
                 if manifest.total_size > profile.max_artifact_bytes:
                     raise ArtifactRejected("too-large", f"{manifest.total_size} bytes is over {profile.id}'s limit")
                 self._copy_in(source, signed)
@@ -167,19 +170,23 @@ class ModelStore:
                 self._check_and_activate(manifest, check)
         return manifest
 
-    def activate_installed(self, artifact_id: str, name: str, check: Callable[[Path, Manifest], None] | None) -> bool:
+    def activate_installed(self, artifact_id: str, name: str, check: Callable[[Path, Manifest], None] | None,
+                           *, allow_release_below: bool = False) -> bool:  # fmt: skip
         """Activate the already installed version holding ``artifact_id`` (an install finished before a
         crash, or its activation was interrupted): verify the installed copy, run ``check``, switch.
 
         Only a release above the active one qualifies (an interrupted upgrade; an older installed
-        release stays subject to the downgrade check). False when no such intact copy is installed (a
+        release stays subject to the downgrade check, unless ``allow_release_below``: a rollback the hub
+        signed, which activates any other installed release). False when no such intact copy is installed (a
         damaged, inactive copy is removed so it can be fetched again); exceptions from ``check``
         propagate and leave the active pointer as it was."""
         with self.locked():
             self._clean_staging(name)
             manifest = next((m for m in self.versions(name) if m.artifact_id == artifact_id), None)
             active = self.active(name)
-            if manifest is None or (active is not None and manifest.release <= active.release):
+            if manifest is None or (active is not None and active.artifact_id == artifact_id):
+                return False
+            if active is not None and manifest.release <= active.release and not allow_release_below:
                 return False
             if not self._intact(manifest):
                 if active is None or active.version != manifest.version:
@@ -263,10 +270,20 @@ class ModelStore:
         return record
 
     def rollback(self, name: str) -> ActiveRecord:
-        current = self.active(name)
-        if current is None or current.previous is None:
-            raise StoreError(f"{name} has no previous version to roll back to")
-        return self.activate(name, current.previous)
+        """Activate the newest installed release below the active one, after verifying its files: run
+        again, it goes further back (never forward to the version it just left)."""
+        with self.locked():
+            current = self.active(name)
+            if current is None:
+                raise StoreError(f"{name} has no active version to roll back from; see 'edge-agent models'")
+            older = [m for m in self.versions(name) if m.release < current.release]
+            if not older:
+                raise StoreError(f"{name}@{current.version} (release {current.release}) is the oldest installed "
+                                 "version: nothing below it to roll back to")  # fmt: skip
+            target = older[-1]
+            if not self._intact(target):
+                raise StoreError(f"{name}@{target.version} is damaged on disk: not activated; install it again")
+            return self._activate(name, target.version)
 
     def _prune(self, name: str, keep: set[str]) -> None:
         versions = self.versions(name)

@@ -11,6 +11,7 @@ from typing import Any
 from edge_agent.protocol.artifact import MANIFEST_FILE, SIGNATURE_FILE, verify_chunk
 from edge_agent.protocol.atomic import atomic_write_bytes, fsync_tree
 from edge_agent.protocol.manifest import Manifest
+from edge_agent.store import kill_point
 
 
 class Transfer:
@@ -52,6 +53,7 @@ class Transfer:
         verify_chunk(self.manifest, file_index, chunk_index, data)
         atomic_write_bytes(self._chunk_path(file_index, chunk_index), data)
         self.have.add((file_index, chunk_index))
+        kill_point(f"chunk-{len(self.have)}")  # tests: killed with that many chunks stored (a byte offset)
         return True
 
     def assemble(self) -> Path:

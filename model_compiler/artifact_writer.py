@@ -24,10 +24,12 @@ from edge_agent.protocol.manifest import format_time
 from edge_agent.protocol.sketch import build_reference
 from model_compiler.data import Feeds
 from model_compiler.errors import CompileError
+from model_compiler.golden import write_golden
 from model_compiler.interface import Signature
 from model_compiler.ladder import Choice
 from model_compiler.options import CompileOptions, ProfileReport
-from model_compiler.tflite import TFLITE_KINDS
+from model_compiler.tflite import TFLITE_KINDS, predict_tflite
+from model_compiler.variants import predict
 
 DEFAULT_MAX_BATCH = 64  # TensorRT's max shape when the interface sets no limit
 
@@ -101,8 +103,9 @@ def budget_warning(profile: DeviceProfile, latency_ms: float) -> str:
 
 
 def write_artifact(profile: DeviceProfile, choice: Choice, fp32: Path, val: Feeds, reference: np.ndarray,
-                   batch: Batch) -> ProfileReport:  # fmt: skip
-    """Stage the payload and manifest in a temporary directory, sign, and publish it by a rename."""
+                   batch: Batch, labels: Any = None) -> ProfileReport:  # fmt: skip
+    """Stage the payload (golden samples from ``val`` and ``labels`` among it) and manifest in a temporary
+    directory, sign, and publish it by a rename."""
     final = artifact_dir(batch.out_dir, batch.options, profile.id)
     if final.exists():
         raise CompileError(f"{final} already exists; remove it or compile a new --version")
@@ -111,7 +114,11 @@ def write_artifact(profile: DeviceProfile, choice: Choice, fp32: Path, val: Feed
     warning = budget_warning(profile, choice.variant.latency_ms)
     try:
         _payload(staging, choice, fp32, val, reference, batch)
-        manifest = seal(staging, _fields(profile, choice, fp32, batch, over_budget=bool(warning)), batch.key)
+        golden = _golden(staging, choice, val, reference, labels, batch)
+        fields = _fields(profile, choice, fp32, batch, over_budget=bool(warning))
+        if golden is not None:
+            fields["validation"]["golden"] = golden
+        manifest = seal(staging, fields, batch.key)
         publish_dir(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -144,6 +151,18 @@ def _payload(staging: Path, choice: Choice, fp32: Path, val: Feeds, reference: n
                   for name, a in val.items()}  # fmt: skip
         trt = {"precision": chosen.precision, "workspace_mb": 1024, "shapes": shapes}
         atomic_write_bytes(staging / "trt_build.json", canonical_json(trt))
+
+
+def _golden(staging: Path, choice: Choice, val: Feeds, reference: np.ndarray, labels: Any,
+            batch: Batch) -> dict[str, Any] | None:  # fmt: skip
+    """golden.npz and its ``validation.golden``: the shipped variant measured on the golden rows."""
+    path, kind = choice.variant.path, choice.variant.kind
+
+    def run(feeds: Feeds) -> np.ndarray:
+        return predict_tflite(path, feeds) if kind in TFLITE_KINDS else predict(path, feeds)
+
+    output = batch.signature.outputs[0]["name"]
+    return write_golden(staging, val, reference, labels, output, batch.options.metric, run)
 
 
 def _fields(profile: DeviceProfile, choice: Choice, fp32: Path, batch: Batch, over_budget: bool) -> dict[str, Any]:

@@ -68,7 +68,7 @@ def _workspace(source: str, fp32: Path, work: Path, calib: tuple[np.ndarray | Fe
     calib_x, val_x = as_feeds(calib[0], model, "calib"), as_feeds(val[0], model, "val")
     tolerance = options.tolerance if options.tolerance is not None else DEFAULT_TOLERANCE.get(options.metric, 0.01)
     return Workspace(source, fp32, work, calib_x, val_x, predict(fp32, val_x), options.metric, tolerance,
-                     take(val_x, 0, options.latency_batch), progress)  # fmt: skip
+                     take(val_x, 0, options.latency_batch), progress, labels=val[1])  # fmt: skip
 
 
 def _profile(profile: DeviceProfile, workspace: Workspace, batch: Batch,
@@ -78,7 +78,9 @@ def _profile(profile: DeviceProfile, workspace: Workspace, batch: Batch,
     try:
         choice = choose(profile, workspace)
         attempts = choice.attempts
-        report = write_artifact(profile, choice, workspace.fp32, workspace.val, workspace.reference, batch)
+        report = write_artifact(
+            profile, choice, workspace.fp32, workspace.val, workspace.reference, batch, workspace.labels
+        )
     except Exception as exc:
         if isinstance(exc, GateFailed):
             attempts = exc.attempts

@@ -58,6 +58,7 @@ class Workspace:
     tolerance: float
     sample: Feeds
     progress: Callable[[str], None] = lambda _: None
+    labels: Any = None  # the validation labels, when given (golden samples cover several classes)
     built: dict[str, Variant] = field(default_factory=dict)
     broken: dict[str, str] = field(default_factory=dict)  # kind (or "tflite-export") → why it failed
 

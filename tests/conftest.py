@@ -65,8 +65,10 @@ def make_artifact(
     expires_in: timedelta = timedelta(days=30),
     seed: int = 0,
     chunk_size: int = 1024,
+    golden: bool = False,
 ) -> Path:
-    """A signed Gemm artifact, small chunks so it has several."""
+    """A signed Gemm artifact, small chunks so it has several; ``golden``: with golden samples (8 random
+    rows, expected outputs from this model, top1 tolerance) written by the compiler's own code."""
     directory.mkdir(parents=True)
     gemm_onnx(directory / "model.onnx", seed)
     now = datetime.now(UTC)
@@ -83,8 +85,28 @@ def make_artifact(
         "created_at": format_time(now - timedelta(days=1)),
         "expires_at": format_time(now + expires_in),
     }
+    if golden:
+        fields["validation"] = {"golden": add_golden(directory)}
     seal(directory, fields, load_private_key(key_path), chunk_size=chunk_size)
     return directory
+
+
+def add_golden(directory: Path, metric: str = "top1", rows: int = 64) -> dict[str, Any]:
+    """golden.npz for ``directory/model.onnx`` (input 'input' [batch, 32] → 'output'), from ``rows``
+    seeded random rows, and its ``validation.golden`` entry (model_compiler.golden.write_golden)."""
+    import onnxruntime as ort
+
+    from model_compiler.golden import write_golden
+
+    session = ort.InferenceSession(str(directory / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(7).standard_normal((rows, 32)).astype(np.float32)
+
+    def predict(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return np.asarray(session.run(None, feeds)[0])
+
+    entry = write_golden(directory, {"input": x}, predict({"input": x}), None, "output", metric, predict)
+    assert entry is not None
+    return entry
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
-"""Installs that always converge (issue 11): an agent SIGKILLed at each named install step and restarted
-ends active on the new version or failed with the previous one serving, with no download left behind;
+"""Installs that always converge (issues 11, 13): an agent SIGKILLed at each named install step (the
+golden-sample check among them), after each number of downloaded chunks, or at a random moment, then
+restarted, ends active on the new version or failed with the previous one serving, with no download left behind;
 the store keeps exactly the bytes it verified; a BOM is refused at the signature step; an unreadable
 version directory breaks nothing else; a corrupted copy of the installed artifact is refused."""
 
@@ -35,7 +36,9 @@ PROFILE = get_profile("x86-64-generic")
 BOM = b"\xef\xbb\xbf"
 _SEEDED = random.Random(11)
 RANDOM_DELAYS_S = [round(_SEEDED.uniform(0.0, 0.3), 3) for _ in range(12)]  # the install window, seeded
-STEPS = ("downloaded", "assembled", "staging", "staged", "published", "checked", "activated", "reported")
+STEPS = ("downloaded", "assembled", "staging", "staged", "published", "golden", "checked", "activated", "reported")
+CHUNK_POINTS = tuple(f"chunk-{n}" for n in range(1, 13))  # killed with n of v2's 13 chunks stored (byte offsets)
+KILL_POINTS = STEPS + CHUNK_POINTS  # every one is a distinct place in the install where the process dies
 
 
 def broken_artifact(directory: Path, key: Path, **options: Any) -> Path:
@@ -245,11 +248,23 @@ def deployed_over_v1(hub: Hub, tmp_path: Path, keys: tuple[Path, Path], v2: Path
     return state, store
 
 
-@pytest.mark.parametrize("step", STEPS)
+def test_at_least_20_distinct_kill_points_are_tested() -> None:
+    """Issue 13: an install survives a kill at any step (>= 20 points), besides the random moments."""
+    assert len(set(KILL_POINTS)) == len(KILL_POINTS) >= 20 and len(set(RANDOM_DELAYS_S)) == len(RANDOM_DELAYS_S)
+
+
+def golden_v2(tmp_path: Path, keys: tuple[Path, Path]) -> Path:
+    """v2 with golden samples (so the install passes the golden kill point), 512-byte chunks: 13 of them."""
+    v2 = make_artifact(tmp_path / "v2", keys[0], version="2.0.0", release=2, seed=2, golden=True, chunk_size=512)
+    assert sum(len(f["chunks"]) for f in json.loads((v2 / MANIFEST_FILE).read_bytes())["files"]) == 13
+    return v2
+
+
+@pytest.mark.parametrize("step", KILL_POINTS)
 def test_agent_killed_at_an_install_step_ends_active_on_the_new_version(
     step: str, hub: Hub, tmp_path: Path, keys: tuple[Path, Path]
 ) -> None:
-    v2 = make_artifact(tmp_path / "v2", keys[0], version="2.0.0", release=2, seed=2)
+    v2 = golden_v2(tmp_path, keys)
     state, store = deployed_over_v1(hub, tmp_path, keys, v2)
     killed_then_restarted(hub, state, "2.0.0", step)
     active = store.active("gemm")
@@ -262,7 +277,7 @@ def test_agent_killed_at_an_install_step_ends_active_on_the_new_version(
 def test_agent_killed_at_a_random_moment_ends_active_on_the_new_version(
     delay_s: float, hub: Hub, tmp_path: Path, keys: tuple[Path, Path]
 ) -> None:
-    v2 = make_artifact(tmp_path / "v2", keys[0], version="2.0.0", release=2, seed=2)
+    v2 = golden_v2(tmp_path, keys)
     state, store = deployed_over_v1(hub, tmp_path, keys, v2)
     killed_then_restarted(hub, state, "2.0.0", None, delay_s)
     active = store.active("gemm")
@@ -270,16 +285,25 @@ def test_agent_killed_at_a_random_moment_ends_active_on_the_new_version(
     assert active is not None and active.version == "2.0.0"
 
 
-@pytest.mark.parametrize("step", ("published", "staged"))
+@pytest.mark.parametrize("step", ("published", "staged", "golden"))
 def test_agent_killed_installing_a_failing_version_ends_failed_with_the_previous_serving(
     step: str, hub: Hub, tmp_path: Path, keys: tuple[Path, Path]
 ) -> None:
-    v2 = broken_artifact(tmp_path / "v2", keys[0], version="2.0.0", release=2)
+    """A model that fails its health check (zero input), or, at the golden kill point, one that was
+    swapped for another model after its golden samples were taken (validly signed)."""
+    if step == "golden":
+        from test_golden_samples import swapped_artifact
+
+        v2 = swapped_artifact(tmp_path / "v2", keys[0], version="2.0.0", release=2)
+    else:
+        v2 = broken_artifact(tmp_path / "v2", keys[0], version="2.0.0", release=2)
     state, store = deployed_over_v1(hub, tmp_path, keys, v2)
     killed_then_restarted(hub, state, "2.0.0", step)
     active = store.active("gemm")
     assert reported(hub)["state"] == "failed" and "downgrade" not in (reported(hub).get("error") or ""), reported(hub)
     assert active is not None and active.version == "1.0.0"
+    if step == "golden":
+        assert reported(hub)["error"].startswith("golden samples: "), reported(hub)
 
 
 def test_the_state_an_install_killed_before_activation_leaves_converges(
@@ -307,11 +331,11 @@ def test_the_state_an_install_killed_before_activation_leaves_converges(
     assert active is not None and active.version == "2.0.0"
 
 
-@pytest.mark.parametrize("step", ("published", "checked"))
+@pytest.mark.parametrize("step", ("published", "golden", "checked"))
 def test_the_journal_finishes_an_interrupted_install_on_start_with_no_broker(
     step: str, hub: Hub, tmp_path: Path, keys: tuple[Path, Path]
 ) -> None:
-    v2 = make_artifact(tmp_path / "v2", keys[0], version="2.0.0", release=2, seed=2)
+    v2 = golden_v2(tmp_path, keys)
     state, store = deployed_over_v1(hub, tmp_path, keys, v2)
     agent = agent_process(state, kill_at=step)
     try:

@@ -94,5 +94,17 @@ def main() -> None:
 
 from cloud_hub.cli import alerts, deploy, devices, drift, examples, fleet, models, rollback, rollout, serve  # noqa: E402  (they register their commands)
 
-__all__ = ["alerts", "app", "deploy", "devices", "drift", "examples", "fleet", "main", "models", "rollback", "rollout",
-           "serve"]
+__all__ = [
+    "alerts",
+    "app",
+    "deploy",
+    "devices",
+    "drift",
+    "examples",
+    "fleet",
+    "main",
+    "models",
+    "rollback",
+    "rollout",
+    "serve",
+]

@@ -18,7 +18,7 @@ from collections import defaultdict
 from typing import Any
 
 from cloud_hub.errors import Conflict, NotFound
-from cloud_hub.rollouts.gates import Tally, judge
+from cloud_hub.rollouts.gates import Tally, Totals, judge
 from cloud_hub.rollouts.spec import RolloutSpec
 from cloud_hub.rollouts.store import FINAL, Rollout, RolloutStore
 
@@ -129,12 +129,15 @@ class RolloutEngine:
                 return
             deployed = self.hub.deploy_devices(spec.model, spec.version, wave.devices, f"rollout:{rollout.id}")
             wave.deployment_id, wave.started_at = deployed["deployment_id"], now
+            wave.holdout = self._holdout(rollout, spec).to_json()
             rollout.event(f"wave {rollout.current + 1}: deployed to {len(wave.devices)} devices")
             return self.store.save(rollout)
         if wave.active_at is None and not self._installed(rollout, spec, wave, now):
             return None
         new = self.tally.sum(spec.model, dict.fromkeys(wave.devices, spec.version))
-        old = self.tally.sum(spec.model, {d: rollout.previous.get(d) for d in wave.devices})
+        old = self._holdout(rollout, spec).minus(Totals.from_json(wave.holdout)) if wave.holdout else Totals()
+        if old.calls < spec.gates.min_calls:  # no holdout left (the last wave): the same devices' history
+            old = self.tally.sum(spec.model, {d: rollout.previous.get(d) for d in wave.devices})
         passed, why, figures = judge(spec.gates, new, old, self._drift_score(spec))
         wave.verdict = {"passed": passed, "why": why, **figures}
         assert wave.active_at is not None
@@ -153,6 +156,11 @@ class RolloutEngine:
         else:
             rollout.current += 1
         return self.store.save(rollout)
+
+    def _holdout(self, rollout: Rollout, spec: RolloutSpec) -> Totals:
+        """The previous version's totals on the devices no wave has reached yet."""
+        later = [d for w in rollout.waves[rollout.current + 1 :] for d in w.devices]
+        return self.tally.sum(spec.model, {d: rollout.previous.get(d) for d in later})
 
     def _installed(self, rollout: Rollout, spec: RolloutSpec, wave: Any, now: float) -> bool:
         """True once every device of the wave finished installing; fails the rollout when too many

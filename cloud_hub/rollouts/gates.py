@@ -35,6 +35,20 @@ class Totals:
         self.local, self.breaches = self.local + other.local, self.breaches + other.breaches
         self.latency = self.latency + other.latency
 
+    def minus(self, earlier: Totals) -> Totals:
+        calls, errors, cloud = self.calls - earlier.calls, self.errors - earlier.errors, self.cloud - earlier.cloud
+        local, breaches = self.local - earlier.local, self.breaches - earlier.breaches
+        return Totals(calls, errors, cloud, local, breaches, self.latency - earlier.latency)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**{k: getattr(self, k) for k in ("calls", "errors", "cloud", "local", "breaches")},
+                "latency": self.latency.tolist()}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Totals:
+        return cls(data["calls"], data["errors"], data["cloud"], data["local"], data["breaches"],
+                   np.asarray(data["latency"], np.int64))  # fmt: skip
+
     def figures(self) -> dict[str, float]:
         calls = max(self.calls, 1)
         return {"calls": self.calls, "error_rate": self.errors / calls, "fallback_rate": self.cloud / calls,
@@ -100,9 +114,10 @@ def judge(gates: Gates, new: Totals, old: Totals, drift_score: float | None) -> 
         for label, key, ratio in checks:
             if now[key] > ratio * before[key] + gates.slack:
                 failures.append(f"{label} {now[key]:.1%} > {ratio:g} x {before[key]:.1%} + {gates.slack:.0%}")
-        if not math.isnan(now["p95_ms"]) and not math.isnan(before["p95_ms"]) and \
-                now["p95_ms"] > gates.max_p95_ratio * before["p95_ms"]:  # fmt: skip
-            failures.append(f"p95 latency {now['p95_ms']:.2f} ms > {gates.max_p95_ratio:g} x {before['p95_ms']:.2f} ms")
+        limit = gates.max_p95_ratio * before["p95_ms"] + gates.latency_slack_ms
+        if not math.isnan(now["p95_ms"]) and not math.isnan(before["p95_ms"]) and now["p95_ms"] > limit:
+            failures.append(f"p95 latency {now['p95_ms']:.3f} ms > {gates.max_p95_ratio:g} x "
+                            f"{before['p95_ms']:.3f} ms + {gates.latency_slack_ms:g} ms")  # fmt: skip
     if gates.max_drift_score is not None and drift_score is not None and drift_score >= gates.max_drift_score:
         failures.append(f"drift score {drift_score:.2f} ≥ {gates.max_drift_score:g}")
     if failures:

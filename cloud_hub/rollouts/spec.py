@@ -19,9 +19,12 @@ class SpecError(ValueError):
 @dataclass(frozen=True)
 class Gates:
     """Health gates a wave must pass: the new version's telemetry on the wave's devices against the
-    previous version's on the same devices. Ratios compare rates (with ``slack`` added to the previous
-    rate, so 0 errors before does not make 1 error after infinitely worse); ``max_error_rate`` is absolute.
-    A gate with too few previous calls (< ``min_calls``) is judged by the absolute limits only."""
+    previous version's over the same period on the devices the rollout has not reached yet (a holdout:
+    the same load, the same hour), or, when they made fewer than ``min_calls`` calls (the last wave),
+    against the previous version's history on the wave's own devices. Ratios compare rates (with
+    ``slack`` added to the previous rate, so 0 errors before does not make 1 error after infinitely
+    worse; ``latency_slack_ms`` likewise for p95); ``max_error_rate`` is absolute. With fewer than
+    ``min_calls`` previous calls either way, only the absolute limits judge."""
 
     min_calls: int = 200  # new-version calls on the wave before it may pass
     min_soak_s: float = 30.0  # and this long after its devices are active
@@ -31,6 +34,7 @@ class Gates:
     max_fallback_ratio: float = 2.0
     max_breach_ratio: float = 2.0
     slack: float = 0.01
+    latency_slack_ms: float = 0.05  # added to the previous p95: one bin of the telemetry's latency histogram
     max_drift_score: float | None = 1.0  # the drift job's score (≥ 1: alarming); None: not a gate
 
     @classmethod

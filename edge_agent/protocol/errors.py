@@ -2,6 +2,9 @@
 
 ProtocolError
 ├── MessageError        a message on a topic is malformed (counted and logged, never fatal)
+│   └── DesiredStateRefused  a well-formed desired state the device must not follow: unsigned or
+│                        badly signed where the hub's signature is required, another device's,
+│                        or a counter not above the last one accepted (a replay)
 └── ArtifactRejected    an artifact failed verification; ``reason`` says which check:
                         signature, manifest, expired, profile, downgrade, missing-file,
                         size, sha256, chunk, too-large
@@ -16,6 +19,10 @@ class ProtocolError(Exception):
 
 class MessageError(ProtocolError):
     """A message could not be decoded or does not follow its schema."""
+
+
+class DesiredStateRefused(MessageError):
+    """A desired state refused by the signature and counter rule (docs/security.md); reported by the device."""
 
 
 class ArtifactRejected(ProtocolError):

@@ -109,16 +109,26 @@ class DesiredModel:
     artifact_id: str
     manifest: dict[str, Any]
     signature: dict[str, Any]
+    # a signed rollback: this version may have a release below the installed ones. Honoured only inside a
+    # desired state signed by the hub's key (docs/security.md); anywhere else it is refused as a downgrade
+    rollback: bool = False
 
 
 @dataclass(frozen=True)
 class DesiredState:
     """At most MAX_DESIRED_MODELS models: more is refused when made (the hub's deploy) and when read
-    (the device, which reports the refusal as the state's ``error``)."""
+    (the device, which reports the refusal as the state's ``error``).
+
+    Signed states (hubs since issue 13) add ``device_id``, ``counter`` (per device, strictly increasing)
+    and ``signature`` (the hub key's Ed25519 signature over the canonical JSON of every other field, as
+    sent: ``protocol/desired_signing.py``). An older hub sends none of them ("", 0, {})."""
 
     deployment_id: str
     issued_at: str
     models: tuple[DesiredModel, ...] = ()
+    device_id: str = ""
+    counter: int = 0
+    signature: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if len(self.models) > MAX_DESIRED_MODELS:
@@ -149,6 +159,7 @@ class ReportedModel:
     version: str | None = None
     artifact_id: str | None = None
     error: str | None = None
+    origin: str = ""  # "local": switched on the device (edge-agent rollback/activate), not by the desired state
 
 
 @dataclass(frozen=True)
@@ -164,6 +175,7 @@ class ReportedState:
     updated_at: str
     models: tuple[ReportedModel, ...] = ()
     error: str | None = None
+    desired_counter: int = 0  # the counter of the last signed desired state the device accepted (0: none)
 
 
 def reported_to_wire(state: ReportedState) -> bytes:
