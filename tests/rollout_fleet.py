@@ -13,14 +13,17 @@ import numpy as np
 from edge_agent import EdgeClient
 from edge_agent.agent import Agent
 from edge_agent.config import AgentConfig
+from edge_agent.desired_guard import install_hub_key
 from edge_agent.errors import EdgefedError
 
 
 class Device:
-    def __init__(self, root: Path, device_id: str, broker: str, keys: tuple[Path, Path], group: str) -> None:
+    def __init__(self, root: Path, device_id: str, broker: str, keys: tuple[Path, Path], group: str,
+                 hub_key: bytes) -> None:  # fmt: skip
         self.device_id, self.state = device_id, root / device_id
         (self.state / "trust").mkdir(parents=True)
         shutil.copy(keys[1], self.state / "trust")
+        install_hub_key(self.state, hub_key)  # as enrollment does: the hub's signed rollbacks are honoured
         AgentConfig(device_id=device_id, profile="x86-64-generic", broker=broker, telemetry_interval_s=0.2).save(
             self.state
         )

@@ -14,6 +14,7 @@ from common import artifact, flaky_gemm_onnx, gemm_onnx, slow_gemm_onnx
 from rollout_fleet import Device, wait_until
 from test_hub_restarts import admin
 
+from cloud_hub.desired_signing import HUB_KEY_DIR, HUB_KEY_NAME
 from cloud_hub.rollouts import RolloutSpec, SpecError
 from cloud_hub.server import Hub
 
@@ -23,9 +24,10 @@ GATES = {"min_calls": 150, "min_soak_s": 1.0}
 @pytest.fixture
 def fleet(hub: Hub, tmp_path: Path, keys: tuple[Path, Path]) -> Iterator[list[Device]]:
     devices = []
+    hub_key = (hub.config.state_dir / HUB_KEY_DIR / f"{HUB_KEY_NAME}.pub").read_bytes()
     for i in range(4):
         hub.registry.upsert_device(f"dev-{i}", profile="x86-64-generic", groups=["fleet"])
-        devices.append(Device(tmp_path / "fleet", f"dev-{i}", hub.broker_url, keys, "fleet"))
+        devices.append(Device(tmp_path / "fleet", f"dev-{i}", hub.broker_url, keys, "fleet", hub_key))
     yield devices
     for device in devices:
         device.stop()
@@ -99,6 +101,24 @@ def test_a_bad_version_is_stopped_at_the_canary_wave(hub: Hub, fleet: list[Devic
     assert ended["current_wave"] == 0
     assert [w["deployment_id"] is not None for w in ended["waves"]] == [True, False, False]
     assert {d.device_id for d in fleet if d.active_version("gemm") == bad} == set(canary)  # no one else
+
+
+def test_a_failing_canary_is_rolled_back_automatically_and_everyone_ends_where_the_hub_says(
+    hub: Hub, fleet: list[Device], tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    running_v1(hub, fleet, tmp_path, keys)
+    bad = add(hub, tmp_path, keys, 2, partial(flaky_gemm_onnx, above=0.5))
+    started = rollout(hub, bad)  # on_failure: rollback (the default)
+    canary = started["waves"][0]["devices"]
+    ended = final(hub, started["id"])
+    assert ended["state"] == "rolled-back" and "error rate" in ended["reason"], ended["events"]
+    assert "1 devices sent back (1 to 1.1.0)" in ended["events"][-1]["event"]
+    wait_until("the canary back on 1.1.0", lambda: all(d.active_version("gemm") == "1.1.0" for d in fleet), 30)
+    reported = {d["device_id"]: d["reported"] for d in admin(hub).request("GET", "/v1/devices")}
+    wait_until("the hub to see it", lambda: all(
+        any(m["version"] == "1.1.0" and m["state"] == "active" for m in admin(hub).request(
+            "GET", f"/v1/devices/{device}")["reported"]["models"]) for device in canary))  # fmt: skip
+    assert set(reported) == {d.device_id for d in fleet}
 
 
 def test_pause_resume_and_abort_are_checked_against_the_state(hub: Hub, fleet: list[Device], tmp_path: Path,

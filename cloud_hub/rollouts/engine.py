@@ -167,7 +167,7 @@ class RolloutEngine:
         failed or the wave timed out."""
         states = self.hub.deployment(wave.deployment_id)["states"]
         failed = [d for d, s in states.items() if s["state"] == "failed"]
-        finished = [d for d, s in states.items() if s["state"] in ("active", "failed")]
+        finished = [d for d, s in states.items() if s["state"] in ("active", "failed", "overridden")]
         if finished and len(finished) >= min(spec.abort.min_devices, len(wave.devices)) and \
                 len(failed) / len(finished) > spec.abort.failed_fraction:  # fmt: skip
             errors = sorted({str(states[d].get("error")) for d in failed})[:3]
