@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 from common import artifact, flaky_gemm_onnx, gemm_onnx, slow_gemm_onnx
+from conftest import MosquittoProcess
 from rollout_fleet import Device, wait_until
-from test_hub_restarts import admin
+from test_hub_restarts import admin, start_hub
 
 from cloud_hub.desired_signing import HUB_KEY_DIR, HUB_KEY_NAME
 from cloud_hub.rollouts import RolloutSpec, SpecError
@@ -151,3 +152,29 @@ def test_a_rollout_spec_names_what_is_wrong() -> None:
     canary = RolloutSpec.from_json({**base, "strategy": "canary", "canary": "device:d7,d9"}).plan(devices, "r2")
     assert canary[0] == ["d7", "d9"] and len(canary[1]) == 98
     assert [len(w) for w in RolloutSpec.from_json({**base, "waves": ["30%"]}).plan(devices[:3], "r")] == [1, 2]
+
+
+def test_a_rollout_resumes_where_it_was_after_a_hub_restart(
+    mosquitto: MosquittoProcess, tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    hub = start_hub(tmp_path / "hub", keys, broker=mosquitto.url, grpc_port=0, admin_port=0)
+    hub_key = (hub.config.state_dir / HUB_KEY_DIR / f"{HUB_KEY_NAME}.pub").read_bytes()
+    devices = []
+    try:
+        for i in range(3):
+            hub.registry.upsert_device(f"dev-{i}", profile="x86-64-generic", groups=["fleet"])
+            devices.append(Device(tmp_path / "fleet", f"dev-{i}", mosquitto.url, keys, "fleet", hub_key))
+        running_v1(hub, devices, tmp_path, keys)
+        version = add(hub, tmp_path, keys, 2, partial(gemm_onnx, seed=1))
+        started = rollout(hub, version, waves=["1", "100%"], pause_s=4)
+        wait_until("the first wave to pass", lambda: hub.rollouts.get(started["id"])["current_wave"] == 1)
+        hub.stop()  # between the waves
+        hub = start_hub(tmp_path / "hub", keys, broker=mosquitto.url, grpc_port=0, admin_port=0)
+        ended = final(hub, started["id"])
+        assert ended["state"] == "succeeded", ended["events"]
+        assert [len(w["devices"]) for w in ended["waves"]] == [1, 2]  # the same plan
+        assert all(d.active_version("gemm") == version for d in devices)
+    finally:
+        for device in devices:
+            device.stop()
+        hub.stop()
