@@ -134,6 +134,10 @@ class AdminApi:
             route("GET", "/v1/rollouts", lambda r, p, q: hub.rollouts.list()),
             route("GET", "/v1/rollouts/{id}", lambda r, p, q: hub.rollouts.get(p["id"])),
             route("POST", "/v1/rollouts/{id}/{action}", lambda r, p, q: self._rollout_action(p["id"], p["action"])),
+            route("POST", "/v1/ab", lambda r, p, q: self._ab_start(r)),
+            route("GET", "/v1/ab", lambda r, p, q: hub.ab.tests()),
+            route("GET", "/v1/ab/{id}", lambda r, p, q: hub.ab.status(p["id"])),
+            route("POST", "/v1/ab/{id}/{action}", lambda r, p, q: self._ab_action(p["id"], p["action"])),
             route("GET", "/v1/drift/{model}", lambda r, p, q: self._drift(p["model"], q)),
             route("GET", "/metrics", lambda r, p, q: self._metrics(r), operator=not self.public_metrics),
         ]
@@ -146,6 +150,19 @@ class AdminApi:
         result = actions[action](rollout_id)
         self.hub.registry.audit("operator", f"rollout.{action}", {"rollout": rollout_id})
         return result
+
+    def _ab_start(self, request: BaseHTTPRequestHandler) -> Any:
+        body = self._json(request, {"model": str, "a": str, "b": str, "target": str})
+        split = body.get("split", 50)
+        if isinstance(split, bool) or not isinstance(split, int | float):
+            raise ValueError("field 'split' must be a number: the percent of calls for B")
+        return self.hub.ab.start(body["model"], body["a"], body["b"], float(split), body["target"])
+
+    def _ab_action(self, test_id: str, action: str) -> Any:
+        actions = {"promote": self.hub.ab.promote, "stop": self.hub.ab.stop}
+        if action not in actions:
+            raise NotFound(f"no A/B action {action!r}: use {', '.join(actions)}")
+        return actions[action](test_id)
 
     def _drift(self, model: str, query: dict[str, list[str]]) -> Any:
         """?version=V (default: the one scored last) &scope=all|group:G &since=UNIX_SECONDS"""

@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from cloud_hub.artifacts import ArtifactStore
@@ -21,6 +22,7 @@ from edge_agent.protocol.errors import ArtifactRejected, MessageError
 from edge_agent.protocol.manifest import Manifest, manifest_from_wire, now_text
 from edge_agent.protocol.messages import (
     Chunk,
+    DesiredAB,
     DesiredModel,
     DesiredRequest,
     DesiredState,
@@ -46,6 +48,8 @@ class ControlPlane:
                  shared_above: float = 0.5, signer: DesiredSigner | None = None) -> None:  # fmt: skip
         self.registry, self.store, self.topics = registry, store, topics
         self.signer = signer  # signs desired states (docs/security.md); None: unsigned, as before issue 13
+        # (device, model, version) → the B side of an A/B test for that desired model (cloud_hub/ab.py)
+        self.ab_for: Callable[[str, str, str], DesiredAB | None] | None = None
         self.mqtt = MqttConnection(broker_url, client_id="edgefed-hub", clean_session=True,
                                    on_connect=self.republish_desired)  # fmt: skip
         self._republished_at: dict[str, float] = {}  # device → when its desired state was last sent again
@@ -328,8 +332,9 @@ class ControlPlane:
         for model, version, artifact_id in rows:
             artifact = self.registry.artifact(artifact_id)
             rollback = self.signer is not None and self.signer.is_rollback(device_id, model, artifact_id)
+            ab = self.ab_for(device_id, model, version) if self.ab_for is not None else None
             models.append(DesiredModel(model, version, artifact_id, artifact["manifest"], artifact["signature"],
-                                       rollback=rollback))  # fmt: skip
+                                       rollback=rollback, ab=ab))  # fmt: skip
         return models
 
     def _check_desired_fits(self, device_id: str, new: tuple[str, str, str]) -> None:

@@ -69,6 +69,21 @@ def spec() -> dict[str, Any]:
                 "go below their installed release (docs/security.md)", _OBJECT, _props(
                     ["model", "version", "target"], model=_STR, version=_STR,
                     target={"type": "string", "pattern": "^(device|group|tag):.+$"}))},
+            "/v1/ab": {
+                "get": _op("A/B tests, newest first (docs/ab.md)", _LIST),
+                "post": _op("Start an A/B test: B beside A on the target's devices, split percent of calls to B "
+                            "(409 when A and B differ in interface, naming the difference)", _OBJECT, _props(
+                                ["model", "a", "b", "split", "target"], model=_STR, a=_STR, b=_STR,
+                                split={"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 100},
+                                target={"type": "string", "pattern": "^(device|group|tag):.+$"})),
+            },
+            "/v1/ab/{id}": {"get": {**_op("One A/B test with per-version figures, 95% intervals, B - A "
+                                          "differences, the observed split and a verdict", _OBJECT),
+                                    "parameters": _PATH_ID}},
+            "/v1/ab/{id}/{action}": {"post": {**_op("promote (B everywhere the test ran) or stop (A alone) an A/B "
+                                                    "test (409 when it is not running)", _OBJECT), "parameters": [
+                *_PATH_ID, {"name": "action", "in": "path", "required": True, "schema": {
+                    "type": "string", "enum": ["promote", "stop"]}}]}},
             "/v1/deployments/{id}": {"get": {**_op("A deployment and each device's state", _OBJECT),
                                              "parameters": _PATH_ID}},
             "/v1/telemetry": {"get": {**_op("Stored telemetry batches", _LIST), "parameters": [

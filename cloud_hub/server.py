@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cloud_hub.ab import AbTests
 from cloud_hub.accounting import UsageCounter
 from cloud_hub.admin import AdminApi
 from cloud_hub.alerts import AlertStore, AlertWebhook
@@ -125,6 +126,7 @@ class Hub:
         self.examples = ExampleStore(state / EXAMPLES_DIR, config.examples_per_device)
         self.desired_signer = DesiredSigner(state, str(state / "registry.db"))  # hub key, counters (security.md)
         self.rollouts = RolloutEngine(self, str(state / "registry.db"), tick_s=config.rollout_tick_s)
+        self.ab = AbTests(self, str(state / "registry.db"))  # A/B tests (docs/ab.md)
         self.drift = DriftMonitor(self.registry, self.store, self.alerts, str(state / "registry.db"),
                                   window_calls=config.drift_window_calls, interval_s=config.drift_interval_s,
                                   false_alarms_per_100k=config.drift_false_alarms_per_100k)  # fmt: skip
@@ -134,6 +136,7 @@ class Hub:
             self.broker.start()
         self.control = ControlPlane(self.broker_url, self.registry, self.store, self.topics, self.config.max_chunk_rate,
                                     shared_above=self.config.shared_above, signer=self.desired_signer)  # fmt: skip
+        self.control.ab_for = self.ab.desired_ab  # desired states name the B side of running A/B tests
         ExampleIngest(self.examples, self.control.mqtt, self.topics)  # devices/+/examples → stored, acknowledged
         self.control.start()
         if self.config.inference.processes == 1:
@@ -183,6 +186,7 @@ class Hub:
             self.control.stop()
         self.examples.close()
         self.desired_signer.close()
+        self.ab.close()
         if self.broker is not None:
             self.broker.stop()
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from device_profiles import DeviceProfile, get_profile
 from edge_agent import __version__
+from edge_agent.ab_agent import AbFollower
 from edge_agent.active_watch import ActiveWatch
 from edge_agent.config import AgentConfig
 from edge_agent.desired_guard import DesiredGuard, models_to_follow, record_override
@@ -110,6 +111,7 @@ class Agent:
         self.guard = DesiredGuard(state_dir, self.device_id)  # hub signature and counter (docs/security.md)
         self.watch = ActiveWatch(self.store)  # active versions switched by other processes
         self.watch_at = 0.0
+        self.ab = AbFollower(self)  # the B sides of A/B tests (docs/ab.md)
 
     def _enqueue(self, handler: Callable[[str, bytes], None]) -> Callable[[str, bytes], None]:
         return lambda topic, payload: self.events.put(lambda: handler(topic, payload))
@@ -157,6 +159,7 @@ class Agent:
         self.reported.update(overridden)
         for model in follow:
             self._converge(model)
+        self.ab.follow(desired.models, accepted.signed)
         self._clean_downloads()
         self._publish_reported()
 
@@ -294,6 +297,11 @@ class Agent:
     def _finish(self, artifact_id: str) -> None:
         model, transfer, _ = self.transfers.pop(artifact_id)
         self.mqtt.unroute(self.topics.chunks(artifact_id))
+        if artifact_id in self.ab.fetching:  # the B side of an A/B test: installed beside A, never activated
+            self.ab.finish(artifact_id, transfer, allow_release_below=model.rollback)
+            self._publish_reported()
+            transfer.discard()
+            return
         try:
             self.journal.record(model.name, model.version, artifact_id, "downloaded")
             kill_point("downloaded")
@@ -318,7 +326,8 @@ class Agent:
             if active and name not in self.reported:
                 self.reported[name] = ReportedModel(name, "active", active.version, active.artifact_id)
         state = ReportedState(self.device_id, self.profile.id, __version__, now_text(),
-                              tuple(self.reported.values()), self.desired_error, self.guard.counter)  # fmt: skip
+                              tuple(map(self.ab.attach, self.reported.values())), self.desired_error,
+                              self.guard.counter)  # fmt: skip
         self.mqtt.publish(self.topics.reported(self.device_id), reported_to_wire(state), retain=True)
         self.journal.remove_final()
         self.watch.mark_seen()  # what is active now is reported: only later switches are someone else's

@@ -19,6 +19,7 @@ from types import TracebackType
 import numpy as np
 
 from device_profiles import DeviceProfile, get_profile
+from edge_agent.ab import Key
 from edge_agent.cache import PredictionCache
 from edge_agent.cloud import CloudClient
 from edge_agent.cloud_interfaces import CloudInterfaces
@@ -126,6 +127,7 @@ class EdgeClient:
         self._budget = RateBudget(cloud_budget_per_minute) if cloud_budget_per_minute else None
         self._recorder = TelemetryRecorder(Spool(self.state_dir / SPOOL_FILE)) if telemetry else None
         self._active = ActiveModels(self.store, self.profile, self.state_dir / "engines")
+        self._splits = self._active.splits.by_model  # A/B tests (ab.py), read on every call
         self._interfaces = CloudInterfaces(self._cloud, self.cloud_breaker, cloud_timeout_s) if self._cloud else None
         self.budget_breaches = 0  # local calls over the latency budget (also counted in telemetry)
         self._breaches_lock = threading.Lock()
@@ -143,14 +145,20 @@ class EdgeClient:
             return None
 
     # inference ---------------------------------------------------------------------------------
-    def infer(self, model: str, inputs: Inputs | np.ndarray) -> InferResult:
+    def infer(self, model: str, inputs: Inputs | np.ndarray, key: Key | None = None) -> InferResult:
         """Answer with the route the policy picks; the result says which route answered and why.
+
+        While an A/B test of ``model`` runs on the device (docs/ab.md), ``key`` (a user or session id)
+        picks its version, the same one on every call; without a key the version is picked at random.
 
         Inputs are checked against the model version's interface before either route is tried, and
         the outputs carry the interface's names whichever route answered. Loading a model (the first
         call, in this process) is not part of ``latency_ms`` nor of the latency budget.
         """
         loaded = self._active.get(model)
+        split = self._splits.get(model)  # an A/B test: the one lookup a model without a test costs
+        if split is not None:
+            loaded = split.pick(loaded, key)
         start = time.perf_counter()
         if type(inputs) is not dict:
             inputs = self._single_input(model, inputs, loaded)  # type: ignore[arg-type]
@@ -295,13 +303,14 @@ class EdgeClient:
             return InferResult(outputs, model, answered, "cloud", latency_ms, reason)
         raise AssertionError("unreachable")
 
-    def infer_batch(self, model: str, items: list[Inputs]) -> list[InferResult]:
-        """Concatenate several inputs along axis 0, run once, and split the outputs back per item."""
+    def infer_batch(self, model: str, items: list[Inputs], key: Key | None = None) -> list[InferResult]:
+        """Concatenate several inputs along axis 0, run once, and split the outputs back per item (one
+        A/B version for the whole batch: ``key``'s, or one picked at random)."""
         if not items:
             return []
         names = list(items[0])
         joined = {n: np.concatenate([np.asarray(item[n]) for item in items]) for n in names}
-        result = self.infer(model, joined)
+        result = self.infer(model, joined, key)
         sizes = np.cumsum([len(np.asarray(item[names[0]])) for item in items])[:-1]
         parts = {n: np.split(v, sizes) for n, v in result.outputs.items()}
         return [
@@ -310,9 +319,9 @@ class EdgeClient:
             for i in range(len(items))
         ]  # fmt: skip
 
-    async def ainfer(self, model: str, inputs: Inputs | np.ndarray) -> InferResult:
+    async def ainfer(self, model: str, inputs: Inputs | np.ndarray, key: Key | None = None) -> InferResult:
         """``infer`` for asyncio apps: runs in a worker thread, never blocks the event loop."""
-        return await asyncio.to_thread(self.infer, model, inputs)
+        return await asyncio.to_thread(self.infer, model, inputs, key)
 
     def _single_input(self, model: str, array: np.ndarray, loaded: Loaded | None) -> Inputs:
         if loaded is None or len(loaded.runtime.manifest.inputs) != 1:

@@ -7,6 +7,7 @@ calls in flight finish on the runtime they started with.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from device_profiles import DeviceProfile
+from edge_agent.ab import Splits, open_version
 from edge_agent.protocol.sketch import Sketch
 from edge_agent.runtimes import InputValidator, Runtime, open_runtime, zero_inputs
 from edge_agent.store import ActiveRecord, ModelStore
@@ -58,6 +60,8 @@ class ActiveModels:
         self.slots: dict[str, Slot] = {}
         self._loaders: list[threading.Thread] = []
         self._lock = threading.Lock()
+        # A/B tests (ab.py): ``splits.by_model`` holds a model's B side only while a test runs on the device
+        self.splits = Splits(store, functools.partial(open_version, store, profile, engines_dir))
 
     def loaded(self, name: str) -> Loaded | None:
         """What is loaded now, without looking at the pointer."""
@@ -67,6 +71,7 @@ class ActiveModels:
     def close(self) -> None:
         for loader in self._loaders:  # a runtime must not be torn down mid-construction at exit
             loader.join(timeout=30)
+        self.splits.close()
 
     def _pointer_stamp(self, name: str) -> tuple[int, int] | None:
         try:
@@ -83,6 +88,7 @@ class ActiveModels:
         return self._refresh(name, now)
 
     def _refresh(self, name: str, now: float) -> Loaded | None:
+        self.splits.refresh(name)  # an A/B test started or ended (ab.json)
         stamp = self._pointer_stamp(name)
         with self._lock:
             slot = self.slots.setdefault(name, Slot())

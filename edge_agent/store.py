@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from device_profiles import DeviceProfile
+from edge_agent.ab import read_ab
 from edge_agent.errors import StoreError
 from edge_agent.protocol.artifact import (
     MANIFEST_FILE,
@@ -266,7 +267,8 @@ class ModelStore:
             previous = current.version
         record = ActiveRecord(version, manifest.artifact_id, manifest.release, previous)
         atomic_write_bytes(self.active_path(name), json.dumps(asdict(record)).encode())
-        self._prune(name, keep={version, previous or ""})
+        ab = read_ab(self, name)  # the B side of an A/B test stays installed (ab.py)
+        self._prune(name, keep={version, previous or "", ab.b if ab else ""})
         return record
 
     def rollback(self, name: str) -> ActiveRecord:

@@ -34,6 +34,8 @@ app.add_typer(deployments_app, name="deployments")
 app.add_typer(alerts_app, name="alerts")
 rollout_app = typer.Typer(help="Follow and steer rollouts: waves with health gates.", no_args_is_help=True)
 app.add_typer(rollout_app, name="rollout")
+ab_app = typer.Typer(help="A/B tests: two versions of a model split on the devices, compared.", no_args_is_help=True)
+app.add_typer(ab_app, name="ab")
 drift_app = typer.Typer(help="Drift reports and backtests of the drift detector.", no_args_is_help=True)
 app.add_typer(drift_app, name="drift")
 examples_app = typer.Typer(help="List and export the hard examples devices uploaded (opt-in).", no_args_is_help=True)
@@ -92,9 +94,10 @@ def main() -> None:
     app()
 
 
-from cloud_hub.cli import alerts, deploy, devices, drift, examples, fleet, models, rollback, rollout, serve  # noqa: E402  (they register their commands)
+from cloud_hub.cli import ab, alerts, deploy, devices, drift, examples, fleet, models, rollback, rollout, serve  # noqa: E402  (they register their commands)
 
 __all__ = [
+    "ab",
     "alerts",
     "app",
     "deploy",

@@ -100,6 +100,21 @@ def _decode(kind: Any, value: Any, where: str) -> Any:
 
 
 @dataclass(frozen=True)
+class DesiredAB:
+    """The B side of an A/B test of a model (docs/ab.md): installed beside the model's (A) version, never
+    made active; the SDK sends ``split`` percent of calls to it (0 < split < 100, 0.01 resolution), sticky
+    per request key. ``ab_id`` names the test (and salts the key hash). The artifact is checked exactly
+    like A's (signature, profile, expiry); inside a hub-signed state its release may be below A's."""
+
+    ab_id: str
+    version: str
+    artifact_id: str
+    manifest: dict[str, Any]
+    signature: dict[str, Any]
+    split: float
+
+
+@dataclass(frozen=True)
 class DesiredModel:
     """One model a device should run: the signed manifest travels with it so the agent can verify it
     before fetching a single chunk."""
@@ -112,6 +127,8 @@ class DesiredModel:
     # a signed rollback: this version may have a release below the installed ones. Honoured only inside a
     # desired state signed by the hub's key (docs/security.md); anywhere else it is refused as a downgrade
     rollback: bool = False
+    # an A/B test on this device (hubs since issue 13; older agents ignore it and run ``version`` alone)
+    ab: DesiredAB | None = None
 
 
 @dataclass(frozen=True)
@@ -160,6 +177,20 @@ class ReportedModel:
     artifact_id: str | None = None
     error: str | None = None
     origin: str = ""  # "local": switched on the device (edge-agent rollback/activate), not by the desired state
+    ab: ReportedAB | None = None  # the B side of an A/B test on this device (docs/ab.md); None: no test
+
+
+@dataclass(frozen=True)
+class ReportedAB:
+    """The B side of an A/B test as the device has it: ``state`` downloading | active (installed, the SDK
+    splits calls) | failed (``error``; A keeps every call)."""
+
+    ab_id: str
+    version: str
+    artifact_id: str
+    split: float
+    state: str
+    error: str | None = None
 
 
 @dataclass(frozen=True)
