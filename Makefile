@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest system-deps proto clean bench bench-venv
+.PHONY: demo test lint typecheck pytest system-deps proto clean bench bench-venv bench-drift-venvs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ test: lint typecheck pytest
 bench-venv:
 	$(PYTHON) -m venv .bench-venv && .bench-venv/bin/pip install --quiet kserve==0.21.0 onnxruntime numpy
 
+# The peers of bench/drift.py pin clashing dependencies: a venv each (bench/drift.py skips a missing one).
+bench-drift-venvs:
+	$(PYTHON) -m venv .bench-venvs/alibi && .bench-venvs/alibi/bin/pip install --quiet alibi-detect==0.13.0
+	$(PYTHON) -m venv .bench-venvs/evidently && .bench-venvs/evidently/bin/pip install --quiet evidently==0.7.23 'pandas<3'
+
 bench: $(STAMP)
 	$(BIN)/python bench/compiler.py
 	$(BIN)/python bench/sdk_overhead.py
@@ -48,6 +53,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/fanout.py
 	$(BIN)/python bench/fleet.py
 	$(BIN)/python bench/convergence.py
+	$(BIN)/python bench/telemetry.py
+	$(BIN)/python bench/telemetry_soak.py
+	$(BIN)/python bench/drift.py
 
 # grpcio-tools lives in its own venv: it pins a protobuf newer than tritonclient allows.
 proto:

@@ -62,6 +62,7 @@ class ControlPlane:
         self._pending_whole: dict[str, set[str]] = {}  # artifact → devices that asked for all of it
         self._sending: dict[str, set[tuple[int, int]]] = {}  # this round's chunks not yet published
         self._pending_lock = threading.Condition()
+        self._desired_lock = threading.Lock()  # one desired state read, signed and published at a time
         self._stop = threading.Event()
         self._sender = threading.Thread(target=self._send_chunks, name="edgefed-chunks", daemon=True)
         self.chunks_sent = 0
@@ -109,7 +110,12 @@ class ControlPlane:
             raise  # and counted as malformed, like any other
         if state.device_id != device_id:
             raise ValueError(f"reported state for {state.device_id} on {device_id}'s topic")
-        fields = {"profile": state.profile, "reported": dataclasses.asdict(state), "last_seen": time.time()}
+        now = time.time()  # received_at: when the hub got it, on the hub's clock (the device's may differ)
+        fields = {
+            "profile": state.profile,
+            "reported": {**dataclasses.asdict(state), "received_at": now},
+            "last_seen": now,
+        }
         self._update_from_device(device_id, fields)
         self._republish_if_unheard(device_id, {m.name for m in state.models})
 
@@ -126,7 +132,10 @@ class ControlPlane:
         except NotFound:
             return
         error = short_error(f"report refused by the hub: {reason}")
-        self._update_from_device(device_id, {"reported": {**last, "error": error}, "last_seen": time.time()})
+        now = time.time()
+        self._update_from_device(
+            device_id, {"reported": {**last, "error": error, "received_at": now}, "last_seen": now}
+        )
 
     def _on_status(self, topic: str, payload: bytes) -> None:
         if payload:
@@ -252,13 +261,17 @@ class ControlPlane:
             raise NotFound(f"model {name}@{version} has no artifact; add one with 'cloud-hub models add'")
         return self.deploy_devices(name, version, self._resolve(target), target)
 
-    def deploy_devices(self, name: str, version: str, devices: list[dict[str, Any]], target: str) -> dict[str, Any]:
-        """``deploy`` to these device records (a rollout's wave), recorded under the label ``target``."""
+    def deploy_devices(self, name: str, version: str, devices: list[dict[str, Any]], target: str,
+                       rollback: bool = False) -> dict[str, Any]:  # fmt: skip
+        """``deploy`` to these device records (a rollout's wave), recorded under the label ``target``;
+        an ordinary deploy (not ``rollback``) ends any rollback authorised for that model on them."""
         if not self.registry.artifacts(name, version):
             raise NotFound(f"model {name}@{version} has no artifact; add one with 'cloud-hub models add'")
         assignments = {d["device_id"]: self._artifact_for(name, version, d) for d in devices}
         for device_id, artifact_id in assignments.items():
             self._check_desired_fits(device_id, (name, version, artifact_id))
+        if self.signer is not None and not rollback:
+            self.signer.clear_rollback(name, list(assignments))
         deployment_id = self.registry.create_deployment(name, version, target, assignments)
         for device_id in assignments:
             self.publish_desired(device_id, deployment_id)
@@ -301,9 +314,12 @@ class ControlPlane:
         count = 0
         for device in self.registry.devices():
             rows = self.registry.desired(device["device_id"])
-            if rows:
-                self.publish_desired(device["device_id"], rows[-1]["deployment_id"])
-                count += 1
+            try:
+                if rows:
+                    self.publish_desired(device["device_id"], rows[-1]["deployment_id"])
+                    count += 1
+            except Exception:  # one device's state must not keep the others from theirs
+                log.exception("cannot publish the desired state of %s again", device["device_id"])
         if count:
             log.info("published the desired state of %d devices again", count)
 
@@ -347,19 +363,28 @@ class ControlPlane:
     def publish_desired(self, device_id: str, deployment_id: str) -> None:
         """Publish the device's desired state, signed (``signer``): the same signed message again when
         nothing changed for a deployment the device already had, a new counter for a new decision."""
-        state = DesiredState(deployment_id, now_text(), tuple(self._desired_models(device_id)))
-        payload = self.signer.payload(device_id, state) if self.signer is not None else to_wire(state)
-        self.mqtt.publish(self.topics.desired(device_id), payload, qos=1, retain=True)
+        with self._desired_lock:  # read, sign, publish as one: the newest content always goes out last
+            state = DesiredState(deployment_id, now_text(), tuple(self._desired_models(device_id)))
+            payload = self.signer.payload(device_id, state) if self.signer is not None else to_wire(state)
+            self.mqtt.publish(self.topics.desired(device_id), payload, qos=1, retain=True)
 
     def rollback(self, name: str, version: str, target: str) -> dict[str, Any]:
         """A signed rollback: ``deploy`` whose desired states authorise a release below the installed one
         (``DesiredModel.rollback``) on exactly the targeted devices, recorded as a deployment."""
+        return self.rollback_devices(name, version, self._resolve(target), target)
+
+    def rollback_devices(self, name: str, version: str, devices: list[dict[str, Any]], target: str) -> dict[str, Any]:
+        """``rollback`` of these device records (a rollout's), recorded as one deployment labelled ``target``."""
         if self.signer is None:
             raise Conflict("a rollback needs the hub's desired-state key (the hub makes it on start)")
         if not self.registry.artifacts(name, version):
             raise NotFound(f"model {name}@{version} has no artifact; add one with 'cloud-hub models add'")
-        devices = self._resolve(target)
-        self.signer.mark_rollback(name, {d["device_id"]: self._artifact_for(name, version, d) for d in devices})
-        result = self.deploy_devices(name, version, devices, target)
+        marks = {d["device_id"]: self._artifact_for(name, version, d) for d in devices}
+        self.signer.mark_rollback(name, marks)
+        try:
+            result = self.deploy_devices(name, version, devices, target, rollback=True)
+        except Exception:  # nothing was decided: no mark may outlive it
+            self.signer.clear_rollback(name, list(marks))
+            raise
         self.signer.record_rollback_deployment(result["deployment_id"])
         return {**result, "rollback": True}

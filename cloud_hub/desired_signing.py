@@ -24,12 +24,14 @@ import sqlite3
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge_agent.protocol.atomic import fsync_dir
+from edge_agent.protocol.atomic import fsync_dir, fsync_tree
 from edge_agent.protocol.canonical import canonical_json
 from edge_agent.protocol.desired_signing import sign_desired
 from edge_agent.protocol.messages import DesiredState
@@ -58,6 +60,7 @@ def hub_key(state_dir: Path) -> Ed25519PrivateKey:
         state_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".hub-key-", dir=state_dir))
         generate_keypair(staging, HUB_KEY_NAME)
+        fsync_tree(staging)  # both halves on disk before the rename makes them the key
         try:
             os.rename(staging, directory)
         except OSError:  # another process made it first, or a leftover empty directory
@@ -86,6 +89,18 @@ class DesiredSigner:
         with self._lock:
             self.db.close()
 
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN … COMMIT, rolled back on any error (the connection is never left inside a transaction);
+        the caller holds ``_lock``."""
+        self.db.execute("BEGIN")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
     def payload(self, device_id: str, state: DesiredState) -> bytes:
         """The signed message for ``state``: the stored one when its models are unchanged and its
         deployment is one the device already had (same counter); else, for a new decision, a new message
@@ -103,14 +118,13 @@ class DesiredSigner:
                 return bytes(row[2])
             counter = max((row[0] if row else 0) + 1, int(time.time() * 1000))
             signed = sign_desired(dataclasses.replace(state, device_id=device_id, counter=counter), self.key)
-            self.db.execute("BEGIN")
-            self.db.execute(
-                "INSERT OR REPLACE INTO desired_signed (device_id, counter, content, payload, signed) "
-                "VALUES (?, ?, ?, ?, ?)",
-                [device_id, counter, content, signed, time.time()],
-            )
-            self.db.execute("INSERT OR IGNORE INTO desired_decisions VALUES (?, ?)", [device_id, state.deployment_id])
-            self.db.execute("COMMIT")
+            with self._transaction() as db:
+                db.execute(
+                    "INSERT OR REPLACE INTO desired_signed (device_id, counter, content, payload, signed) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    [device_id, counter, content, signed, time.time()],
+                )
+                db.execute("INSERT OR IGNORE INTO desired_decisions VALUES (?, ?)", [device_id, state.deployment_id])
             return signed
 
     def counter(self, device_id: str) -> int:
@@ -121,15 +135,21 @@ class DesiredSigner:
 
     def mark_rollback(self, model: str, assignments: dict[str, str]) -> None:
         """These devices may go below their installed release of ``model``, to these artifacts (set before
-        the rollback's desired states are signed; a later deploy of another artifact ends it)."""
-        with self._lock:
-            self.db.execute("BEGIN")
+        the rollback's desired states are signed; any later deploy of that model to them ends it:
+        ``clear_rollback``)."""
+        with self._lock, self._transaction() as db:
             for device_id, artifact_id in assignments.items():
-                self.db.execute(
+                db.execute(
                     "INSERT OR REPLACE INTO rollback_marks (device_id, model, artifact_id) VALUES (?, ?, ?)",
                     [device_id, model, artifact_id],
                 )
-            self.db.execute("COMMIT")
+
+    def clear_rollback(self, model: str, device_ids: list[str]) -> None:
+        """An ordinary deploy of ``model`` to these devices: no rollback authorised any more (a later
+        deploy of an old version is refused as a downgrade, never taken as a rollback)."""
+        with self._lock, self._transaction() as db:
+            db.executemany("DELETE FROM rollback_marks WHERE device_id = ? AND model = ?",
+                           [(device_id, model) for device_id in device_ids])  # fmt: skip
 
     def record_rollback_deployment(self, deployment_id: str) -> None:
         with self._lock:

@@ -330,8 +330,11 @@ class Hub:
             return {"state": "overridden", "error": f"{model.get('version')} made active on the device (a local "
                     "rollback or activate); stands until the hub's next desired state"}  # fmt: skip
         if model is None or model.get("version") != deployment["version"]:
-            # a device that refused its desired state (or whose report the hub refused) says why
-            return {"state": "failed", "error": reported["error"]} if reported.get("error") else {"state": "pending"}
+            # a device that refused this desired state (or whose report the hub refused) says why: an error
+            # reported since the deploy, other than a report cut to size (its models are not all there)
+            error = reported.get("error") or ""
+            fresh = reported.get("received_at", 0.0) >= deployment["created"] and not error.startswith("report cut")
+            return {"state": "failed", "error": error} if error and fresh else {"state": "pending"}
         return {"state": model["state"], "error": model.get("error")}
 
     def remove_device(self, device_id: str) -> dict[str, Any]:
@@ -354,6 +357,14 @@ class Hub:
         assert self.control is not None
         result = self.control.rollback(name, version, target)
         self.registry.audit("operator", "rollback", {"model": name, "version": version, "target": target, **result})
+        return result
+
+    def rollback_devices(self, name: str, version: str, device_ids: list[str], label: str) -> dict[str, Any]:
+        """A rollout's automatic rollback: these devices to ``name@version``, as one signed rollback."""
+        assert self.control is not None
+        devices = [self.registry.device(d) for d in device_ids]
+        result = self.control.rollback_devices(name, version, devices, label)
+        self.registry.audit("rollouts", "rollback", {"model": name, "version": version, "target": label, **result})
         return result
 
     def deploy_devices(self, name: str, version: str, device_ids: list[str], label: str) -> dict[str, Any]:

@@ -21,6 +21,16 @@ REQUIRED_KEYS = {
     "fanout": ("agents", "seconds", "hub_egress_ratio", "speedup_vs_unicast", "resume_retransfer_fraction"),
     "fleet": ("agents", "deploy_seconds", "state_exact"),
     "convergence": ("schedules", "converged", "stuck", "median_converge_s"),
+    "drift": (
+        "false_alarms_per_100k",
+        "delay_ratio_vs_ks",
+        "delay_ratio_vs_alibi",
+        "detected_single_feature",
+        "detected_variance",
+        "detected_digits",
+    ),
+    "telemetry_soak": ("restarts", "generated", "delivered", "dropped_counted", "duplicates", "lost"),
+    "telemetry": ("records_per_s_ratio", "lost", "hub_cpu_cores"),
     "compiler": ("int8_size_ratio", "int8_latency_ratio", "top1_agreement", "minilm_cosine", "minilm_speedup"),
 }
 BENCHES = sorted(p for p in (Path(__file__).resolve().parents[1] / "bench").glob("*.py") if "--quick" in p.read_text())

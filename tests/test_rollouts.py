@@ -152,6 +152,12 @@ def test_a_rollout_spec_names_what_is_wrong() -> None:
     canary = RolloutSpec.from_json({**base, "strategy": "canary", "canary": "device:d7,d9"}).plan(devices, "r2")
     assert canary[0] == ["d7", "d9"] and len(canary[1]) == 98
     assert [len(w) for w in RolloutSpec.from_json({**base, "waves": ["30%"]}).plan(devices[:3], "r")] == [1, 2]
+    with pytest.raises(SpecError, match="device:d7,typo: typo not in the target"):  # never a canary-less rollout
+        RolloutSpec.from_json({**base, "strategy": "canary", "canary": "device:d7,typo"}).plan(devices, "r3")
+    with pytest.raises(SpecError, match="must be a finite number"):
+        RolloutSpec.from_json({**base, "gates": {"max_p95_ratio": float("nan")}})
+    with pytest.raises(SpecError, match="finite numbers"):
+        RolloutSpec.from_json({**base, "wave_timeout_s": float("nan")})
 
 
 def test_a_rollout_resumes_where_it_was_after_a_hub_restart(

@@ -143,6 +143,13 @@ def test_an_operator_rollback_is_accepted_and_a_plain_downgrade_is_not(
         assert reported(hub)["error"] is None
         audit = hub.registry.db.execute("SELECT detail FROM audit WHERE action = 'rollback'").fetchall()
         assert len(audit) == 2
+
+        # a rollback authorises that decision only: after 3.0.0 again, a plain deploy of 2.0.0 is a downgrade
+        deploy_and_wait(hub, "3.0.0")
+        later = admin(hub).deploy("gemm", "2.0.0", "device:dev-1")["deployment_id"]
+        wait_for("the later downgrade refused", lambda: state_in(hub, later) == "failed")
+        assert "downgrade" in deployment(hub, later)["states"]["dev-1"]["error"]
+        assert ModelStore(models).active("gemm").version == "3.0.0"  # type: ignore[union-attr]
     finally:
         agent.stop()
 
@@ -365,3 +372,85 @@ def test_init_takes_the_hub_key_and_refuses_a_file_that_is_not_one(tmp_path: Pat
     bad = CliRunner().invoke(agent_cli, [*args, "--hub-key", str(keys[0]), "--state-dir", str(tmp_path / "b")])
     assert bad.exit_code == 2 and "not an Ed25519 public key" in bad.output
     assert not (tmp_path / "b" / HUB_KEYS_DIR / "hub.pub").exists()
+
+
+def test_a_local_rollback_just_before_a_report_is_reported_as_local_not_absorbed(
+    tmp_path: Path, keys: tuple[Path, Path], device: tuple[Path, ModelStore, Any]
+) -> None:
+    """A report made for another reason (a reconnection, another model's install) before the next 1-second
+    look still reports a local rollback made in between as one, and records it as an override."""
+    from device_profiles import get_profile
+    from edge_agent.agent import Agent
+    from edge_agent.config import AgentConfig
+    from edge_agent.desired_guard import read_overrides
+    from edge_agent.protocol.messages import ReportedState
+
+    state, store, trust = device
+    profile = get_profile("x86-64-generic")
+    for release in (1, 2):
+        artifact = make_artifact(tmp_path / str(release), keys[0], version=f"{release}.0.0", release=release,
+                                 seed=release)  # fmt: skip
+        store.install(artifact, trust, profile, activate=True)
+    agent = Agent(state, AgentConfig.load(state))
+    published: list[bytes] = []
+    agent.mqtt.publish = lambda topic, payload, retain=False: published.append(payload)  # type: ignore[assignment,misc]
+    done = edge_agent(state, "rollback", "gemm")  # another process, between two looks of the daemon
+    assert done.returncode == 0, done.stderr
+    agent._publish_reported()  # as on a reconnection, before the next look
+    gemm = next(m for m in from_wire(ReportedState, published[-1]).models if m.name == "gemm")
+    assert (gemm.version, gemm.origin) == ("1.0.0", "local")
+    assert read_overrides(state)["gemm"]["version"] == "1.0.0"
+    # the daemon's own switch is not taken for a local one
+    two = next(m for m in store.versions("gemm") if m.version == "2.0.0")
+    assert agent._activate_installed("gemm", "2.0.0", two.artifact_id)
+    count = len(published)
+    agent._watch_active()
+    assert len(published) == count
+
+
+def test_a_crash_after_accepting_a_new_decision_leaves_no_stale_local_override(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent dies right after the guard stored the new counter: on restart the retained copy is the same
+    decision (a repeat), so an override of the previous one still on disk would keep the device off it."""
+    import edge_agent.desired_guard as guard_module
+    from edge_agent.desired_guard import DesiredGuard, models_to_follow, read_overrides, record_override
+    from edge_agent.store import ActiveRecord
+
+    state = tmp_path / "device"
+    hub_key, hub_pub = generate_keypair(tmp_path / "hub-key", "hub")
+    install_hub_key(state, hub_pub.read_bytes())
+    record_override(state, "gemm", "1.0.0", "a" * 64)  # a local rollback under the previous decision
+    offer = DesiredModel("gemm", "3.0.0", "c" * 64, {}, {})
+    payload = sign_desired(DesiredState("d-3", now_text(), (offer,), "dev-1", 5), load_private_key(hub_key))
+
+    class Crash(BaseException):
+        pass
+
+    from edge_agent.protocol.atomic import atomic_write_bytes as write
+
+    def crash_after_the_guard(path: Path, data: bytes) -> None:
+        write(path, data)
+        if path.name == GUARD_FILE:
+            raise Crash
+
+    monkeypatch.setattr(guard_module, "atomic_write_bytes", crash_after_the_guard)
+    with pytest.raises(Crash):
+        DesiredGuard(state, "dev-1").accept(payload)
+    monkeypatch.setattr(guard_module, "atomic_write_bytes", write)
+    accepted = DesiredGuard(state, "dev-1").accept(payload)  # the retained copy, after the restart
+    assert accepted.repeat
+    assert "gemm" not in read_overrides(state)
+    follow, kept = models_to_follow(accepted, state, lambda name: ActiveRecord("1.0.0", "a" * 64, 1, None))
+    assert [m.name for m in follow] == ["gemm"] and not kept
+
+
+def test_a_bad_hub_key_leaves_the_installed_one(tmp_path: Path) -> None:
+    state = tmp_path / "device"
+    pem = generate_keypair(tmp_path / "hub-key", "hub")[1].read_bytes()
+    path = install_hub_key(state, pem)
+    for bad in (b"not a key", generate_keypair(tmp_path / "x", "x")[0].read_bytes(), b""):
+        with pytest.raises(ValueError, match="not an Ed25519 public key"):
+            install_hub_key(state, bad)
+        assert path.read_bytes() == pem
+    assert sorted(p.name for p in (state / HUB_KEYS_DIR).iterdir()) == ["hub.pub"]

@@ -215,6 +215,9 @@ def test_a_corrupted_spool_at_rest_opens(tmp_path: Path) -> None:
         ({"windows": [{**WINDOW, "count": -1}]}, "windows[0].count"),
         ({"windows": [{**WINDOW, "latency_hist": [1, -3]}]}, "windows[0].latency_hist[1]"),
         ({"dropped": -5}, "TelemetryBatch.dropped"),
+        ({"windows": [{**WINDOW, "count": 2**64}]}, "windows[0].count"),  # would overflow the hub's sums
+        ({"windows": [{**WINDOW, "errors": WINDOW["count"] + 1}]}, "errors and budget_breaches cannot exceed"),
+        ({"windows": [{**WINDOW, "latency_hist": [2**60]}]}, "windows[0].latency_hist[0]"),
         ({"histograms": [{"model": "m", "version": "1", "tensor": "x", "edges": [0.0, float("nan")], "counts": [1]}]},
          "histograms[0].edges[1]"),
         ({"histograms": [{"model": "m", "version": "1", "tensor": "x", "edges": [0.0, 1.0], "counts": [-1]}]},

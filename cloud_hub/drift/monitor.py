@@ -106,20 +106,34 @@ class DriftMonitor:
             scopes = {d["device_id"]: device_scopes(d) for d in self.registry.devices()}
             changed: dict[StreamKey, Stream] = {}
             closed: list[ClosedWindow] = []
-            for row in rows:
-                for (model, version), counts in self._batch_counts(row["histograms"]).items():
-                    samples = max(int(c.sum()) for c in counts.values())
-                    for scope in scopes.get(row["device_id"], ["all"]):
-                        stream = self._stream((model, version, scope))
-                        if stream is None:
-                            continue
-                        stream.add(counts, samples)
-                        changed[stream.key] = stream
-                        if stream.samples >= self.window_calls:
-                            closed.append(self._close(stream))
-                closed += self._operations(row, scopes.get(row["device_id"], ["all"]), changed)
-            self.store.save(rows[-1]["cursor"], [s.saved() for s in changed.values()], closed)
+            try:
+                for row in rows:
+                    try:
+                        closed += self._row(row, scopes.get(row["device_id"], ["all"]), changed)
+                    except (ValueError, OverflowError, KeyError, TypeError) as exc:  # one bad batch, not the job
+                        log.warning("drift job skips batch %s of %s: %s", row.get("seq"), row.get("device_id"), exc)
+                self.store.save(rows[-1]["cursor"], [s.saved() for s in changed.values()], closed)
+            except Exception:  # the run is repeated from the saved state, so nothing is counted twice
+                self._streams = {}
+                for saved in self.store.streams():
+                    self._restore(saved)
+                raise
             return len(rows)
+
+    def _row(self, row: dict[str, Any], scopes: list[str], changed: dict[StreamKey, Stream]) -> list[ClosedWindow]:
+        """One telemetry batch into its streams: feature counts, then the operations windows."""
+        closed = []
+        for (model, version), counts in self._batch_counts(row["histograms"]).items():
+            samples = max(int(c.sum()) for c in counts.values())
+            for scope in scopes:
+                stream = self._stream((model, version, scope))
+                if stream is None:
+                    continue
+                stream.add(counts, samples)
+                changed[stream.key] = stream
+                if stream.samples >= self.window_calls:
+                    closed.append(self._close(stream))
+        return closed + self._operations(row, scopes, changed)
 
     def _operations(
         self, row: dict[str, Any], scopes: list[str], changed: dict[StreamKey, Stream]
@@ -179,7 +193,11 @@ class DriftMonitor:
     def _restore(self, saved: SavedStream) -> None:
         pending = {name: np.asarray(values, np.int64) for name, values in saved.pending.items()}
         if saved.key[2].startswith(OPERATIONS):
-            baseline = OperationsBaseline.from_state(saved.detector)
+            try:
+                baseline = OperationsBaseline.from_state(saved.detector)
+            except (ValueError, KeyError, TypeError) as exc:  # unusable: that stream starts a new baseline
+                log.warning("operations state of %s is unusable (%s): starting it again", "/".join(saved.key), exc)
+                return
             self._streams[saved.key] = Stream(saved.key, baseline.detector, baseline, pending, saved.samples)
             return
         sketch = self._sketch(saved.key[0], saved.key[1])

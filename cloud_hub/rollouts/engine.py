@@ -68,9 +68,6 @@ class RolloutEngine:
             previous = {d: self._active_version(d, spec.model) for d in devices}
             rollout_id = uuid.uuid4().hex[:12]
             rollout = self.store.create(spec.to_json(), spec.plan(devices, rollout_id), previous, rollout_id)
-            rollout.state = "running"
-            rollout.event("started")
-            self.store.save(rollout)
         self.tick()
         return self.store.get(rollout.id).to_json()
 
@@ -89,7 +86,18 @@ class RolloutEngine:
         return self._change(rollout_id, ("running",), "paused", "paused by the operator")
 
     def resume(self, rollout_id: str) -> dict[str, Any]:
-        return self._change(rollout_id, ("paused",), "running", "resumed by the operator")
+        """Go on; the wave's clocks (timeout, soak) skip the time it was paused."""
+        with self._lock:
+            rollout = self.store.get(rollout_id)
+            paused_at = next(
+                (e["at"] for e in reversed(rollout.events) if e["event"] == "paused by the operator"), None
+            )
+            if rollout.state == "paused" and paused_at is not None:
+                wave, held = rollout.waves[rollout.current], time.time() - paused_at
+                wave.started_at = wave.started_at + held if wave.started_at else None
+                wave.active_at = wave.active_at + held if wave.active_at else None
+                self.store.save(rollout)
+            return self._change(rollout_id, ("paused",), "running", "resumed by the operator")
 
     def abort(self, rollout_id: str) -> dict[str, Any]:
         return self._change(rollout_id, ("pending", "running", "paused"), "aborted",
@@ -208,13 +216,21 @@ class RolloutEngine:
             previous = rollout.previous.get(device)
             if previous is not None and previous != rollout.spec["version"]:
                 by_version[previous].append(device)
-        for version, devices in by_version.items():
-            for device in devices:
-                self.hub.rollback(rollout.spec["model"], version, f"device:{device}")
+        sent, problems = [], []
+        for version, devices in by_version.items():  # one signed rollback per previous version
+            try:
+                self.hub.rollback_devices(rollout.spec["model"], version, devices, f"rollback:{rollout.id}")
+                sent.append(f"{len(devices)} to {version}")
+            except Exception as exc:  # recorded, never retried each tick: the operator sees it in the events
+                log.warning(
+                    "rollout %s: rollback of %d devices to %s failed: %s", rollout.id, len(devices), version, exc
+                )
+                problems.append(f"{len(devices)} to {version} failed: {exc}")
         rollout.state = "rolled-back"
         rollout.reason = rollout.reason or why
-        sent = ", ".join(f"{len(d)} to {v}" for v, d in by_version.items()) or "none had a previous version"
-        rollout.event(f"{why}: {sum(map(len, by_version.values()))} devices sent back ({sent})")
+        count = sum(map(len, by_version.values()))
+        rollout.event(f"{why}: {count} devices sent back ({', '.join(sent) or 'none had a previous version'})"
+                      + (f"; {'; '.join(problems)}" if problems else ""))  # fmt: skip
         self.store.save(rollout)
 
 

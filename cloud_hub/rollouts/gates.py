@@ -4,6 +4,7 @@ the telemetry the hub stores (in arrival order, from a cursor), so a gate costs 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from cloud_hub.metrics import quantile_ms
 from cloud_hub.registry import Registry
 from cloud_hub.rollouts.spec import Gates
 from edge_agent.protocol.messages import LATENCY_EDGES_MS
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -67,8 +70,11 @@ class Tally:
     def catch_up(self, limit: int = 2000) -> None:
         while rows := self.registry.telemetry_after(self.cursor, limit):
             for row in rows:
-                for w in row["windows"]:
-                    self._add(row["device_id"], w)
+                try:
+                    for w in row["windows"]:
+                        self._add(row["device_id"], w)
+                except (ValueError, OverflowError, KeyError, TypeError) as exc:  # one bad batch, not the rollouts
+                    log.warning("rollout tally skips batch %s of %s: %s", row.get("seq"), row.get("device_id"), exc)
             self.cursor = rows[-1]["cursor"]
             if len(rows) < limit:
                 return

@@ -46,8 +46,8 @@ class Gates:
             )
         gates = cls(**data)
         for name, value in asdict(gates).items():
-            if value is not None and (not isinstance(value, int | float) or value < 0):
-                raise SpecError(f"gates.{name}: {value!r} must be a number ≥ 0")
+            if value is not None and (not isinstance(value, int | float) or not math.isfinite(value) or value < 0):
+                raise SpecError(f"gates.{name}: {value!r} must be a finite number ≥ 0")
         return gates
 
 
@@ -95,8 +95,11 @@ class RolloutSpec:
                    float(data.get("pause_s", 0.0)), Gates.from_json(data.get("gates", {})),
                    Abort(float(abort.get("failed_fraction", 0.1)), int(abort.get("min_devices", 5))),
                    on_failure, float(data.get("wave_timeout_s", 900.0)))  # fmt: skip
-        if spec.pause_s < 0 or spec.wave_timeout_s <= 0:
-            raise SpecError("pause_s must be ≥ 0 and wave_timeout_s > 0")
+        numbers = (spec.pause_s, spec.wave_timeout_s, spec.abort.failed_fraction)
+        if not all(map(math.isfinite, numbers)) or spec.pause_s < 0 or spec.wave_timeout_s <= 0:
+            raise SpecError("pause_s must be ≥ 0 and wave_timeout_s > 0 (finite numbers)")
+        if not 0 <= spec.abort.failed_fraction <= 1 or spec.abort.min_devices < 1:
+            raise SpecError("abort: failed_fraction between 0 and 1, min_devices ≥ 1")
         return spec
 
     def to_json(self) -> dict[str, Any]:
@@ -113,7 +116,11 @@ class RolloutSpec:
         done: list[str] = []
         for step in steps:
             if step.startswith("device:"):
-                chosen = [d for d in step.removeprefix("device:").split(",") if d in order and d not in done]
+                named = step.removeprefix("device:").split(",")
+                unknown = [d for d in named if d not in order]
+                if unknown:  # a typo must never turn a canary into the whole fleet
+                    raise SpecError(f"{step}: {', '.join(unknown)} not in the target; see 'cloud-hub devices list'")
+                chosen = [d for d in named if d not in done]
             else:
                 chosen = [d for d in order if d not in done][: max(_size(step, len(order)) - len(done), 0)]
                 if not chosen and len(done) < len(order):

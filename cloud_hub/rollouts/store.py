@@ -75,9 +75,9 @@ class RolloutStore:
 
     def create(self, spec: dict[str, Any], waves: list[list[str]], previous: dict[str, str | None],
                rollout_id: str) -> Rollout:  # fmt: skip
-        rollout = Rollout(rollout_id, time.time(), "pending", spec,
+        rollout = Rollout(rollout_id, time.time(), "running", spec,
                           [Wave(devices) for devices in waves], previous)  # fmt: skip
-        rollout.event(f"created: {len(waves)} waves of {', '.join(str(len(w)) for w in waves)} devices")
+        rollout.event(f"started: {len(waves)} waves of {', '.join(str(len(w)) for w in waves)} devices")
         self.save(rollout)
         return rollout
 

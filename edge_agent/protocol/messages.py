@@ -287,6 +287,8 @@ class TelemetryBatch:
         for i, window in enumerate(self.windows):
             where = f"TelemetryBatch.windows[{i}]"
             _check_counts(where, window, ("count", "errors", "budget_breaches"))
+            if window.errors > window.count or window.budget_breaches > window.count:
+                raise MessageError(f"{where}: errors and budget_breaches cannot exceed count ({window.count})")
             _check_finite(where, window, ("start", "end", "latency_ms_sum"))
             _check_items(f"{where}.latency_hist", window.latency_hist, finite=False)
         for i, histogram in enumerate(self.histograms):
@@ -296,10 +298,13 @@ class TelemetryBatch:
             _check_items(f"{where}.counts", histogram.counts, finite=False)
 
 
+MAX_COUNT = 2**53  # a count above this is nonsense (and would overflow the hub's 64-bit sums)
+
+
 def _check_counts(where: str, message: Any, names: tuple[str, ...]) -> None:
     for name in names:
-        if getattr(message, name) < 0:
-            raise MessageError(f"{where}.{name}: negative count {getattr(message, name)!r}")
+        if not 0 <= getattr(message, name) <= MAX_COUNT:
+            raise MessageError(f"{where}.{name}: {getattr(message, name)!r} is not a count (0 to 2**53)")
 
 
 def _check_finite(where: str, message: Any, names: tuple[str, ...]) -> None:
@@ -311,7 +316,7 @@ def _check_finite(where: str, message: Any, names: tuple[str, ...]) -> None:
 def _check_items(where: str, values: tuple[float, ...], finite: bool) -> None:
     """Every value finite (``finite``) or a count (not negative)."""
     for i, value in enumerate(values):
-        if (finite and not math.isfinite(value)) or (not finite and value < 0):
+        if (finite and not math.isfinite(value)) or (not finite and not 0 <= value <= MAX_COUNT):
             raise MessageError(f"{where}[{i}]: {value!r} is not {'a finite number' if finite else 'a count'}")
 
 
