@@ -34,6 +34,7 @@ from edge_agent.protocol.topics import Topics
 log = logging.getLogger(__name__)
 EXAMPLES_DIR = "examples"
 MAX_PER_DEVICE = 10_000
+MAX_EXPANDED_BYTES = 16 * 1024 * 1024  # an example's arrays, uncompressed: more is refused
 _SCHEMA = """CREATE TABLE IF NOT EXISTS examples (
     example_id TEXT PRIMARY KEY, device_id TEXT NOT NULL, model TEXT NOT NULL, version TEXT NOT NULL,
     reason TEXT NOT NULL, at REAL NOT NULL, received REAL NOT NULL, bytes INTEGER NOT NULL, arrays TEXT NOT NULL
@@ -44,13 +45,22 @@ _COLUMNS = ("example_id", "device_id", "model", "version", "reason", "at", "rece
 
 
 def array_names(npz: bytes) -> list[str]:
-    """The arrays of an .npz; ValueError when it is not one numpy reads without pickles."""
+    """The arrays of an .npz; ValueError when it is not one numpy reads without pickles, or when its
+    members expand to more than MAX_EXPANDED_BYTES (checked before anything is decompressed: a few
+    hundred KiB of zeros compressed expand to hundreds of MiB)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(npz)) as archive:  # zipfile stops each member at its file_size
+            expanded = sum(info.file_size for info in archive.infolist())
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise ValueError(f"the arrays are not a readable .npz ({exc})") from None
+    if expanded > MAX_EXPANDED_BYTES:
+        raise ValueError(f"the arrays expand to {expanded} bytes, over the limit of {MAX_EXPANDED_BYTES}")
     try:
         with np.load(io.BytesIO(npz), allow_pickle=False) as arrays:
             names = list(arrays.files)
             for name in names:
                 arrays[name]  # reads (and so checks) every array
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError, MemoryError) as exc:  # Memory: a lying .npy header
         raise ValueError(f"the arrays are not a readable .npz ({exc})") from None
     return names
 

@@ -29,9 +29,18 @@ class ActiveWatch:
             stamps[name] = (st.st_ino, st.st_mtime_ns, st.st_size)
         return stamps
 
-    def mark_seen(self) -> None:
-        """The daemon's own switches: what the pointers are now is known (and reported)."""
-        self.seen = self._stamps()
+    def mark_seen(self, *names: str) -> None:
+        """The daemon's own switch of ``names`` (all models when none are named): call it right after the
+        switch, never later, or a foreign switch made in between would be taken for the daemon's own."""
+        now = self._stamps()
+        if not names:
+            self.seen = now
+            return
+        for name in names:
+            if name in now:
+                self.seen[name] = now[name]
+            else:
+                self.seen.pop(name, None)
 
     def changed(self) -> dict[str, ActiveRecord]:
         """Models whose active pointer changed since the last look, with their new record."""

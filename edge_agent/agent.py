@@ -105,6 +105,7 @@ class Agent:
         self.desired_error: str | None = None  # why the last desired state was refused
         self.applied_desired = ""  # desired_digest of the last desired state followed
         self.ask_desired_at = math.inf
+        self.next_telemetry = 0.0  # when the next telemetry batch may go
         self.stop_event = threading.Event()
         self.installs = 0
         self.journal = InstallJournal(state_dir / JOURNAL_DIR)
@@ -144,6 +145,7 @@ class Agent:
     def _on_desired(self, topic: str, payload: bytes) -> None:
         if not payload:
             return
+        self._note_local_switches()  # not yet seen, it would not stand against the same decision delivered again
         try:
             accepted = self.guard.accept(payload)  # unsigned, forged, replayed: refused, nothing changed
         except MessageError as exc:  # say so: the hub shows the deployment failed, not pending
@@ -216,6 +218,8 @@ class Agent:
             log.warning("activating installed %s@%s failed: %s", name, version, exc)
             self._outcome(name, version, artifact_id, str(exc))
             return True
+        finally:
+            self._own_switch(name, artifact_id)
         log.info("activated installed %s@%s", name, version)
         self._outcome(name, version, artifact_id)
         return True
@@ -308,8 +312,11 @@ class Agent:
             source = transfer.assemble()
             kill_point("assembled")
             check = self._checker(model.name, model.version, artifact_id)
-            manifest = self.store.install(source, self.trust, self.profile, activate=True, check=check,
-                                          allow_release_below=model.rollback)  # fmt: skip
+            try:
+                manifest = self.store.install(source, self.trust, self.profile, activate=True, check=check,
+                                              allow_release_below=model.rollback)  # fmt: skip
+            finally:
+                self._own_switch(model.name, artifact_id)
             self.installs += 1
             log.info("activated %s@%s", manifest.name, manifest.version)
             self._outcome(model.name, model.version, artifact_id)
@@ -321,6 +328,7 @@ class Agent:
         transfer.discard()
 
     def _publish_reported(self) -> None:
+        self._note_local_switches()  # a local switch since the last look is reported as one, never absorbed
         for name in self.store.names():
             active = self.store.active(name)
             if active and name not in self.reported:
@@ -330,18 +338,32 @@ class Agent:
                               self.guard.counter)  # fmt: skip
         self.mqtt.publish(self.topics.reported(self.device_id), reported_to_wire(state), retain=True)
         self.journal.remove_final()
-        self.watch.mark_seen()  # what is active now is reported: only later switches are someone else's
 
     def _watch_active(self) -> None:
         """Report at once an active version switched by another process (a local `edge-agent rollback`):
         it stands as a device-side override until the hub's next desired state (docs/security.md)."""
+        if self._note_local_switches():
+            self._publish_reported()
+
+    def _own_switch(self, name: str, artifact_id: str) -> None:
+        """Right after the daemon switched (or tried to switch) ``name`` to ``artifact_id`` under the store's
+        writer lock: a pointer now at it is the daemon's own switch, not a local one."""
+        try:
+            record = self.store.active(name)
+        except (OSError, ValueError, TypeError):
+            return
+        if record is not None and record.artifact_id == artifact_id:
+            self.watch.mark_seen(name)
+
+    def _note_local_switches(self) -> bool:
+        """Record the active versions switched by another process since the last look (the daemon marks
+        its own switches seen as it makes them); whether there were any."""
         changed = self.watch.changed()
         for name, record in changed.items():
             log.info("%s: %s made active on the device (a local switch); reporting it", name, record.version)
             self.reported[name] = ReportedModel(name, "active", record.version, record.artifact_id, origin="local")
             record_override(self.state_dir, name, record.version, record.artifact_id)
-        if changed:
-            self._publish_reported()
+        return bool(changed)
 
     # telemetry ----------------------------------------------------------------------------------
     def _on_ack(self, topic: str, payload: bytes) -> None:
@@ -354,12 +376,26 @@ class Agent:
             self.mqtt.publish(self.topics.telemetry(self.device_id), to_wire(batch))
 
     # main loop ----------------------------------------------------------------------------------
+    def _periodic(self, now: float) -> None:
+        """Re-asks for stalled chunks, the desired state, active-pointer changes, telemetry, examples."""
+        for artifact_id, (_, _, last) in list(self.transfers.items()):
+            if now - last > STALL_S:
+                self._request_missing(artifact_id)
+        if now >= self.ask_desired_at:
+            self._ask_for_desired()
+        if now >= self.watch_at:
+            self.watch_at = now + 1.0
+            self._watch_active()
+        if now >= self.next_telemetry:
+            self.next_telemetry = now + self.config.telemetry_interval_s
+            self.send_telemetry()
+        self.examples.send(now)
+
     def run(self) -> None:
-        self.resume()
-        self.watch.mark_seen()
+        self.resume()  # its own switches are marked seen as it makes them
         self._broker_state(False, "connecting")
         self.mqtt.start_in_background()
-        next_telemetry = time.monotonic()
+        self.next_telemetry = time.monotonic()
         try:
             while not self.stop_event.is_set():
                 try:
@@ -368,19 +404,10 @@ class Agent:
                     pass
                 except Exception:
                     log.exception("agent event failed")
-                now = time.monotonic()
-                for artifact_id, (_, _, last) in list(self.transfers.items()):
-                    if now - last > STALL_S:
-                        self._request_missing(artifact_id)
-                if now >= self.ask_desired_at:
-                    self._ask_for_desired()
-                if now >= self.watch_at:
-                    self.watch_at = now + 1.0
-                    self._watch_active()
-                if now >= next_telemetry:
-                    self.send_telemetry()
-                    next_telemetry = now + self.config.telemetry_interval_s
-                self.examples.send(now)
+                try:
+                    self._periodic(time.monotonic())
+                except Exception:  # a spool or broker error must not stop the daemon: the next tick tries again
+                    log.exception("agent periodic work failed")
         finally:
             offline = to_wire(Status("offline", now_text()))
             if self.mqtt.connected:

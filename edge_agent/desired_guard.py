@@ -26,13 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.exceptions import UnsupportedAlgorithm
+
 from edge_agent.protocol.atomic import atomic_write_bytes
 from edge_agent.protocol.canonical import canonical_json
 from edge_agent.protocol.desired_signing import verify_desired
 from edge_agent.protocol.errors import DesiredStateRefused
 from edge_agent.protocol.manifest import now_text
 from edge_agent.protocol.messages import DesiredModel, DesiredState, ReportedModel, from_wire
-from edge_agent.protocol.signing import TrustStore, load_public_key
+from edge_agent.protocol.signing import TrustStore, public_key_from_pem
 from edge_agent.store import ActiveRecord
 
 log = logging.getLogger(__name__)
@@ -53,16 +55,16 @@ class Accepted:
 
 
 def install_hub_key(state_dir: Path, pem: bytes) -> Path:
-    """Store the hub's public key (checked to be an Ed25519 PEM) as ``hub-keys/hub.pub``."""
+    """Store the hub's public key as ``hub-keys/hub.pub``; ValueError, leaving any installed key as it is,
+    when ``pem`` is not an Ed25519 public key (PEM)."""
+    try:
+        public_key_from_pem(pem)
+    except (ValueError, UnsupportedAlgorithm):
+        raise ValueError("the hub key is not an Ed25519 public key (PEM); use the hub's hub-key/hub.pub") from None
     directory = state_dir / HUB_KEYS_DIR
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / HUB_KEY_FILE
     atomic_write_bytes(path, pem)
-    try:
-        load_public_key(path)
-    except ValueError:
-        path.unlink(missing_ok=True)
-        raise ValueError("the hub key is not an Ed25519 public key (PEM); use the hub's hub-key/hub.pub") from None
     return path
 
 
@@ -103,13 +105,14 @@ class DesiredGuard:
 
     def accept(self, payload: bytes) -> Accepted:
         """Check ``payload``; MessageError (malformed) or DesiredStateRefused (naming why) when it must not
-        be followed. A newly accepted counter is stored crash-safely before this returns."""
+        be followed. A newly accepted counter is stored crash-safely before this returns (after clearing the
+        local overrides of the models the new decision names)."""
         if not self.required:
             state = from_wire(DesiredState, payload)
             key = decision(state)
             repeat = key == self.decision
             if not repeat:
-                self._store(self.counter, key)
+                self._store(state, self.counter, key)
             return Accepted(state, signed=False, repeat=repeat)
         state = verify_desired(payload, self.hub_keys, self.device_id)
         key = decision(state)
@@ -120,10 +123,13 @@ class DesiredGuard:
                 f"desired state refused: counter {state.counter} is not above {self.counter}, the last one "
                 "this device accepted (a replayed or older desired state); the installed models are unchanged"
             )
-        self._store(state.counter, key)
+        self._store(state, state.counter, key)
         return Accepted(state, signed=True, repeat=False)
 
-    def _store(self, counter: int, key: str) -> None:
+    def _store(self, state: DesiredState, counter: int, key: str) -> None:
+        """Accept a new decision: it replaces the local overrides of the models it names, cleared first, so
+        a crash before the counter is stored leaves none standing against this decision delivered again."""
+        clear_overrides(self.state_dir, {m.name for m in state.models})
         atomic_write_bytes(self.path, json.dumps({"counter": counter, "decision": key, "at": now_text()}).encode())
         self.counter, self.decision = counter, key
 
@@ -161,10 +167,7 @@ def models_to_follow(
     delivered again (a reconnection, a hub restart) leaves a model whose active version was switched on
     the device since as it is: the hub's signed desired state is the source of truth, and a local
     rollback stands, reported as ``origin: local``, until the hub decides again."""
-    names = {m.name for m in accepted.state.models}
-    overrides = read_overrides(state_dir) if accepted.repeat else {}
-    if not accepted.repeat:
-        clear_overrides(state_dir, names)
+    overrides = read_overrides(state_dir) if accepted.repeat else {}  # a new decision cleared them (accept)
     follow, kept = [], {}
     for model in accepted.state.models:
         if model.rollback and not accepted.signed:

@@ -35,9 +35,10 @@ STALE_TMP_S = 600.0
 # size limit (never copied or written); dropped_queue: the app's in-memory queue was full; rate_limited:
 # low-confidence samples over the policy's rate; unchecked: calls the low-confidence policy skipped
 # because its writer was behind; uploaded: acknowledged by the hub; refused_by_hub: the
-# hub refused one for good; unreadable: a spooled file that could not be read (removed)
+# hub refused one for good; unreadable: a spooled file that could not be read (removed); write_failed: one
+# the writer could not write (arrays neither numbers nor text, a full disk), after ``keep`` returned its id
 COUNTERS = ("kept", "dropped_full", "refused_too_large", "dropped_queue", "rate_limited", "unchecked", "uploaded",
-            "refused_by_hub", "unreadable")  # fmt: skip
+            "refused_by_hub", "unreadable", "write_failed")  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ import numpy as np
 from edge_agent.errors import ConfigError
 from edge_agent.example_spool import ExampleSpool
 from edge_agent.protocol.errors import MessageError
+from edge_agent.protocol.golden import storable
 from edge_agent.protocol.messages import MAX_EXAMPLE_BYTES, MAX_EXAMPLE_REASON_CHARS, ExampleHeader, HardExample
 from edge_agent.routing import Confidence, RateBudget, _probabilities
 
@@ -84,9 +85,10 @@ def row_confidence(output: np.ndarray, measure: Confidence) -> np.ndarray:
 
 
 def to_npz(inputs: Arrays, outputs: Arrays | None) -> bytes:
-    """The arrays as an (uncompressed) .npz: ``input/NAME`` and ``output/NAME``."""
-    arrays = {f"input/{k}": np.asarray(v) for k, v in inputs.items()}
-    arrays.update({f"output/{k}": np.asarray(v) for k, v in (outputs or {}).items()})
+    """The arrays as an (uncompressed) .npz: ``input/NAME`` and ``output/NAME``; text (a BYTES tensor's
+    str/bytes objects) as unicode arrays. ValueError for an array that is neither numbers nor text."""
+    arrays = {f"input/{k}": storable(np.asarray(v)) for k, v in inputs.items()}
+    arrays.update({f"output/{k}": storable(np.asarray(v)) for k, v in (outputs or {}).items()})
     buffer = io.BytesIO()
     np.savez(buffer, allow_pickle=False, **arrays)
     return buffer.getvalue()
@@ -274,6 +276,10 @@ class ExampleKeeper:
         except MessageError as exc:  # its npz is over the wire limit
             self._note("refused_too_large")
             log.warning("hard example of %s refused: %s", item.model, exc)
+            return
+        except Exception as exc:  # arrays neither numbers nor text, a full disk: its id was returned, so count it
+            self._note("write_failed")
+            log.warning("hard example %s of %s lost: %s", item.example_id, item.model, exc)
             return
         self._note("kept")
         if dropped:

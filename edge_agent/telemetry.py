@@ -236,27 +236,37 @@ def _histograms(key: Key, reference: Sketch, summarised: list[Tensors], calls: i
     result = []
     for name in reference.tensors:
         parts = [tensors[name] for tensors in summarised if name in tensors]
-        counted = _count(reference, name, parts)
+        try:
+            counted, used = _count(reference, name, parts)
+        except Exception:  # one tensor never costs the write its calls, nor other models theirs
+            log.exception("telemetry: could not bin %s of %s@%s; its calls count as not summarised", name, *key[:2])
+            counted, used = {}, 0
         for feature in reference.features_of(name):
-            counts = counted.get(feature.name) if parts else np.zeros(len(feature.counts), np.int64)
+            counts = counted.get(feature.name) if used else np.zeros(len(feature.counts), np.int64)
             if counts is not None:
-                result.append(TensorCounts(key[0], key[1], feature.name, feature.edges, counts, calls, len(parts)))
+                result.append(TensorCounts(key[0], key[1], feature.name, feature.edges, counts, calls, used))
     return result
 
 
-def _count(reference: Sketch, name: str, parts: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """Feature counts of the calls' ``parts`` of one tensor: one batch when their shapes agree, else
-    call by call (a sequence whose length varies)."""
+def _count(reference: Sketch, name: str, parts: list[np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+    """Feature counts of the calls' ``parts`` of one tensor, and how many parts they count (a part whose
+    samples do not fit the reference, such as a sequence of another length, is left out): one batch when
+    their shapes agree, else call by call."""
     if not parts:
-        return {}
+        return {}, 0
     try:
-        return reference.count({name: np.concatenate(parts)})
+        batch = np.concatenate(parts)
     except ValueError:
         total: dict[str, np.ndarray] = {}
+        used = 0
         for part in parts:
-            for feature, counts in reference.count({name: part}).items():
+            counted = reference.count({name: part})
+            used += bool(counted)
+            for feature, counts in counted.items():
                 total[feature] = total[feature] + counts if feature in total else counts
-        return total
+        return total, used
+    counted = reference.count({name: batch})
+    return counted, len(parts) if counted else 0
 
 
 __all__ = [

@@ -160,9 +160,13 @@ def window(route: str, calls: int, errors: int, slow: int = 0) -> TelemetryWindo
 
 
 def test_errors_fallbacks_and_slow_calls_raise_an_operations_alert_against_the_stream_s_baseline(
-    hub: Hub
+    hub: Hub, sensor: Path
 ) -> None:
     hub.registry.upsert_device("dev-1", profile="x86-64-generic")
+    hub.registry.add_telemetry(TelemetryBatch("dev-1", 99, windows=(window("local", 90, 1),), epoch="x"))
+    hub.drift.run_once()  # a model the registry does not know yet gets no stream
+    assert not hub.drift.store.streams()
+    admin(hub).add_artifact(sensor)
     batches = [(window("local", 90, 1), window("cloud", 10, 0))] * 50  # baseline 2,000 calls, 1% errors; then quiet
     for seq, windows in enumerate(batches, 1):
         hub.registry.add_telemetry(TelemetryBatch("dev-1", seq, windows=windows, epoch="e"))

@@ -117,7 +117,7 @@ def test_the_device_spool_drops_the_oldest_past_its_caps_and_counts_refusals(
     assert [e.example_id for e in spool.entries()] == ids[2:]  # the newest three, oldest first
     assert spool.status() | {"spooled_bytes": 0} == {
         "kept": 5, "dropped_full": 2, "refused_too_large": 1, "dropped_queue": 0, "rate_limited": 0, "unchecked": 0,
-        "uploaded": 0, "refused_by_hub": 0, "unreadable": 0, "spooled": 3, "spooled_bytes": 0,
+        "uploaded": 0, "refused_by_hub": 0, "unreadable": 0, "write_failed": 0, "spooled": 3, "spooled_bytes": 0,
     }  # fmt: skip
     size = spool.entries()[0].size
     keeper = ExampleKeeper(spool, HardExamples(max_examples=100, max_bytes=2 * size + 10), "dev-1")
@@ -125,6 +125,25 @@ def test_the_device_spool_drops_the_oldest_past_its_caps_and_counts_refusals(
     keeper.close()
     assert len(spool.entries()) == 2 and spool.counters()["dropped_full"] == 4  # the byte cap
     assert not [r for r in caplog.records if r.levelname == "ERROR"]  # the writer never failed
+
+
+def test_text_examples_are_kept_as_unicode_and_one_that_cannot_be_written_is_counted(tmp_path: Path) -> None:
+    from cloud_hub.examples import array_names
+
+    spool = ExampleSpool(tmp_path / "examples")
+    keeper = ExampleKeeper(spool, HardExamples(), "dev-1")
+    text = np.array([[b"caf\xc3\xa9", b"ok"]], dtype=object)  # a BYTES tensor, as the runtimes give it
+    kept = keeper.keep("m", "1", {"text": text}, {"label": np.array(["yes"], dtype=object)}, "marked")
+    lost = keeper.keep("m", "1", {"x": np.array([object()], dtype=object)}, None, "not text")
+    assert kept is not None and lost is not None  # ids returned before the writer runs
+    assert keeper.flush()
+    keeper.close()
+    (entry,) = spool.entries()
+    assert entry.example_id == kept
+    npz = HardExample.from_wire(entry.path.read_bytes()).npz
+    assert array_names(npz) == ["input/text", "output/label"]  # what the hub reads, without pickles
+    np.testing.assert_array_equal(np.load(io.BytesIO(npz))["input/text"], [["café", "ok"]])
+    assert spool.counters()["kept"] == 1 and spool.counters()["write_failed"] == 1
 
 
 def test_the_hub_stores_an_example_once_refuses_unreadable_arrays_and_caps_each_device(tmp_path: Path) -> None:
@@ -138,6 +157,29 @@ def test_the_hub_stores_an_example_once_refuses_unreadable_arrays_and_caps_each_
     assert [r["example_id"] for r in store.list(model="gemm")] == [ids[2], ids[1]]
     assert store.counters == {"stored": 3, "duplicates": 1, "dropped": 1, "refused": 1}
     assert not (tmp_path / "examples" / f"{ids[0]}.npz").exists()
+    store.close()
+
+
+def test_the_hub_refuses_arrays_that_expand_past_the_limit_before_decompressing_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cloud_hub.examples import MAX_EXPANDED_BYTES
+
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, zeros=np.zeros(2 * MAX_EXPANDED_BYTES, np.uint8))  # a zip bomb, ~32 KiB
+    bomb = buffer.getvalue()
+    assert len(bomb) < MAX_EXAMPLE_BYTES
+    store = ExampleStore(tmp_path / "examples")
+    store.add("dev-1", example("0" * 32))  # within the limit: stored as before
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("decompressed")
+
+    monkeypatch.setattr(np, "load", load)
+    with pytest.raises(ValueError, match=r"expand to \d+ bytes, over the limit"):
+        store.add("dev-1", example("1" * 32, npz=bomb))
+    assert store.counters == {"stored": 1, "duplicates": 0, "dropped": 0, "refused": 1}
+    assert [r["example_id"] for r in store.list()] == ["0" * 32]
     store.close()
 
 

@@ -105,3 +105,16 @@ def test_strings_and_non_finite_values_have_no_features_but_do_not_break_the_ref
     reference = build_reference({"x": x, "text": np.array([["a"]] * 100)}, {"y": x[:, 1:]})
     assert {f["tensor"] for f in reference["features"]} == {"x", "y"}
     assert all(np.isfinite(f["edges"]).all() for f in reference["features"])
+
+
+def test_samples_with_another_number_of_elements_are_skipped_never_counted_in_part() -> None:
+    x = RNG.standard_normal((500, 8))
+    images = RNG.random((200, 3, 20, 20))
+    sketch = roundtrip(build_reference({"x": x, "image": images}, {"y": RNG.standard_normal((500, 1))}))
+    for shorter_or_longer in (x[:50, :5], np.hstack([x[:50], x[:50, :2]]), x[:50].reshape(50, 2, 4)[:, :1]):
+        assert sketch.count({"x": shorter_or_longer}) == {}  # no IndexError, and no prefix counted
+    assert sketch.count({"image": images[:10, :, :10]}) == {}  # a projection needs its elements
+    assert sketch.count({"image": images[:10].reshape(10, 4, 10, 30)}) == {}  # same elements, other channels
+    counts = sketch.count({"x": x[:50, :5], "image": images[:10]})  # a tensor that fits is still counted
+    assert set(counts) == {f.name for f in sketch.features_of("image")}
+    assert all(c.sum() == 10 for c in counts.values())

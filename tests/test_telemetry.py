@@ -209,3 +209,35 @@ def test_calls_with_no_summary_yet_count_but_are_not_sent_alone(tmp_path: Path) 
     assert batch is not None
     (histogram,) = batch.histograms
     assert (histogram.calls, histogram.summarised, sum(histogram.counts)) == (100, 2, len(EDGES) - 1)
+
+
+def test_a_variable_length_input_costs_no_call_of_any_model() -> None:
+    """A sequence model's calls of other lengths than its reference's are left out of its counts (and of
+    ``summarised``, so scaling stays unbiased); every call of every model is still written."""
+    from edge_agent.protocol.sketch import build_reference
+
+    rng = np.random.default_rng(1)
+    sequence = Sketch.from_json(build_reference({"tokens": rng.standard_normal((200, 8))}, {}))
+    assert sequence is not None
+    summarised = 1 | ELIGIBLE | SAMPLED
+    taken: list[Item] = [(("seq", "1", "local"), 0.0, 1.0, summarised, sequence,
+                          {"tokens": rng.standard_normal((1, length))}) for length in (8, 5, 8, 12, 8)]  # fmt: skip
+    taken += [(("cnn", "1", "local"), 0.0, 1.0, summarised, REFERENCE,
+               {"input": np.ones((1, 4), np.float32)})] * 3  # fmt: skip
+    packed = pack(taken, max_summarised=50)
+    assert sorted((b.model, len(b.ts)) for b in packed.blocks) == [("cnn", 3), ("seq", 5)]
+    tokens = [h for h in packed.histograms if h.tensor.startswith("tokens/")]
+    assert len(tokens) == 8 and {(h.calls, h.summarised, int(sum(h.counts))) for h in tokens} == {(5, 3, 3)}
+    assert {(h.tensor, h.summarised) for h in packed.histograms if h.model == "cnn"} == {("input", 3), ("output", 0)}
+    for others in ([taken[1], taken[3]], [taken[1], taken[1]]):  # call by call, or one batch: none fits
+        packed = pack(others, max_summarised=50)
+        assert {(h.calls, h.summarised, int(sum(h.counts))) for h in packed.histograms} == {(2, 0, 0)}
+
+    class Broken(Sketch):
+        def count(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:  # type: ignore[override]
+            raise RuntimeError("a tensor this version cannot bin")
+
+    broken = Broken(list(sequence.features))
+    packed = pack([(*item[:4], broken, item[5]) if item[0][0] == "seq" else item for item in taken], 50)  # type: ignore[misc]
+    assert sorted((b.model, len(b.ts)) for b in packed.blocks) == [("cnn", 3), ("seq", 5)]
+    assert {h.summarised for h in packed.histograms if h.model == "seq"} == {0}

@@ -73,6 +73,7 @@ class DriftMonitor:
         self.store = DriftStore(db_path)
         self.window_calls, self.false_alarms_per_100k, self.interval_s = window_calls, false_alarms_per_100k, interval_s
         self._sketches: dict[tuple[str, str], Sketch | None] = {}
+        self._registered: set[tuple[str, str]] = set()
         self._streams: dict[StreamKey, Stream] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -141,6 +142,8 @@ class DriftMonitor:
         """Feed a batch's windows (errors, routes, budget, latency) to the operations streams."""
         closed = []
         for (model, version), counts in window_counts(row["windows"]).items():
+            if not self._known(model, version):  # a name a device made up gets no stream, no row
+                continue
             calls = int(counts["ops/errors"].sum())
             for scope in scopes:
                 key = (model, version, OPERATIONS + scope)
@@ -155,6 +158,13 @@ class DriftMonitor:
                 if stream.samples >= self.window_calls:
                     closed.append(self._close(stream))
         return closed
+
+    def _known(self, model: str, version: str) -> bool:
+        """Whether the registry has that model version (a yes is remembered; a no is asked again, since
+        the version may be added later)."""
+        if (model, version) not in self._registered and self.registry.artifacts(model, version):
+            self._registered.add((model, version))
+        return (model, version) in self._registered
 
     def _batch_counts(self, histograms: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, np.ndarray]]:
         """Feature counts per model version of one batch: those the version's reference knows, with the
@@ -171,7 +181,9 @@ class DriftMonitor:
     def _sketch(self, model: str, version: str) -> Sketch | None:
         if (model, version) not in self._sketches:
             rows = self.registry.artifacts(model, version)
-            sketch = Sketch.load(self.artifacts.path(rows[0]["artifact_id"])) if rows else None
+            if not rows:  # not registered (yet): asked again next time, never remembered as missing
+                return None
+            sketch = Sketch.load(self.artifacts.path(rows[0]["artifact_id"]))
             if sketch is None:
                 log.info("%s@%s has no reference.json: no drift detection for it", model, version)
             self._sketches[(model, version)] = sketch

@@ -50,9 +50,14 @@ def load_private_key(path: str | Path) -> Ed25519PrivateKey:
 
 
 def load_public_key(path: str | Path) -> Ed25519PublicKey:
-    key = serialization.load_pem_public_key(Path(path).read_bytes())
+    return public_key_from_pem(Path(path).read_bytes(), str(path))
+
+
+def public_key_from_pem(pem: bytes, source: str = "the key") -> Ed25519PublicKey:
+    """The Ed25519 public key in ``pem``; ValueError naming ``source`` when it is not one."""
+    key = serialization.load_pem_public_key(pem)
     if not isinstance(key, Ed25519PublicKey):
-        raise ValueError(f"{path}: not an Ed25519 public key")
+        raise ValueError(f"{source}: not an Ed25519 public key")
     return key
 
 

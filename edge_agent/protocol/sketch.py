@@ -13,8 +13,10 @@ Each input or output tensor becomes **features**, each a histogram on its own qu
 
 Binning: bins are cut at the reference's quantiles (about BINS bins of equal reference mass; tied
 values, such as a pixel that is mostly 0, give fewer); a value equal to a cut goes to the bin above,
-values beyond the outer edges to the first or last bin. Only counts leave the device, and counts from
-many devices add up exactly. A ``/1`` reference (one pooled histogram per tensor) is still read: each
+values beyond the outer edges to the first or last bin. A batch whose samples have another number of
+elements than the reference's (a variable-length input; the reference's value features and projections
+say how many) is not counted at all. Only counts leave the device, and counts from many devices add up
+exactly. A ``/1`` reference (one pooled histogram per tensor) is still read: each
 tensor is then one ``pooled`` feature counting every element.
 """
 
@@ -64,6 +66,18 @@ class _Tensor:
     channel_axis: int | None
     cuts: np.ndarray  # (features, most cuts), padded with +inf
     offsets: np.ndarray  # where each feature's counts start in the flat count vector
+    elements: int | None  # elements per sample the reference was built on (None: any, as for ``pooled``)
+
+    def fits(self, batch: np.ndarray) -> bool:
+        """Whether ``batch`` has samples shaped as the reference's: the same elements per sample (and
+        channels, when there are channel means); any other is not counted at all, not even in part."""
+        if batch.ndim < 1 or not len(batch):
+            return False
+        if self.elements is not None and batch.size // len(batch) != self.elements:
+            return False
+        channels = sum(f.kind == "channel_mean" for f in self.features)
+        axis = self.channel_axis
+        return not channels or (axis is not None and batch.ndim == 4 and batch.shape[axis] == channels)
 
     def values(self, batch: np.ndarray) -> np.ndarray:
         """(samples, features) in the order of ``features``."""
@@ -118,12 +132,13 @@ class Sketch:
 
     def count(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Feature name → int64 counts of the samples in ``tensors`` (batches, samples on axis 0); a
-        tensor the sketch does not know, or that is not numeric, is left out."""
+        tensor the sketch does not know, that is not numeric, or whose samples have another number of
+        elements than the reference's (a variable-length input) is left out."""
         result: dict[str, np.ndarray] = {}
         for name, batch in tensors.items():
             tensor = self._tensors.get(name)
             array = np.asarray(batch)
-            if tensor is None or array.dtype.kind not in "biuf" or not array.size:
+            if tensor is None or array.dtype.kind not in "biuf" or not array.size or not tensor.fits(array):
                 continue
             values = tensor.values(array)
             index = (values[:, :, None] >= tensor.cuts[None, :, :]).sum(2) + tensor.offsets
@@ -169,7 +184,9 @@ def _tensor(name: str, features: list[Feature], projection: tuple[int, int, int]
         padded[i, : len(c)] = c
     offsets = np.concatenate([[0], np.cumsum([len(f.counts) for f in features])[:-1]]).astype(np.int64)
     matrix = projection_matrix(*projection) if projection is not None else None
-    return _Tensor(name, tuple(features), matrix, channel_axis, padded, offsets)
+    values = [f.index for f in features if f.kind == "value"]  # one per element (build_reference)
+    elements = projection[2] if projection is not None else max(values) + 1 if values else None
+    return _Tensor(name, tuple(features), matrix, channel_axis, padded, offsets, elements)
 
 
 def projection_matrix(seed: int, count: int, elements: int) -> np.ndarray:
