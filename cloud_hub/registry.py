@@ -16,20 +16,9 @@ from typing import Any, Protocol
 import sqlite_utils
 
 from cloud_hub.errors import NotFound
+from cloud_hub.registry_telemetry import TelemetryTables
 from edge_agent.protocol.manifest import Manifest
 from edge_agent.protocol.messages import TelemetryBatch
-
-_TELEMETRY_COLUMNS = "device_id, epoch, seq, received, dropped, windows, histograms"
-_TELEMETRY_TABLE = """CREATE TABLE {name} (
-   "device_id" TEXT,
-   "epoch" TEXT NOT NULL DEFAULT '',
-   "seq" INTEGER,
-   "received" REAL,
-   "dropped" INTEGER,
-   "windows" TEXT,
-   "histograms" TEXT,
-   PRIMARY KEY ("device_id", "epoch", "seq")
-)"""
 
 
 class Registry(Protocol):
@@ -100,8 +89,9 @@ class Registry(Protocol):
     def usage(self) -> list[dict[str, Any]]: ...
 
 
-class SQLiteRegistry:
-    """Registry on one SQLite file in WAL mode."""
+class SQLiteRegistry(TelemetryTables):
+    """Registry on one SQLite file in WAL mode; the telemetry table and its methods are in
+    ``registry_telemetry.py``."""
 
     def __init__(self, path: str) -> None:
         connection = sqlite3.connect(path, check_same_thread=False, timeout=30)
@@ -168,29 +158,6 @@ class SQLiteRegistry:
             for name, (columns, pk) in tables.items():
                 self.db.table(name).create(columns, pk=pk, if_not_exists=True)
             self._create_telemetry()
-
-    def _create_telemetry(self) -> None:
-        """The telemetry table, keyed by (device, epoch, seq); a registry file from before epochs (key
-        (device, seq)) is migrated: SQLite cannot alter a primary key, so a new table is made, the rows
-        copied (epoch "": an agent older than epochs) and the tables swapped, in one transaction."""
-        conn = self.db.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            columns = {row[1] for row in conn.execute("PRAGMA table_info(telemetry)")}
-            if not columns:
-                conn.execute(_TELEMETRY_TABLE.format(name="telemetry"))
-            elif "epoch" not in columns:
-                conn.execute(_TELEMETRY_TABLE.format(name="telemetry_epochs"))
-                conn.execute(
-                    f"INSERT INTO telemetry_epochs ({_TELEMETRY_COLUMNS}) "
-                    "SELECT device_id, '', seq, received, dropped, windows, histograms FROM telemetry ORDER BY rowid"
-                )
-                conn.execute("DROP TABLE telemetry")
-                conn.execute("ALTER TABLE telemetry_epochs RENAME TO telemetry")
-            conn.commit()
-        except BaseException:
-            conn.rollback()
-            raise
 
     def add_artifact(self, manifest: Manifest, signature: dict[str, Any]) -> bool:
         row = {
@@ -339,39 +306,6 @@ class SQLiteRegistry:
     def desired(self, device_id: str) -> list[dict[str, Any]]:
         with self._lock:
             return list(self.db.table("device_models").rows_where("device_id = ?", [device_id], order_by="model"))
-
-    def add_telemetry(self, batch: TelemetryBatch) -> bool:
-        row = {
-            "device_id": batch.device_id,
-            "epoch": batch.epoch,
-            "seq": batch.seq,
-            "received": time.time(),
-            "dropped": batch.dropped,
-            "windows": json.dumps([w.__dict__ for w in batch.windows]),
-            "histograms": json.dumps([h.__dict__ for h in batch.histograms]),
-        }
-        with self._lock:
-            try:
-                self.db.table("telemetry").insert(row)
-            except sqlite3.IntegrityError:
-                return False
-            return True
-
-    def telemetry(self, device_id: str | None = None) -> list[dict[str, Any]]:
-        where, args = ("device_id = ?", [device_id]) if device_id else (None, [])
-        with self._lock:
-            rows = self.db.table("telemetry").rows_where(where, args, order_by="device_id, received, seq")
-            return [
-                {**r, "windows": json.loads(r["windows"]), "histograms": json.loads(r["histograms"] or "[]")}
-                for r in rows
-            ]
-
-    def telemetry_after(self, cursor: int, limit: int = 500) -> list[dict[str, Any]]:
-        with self._lock:
-            rows = self.db.query(f"SELECT rowid AS cursor, {_TELEMETRY_COLUMNS} FROM telemetry WHERE rowid > ? "
-                                 "ORDER BY rowid LIMIT ?", [cursor, limit])  # fmt: skip
-            return [{**r, "windows": json.loads(r["windows"]), "histograms": json.loads(r["histograms"] or "[]")}
-                    for r in rows]  # fmt: skip
 
     def audit(self, actor: str, action: str, detail: dict[str, Any]) -> None:
         with self._lock:

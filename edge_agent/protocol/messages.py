@@ -1,6 +1,7 @@
 """Message schemas for every MQTT topic, with paired ``to_wire`` / ``from_wire``.
 
-JSON messages are frozen dataclasses decoded by one small typed codec, so a malformed message raises
+JSON messages are frozen dataclasses decoded by one small typed codec (``codec.py``; ``to_wire``,
+``from_wire`` and MAX_MESSAGE_BYTES are importable from here too), so a malformed message raises
 ``MessageError`` naming the field instead of surfacing later as a KeyError. Artifact chunks are binary:
 ``EFC1`` + file index + chunk index (big-endian uint32) + the bytes.
 """
@@ -12,91 +13,26 @@ import hashlib
 import json
 import math
 import struct
-import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 from edge_agent.protocol.canonical import strict_loads
-from edge_agent.protocol.errors import MessageError
+from edge_agent.protocol.codec import MAX_MESSAGE_BYTES as MAX_MESSAGE_BYTES
+from edge_agent.protocol.codec import check_size, decode
+from edge_agent.protocol.codec import from_wire as from_wire
+from edge_agent.protocol.codec import to_wire as to_wire
+from edge_agent.protocol.errors import MessageError as MessageError
 
-T = TypeVar("T")
-MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 MAX_DESIRED_MODELS = 100  # models one device may be told to run; the hub refuses a deploy past it
 MAX_REPORTED_BYTES = 256 * 1024  # a device's reported state; it refuses to send a bigger one
 MAX_ERROR_CHARS = 1000  # an error in a report is cut to this (the device keeps the whole one in its log)
 LATENCY_EDGES_MS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0)
 
 
-def to_wire(message: Any) -> bytes:
-    """JSON bytes of ``message``; MessageError when they are over its type's limit (``max_bytes``), so
-    the sender refuses what the receiver would refuse."""
-    payload = json.dumps(dataclasses.asdict(message), separators=(",", ":")).encode()
-    _check_size(type(message), payload)
-    return payload
-
-
-def from_wire(cls: type[T], payload: bytes) -> T:
-    """Decode and validate ``payload`` as ``cls``; raises MessageError naming the bad field."""
-    _check_size(cls, payload)
-    try:
-        data = strict_loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise MessageError(f"{cls.__name__}: not valid JSON ({exc})") from None
-    return _decode(cls, data, cls.__name__)  # type: ignore[no-any-return]
-
-
-def _check_size(cls: type[Any], payload: bytes) -> None:
-    limit = getattr(cls, "max_bytes", MAX_MESSAGE_BYTES)
-    if len(payload) > limit:
-        raise MessageError(f"{cls.__name__}: message of {len(payload)} bytes is over the limit of {limit} bytes")
-
-
 def short_error(text: str) -> str:
     """``text`` cut to MAX_ERROR_CHARS, marked as cut, for a report."""
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 16] + " ... (truncated)"
-
-
-def _decode(kind: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(kind)
-    if dataclasses.is_dataclass(kind) and isinstance(kind, type):
-        if not isinstance(value, dict):
-            raise MessageError(f"{where}: expected an object")
-        hints = typing.get_type_hints(kind)
-        args = {}
-        for f in dataclasses.fields(kind):
-            if f.name in value:
-                args[f.name] = _decode(hints[f.name], value[f.name], f"{where}.{f.name}")
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise MessageError(f"{where}.{f.name}: missing")
-        return kind(**args)
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(kind):
-            try:
-                return _decode(option, value, where)
-            except MessageError:
-                continue
-        raise MessageError(f"{where}: {value!r} does not match {kind}")
-    if origin is tuple:
-        item_kind = typing.get_args(kind)[0]
-        if not isinstance(value, list):
-            raise MessageError(f"{where}: expected a list")
-        return tuple(_decode(item_kind, v, f"{where}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise MessageError(f"{where}: expected an object")
-        return value
-    if kind is type(None):
-        if value is not None:
-            raise MessageError(f"{where}: expected null")
-        return None
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if kind is Any:
-        return value
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise MessageError(f"{where}: expected {kind.__name__}, got {type(value).__name__}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -389,12 +325,12 @@ class HardExample:
     def to_wire(self) -> bytes:
         header = json.dumps(dataclasses.asdict(self.header), separators=(",", ":")).encode()
         payload = _EXAMPLE_HEADER.pack(_EXAMPLE_MAGIC, len(header)) + header + self.npz
-        _check_size(HardExample, payload)
+        check_size(HardExample, payload)
         return payload
 
     @classmethod
     def from_wire(cls, payload: bytes) -> HardExample:
-        _check_size(cls, payload)
+        check_size(cls, payload)
         if len(payload) < _EXAMPLE_HEADER.size or payload[:4] != _EXAMPLE_MAGIC:
             raise MessageError("HardExample: missing EFX1 header")
         _, length = _EXAMPLE_HEADER.unpack_from(payload)
@@ -405,7 +341,7 @@ class HardExample:
             data = strict_loads(payload[_EXAMPLE_HEADER.size : end])
         except (ValueError, UnicodeDecodeError) as exc:
             raise MessageError(f"HardExample.header: not valid JSON ({exc})") from None
-        return cls(_decode(ExampleHeader, data, "HardExample.header"), payload[end:])
+        return cls(decode(ExampleHeader, data, "HardExample.header"), payload[end:])
 
 
 @dataclass(frozen=True)
