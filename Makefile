@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/failover.py
 	$(BIN)/python bench/fanout.py
 	$(BIN)/python bench/fleet.py
+	$(BIN)/python bench/rollout.py
 	$(BIN)/python bench/convergence.py
 	$(BIN)/python bench/telemetry.py
 	$(BIN)/python bench/telemetry_soak.py

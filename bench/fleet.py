@@ -1,11 +1,11 @@
 """Fleet deployment: 1,000 simulated agents on one Mosquitto, a 1 MB model deployed to all of them.
 
 The hub is the real `ControlPlane` on a SQLite registry, with the devices recorded as enrollment
-records them (profile, group `fleet`). Each simulated agent speaks the agent's protocol on its own
-topics: a persistent session, a retained `online` status with an `offline` Last Will, a retained
-reported state; on the desired state it checks the manifest's signature against the trusted key,
-reports `downloading`, asks for the chunks, checks each chunk's and each file's sha256, and reports
-the model `active`. One select() loop per process drives 250 of them (no store, no runtime: the
+records them (profile, group `fleet`). Each simulated agent (`bench/simagents.py`) speaks the agent's
+protocol on its own topics: a persistent session, a retained `online` status with an `offline` Last
+Will, a retained reported state; on the desired state it checks the manifest's signature against the
+trusted key, reports `downloading`, asks for the chunks, checks each chunk's and each file's sha256, and
+reports the model `active`. One select() loop per process drives 250 of them (no store, no runtime: the
 figures are the control plane's and the transfer's).
 
 - `deploy_seconds`: from `deploy --to group:fleet` until the hub's registry shows every device
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import select
 import shutil
@@ -31,110 +30,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import MosquittoProcess, drive, sized_artifact
+from simagents import PROFILE, TOPICS, SimAgent
 
 from cloud_hub.artifacts import ArtifactStore
 from cloud_hub.control import ControlPlane
 from cloud_hub.registry import SQLiteRegistry
 from edge_agent.protocol.artifact import read_manifest
-from edge_agent.protocol.manifest import manifest_from_wire, now_text
-from edge_agent.protocol.messages import (
-    Chunk,
-    DesiredState,
-    FetchRequest,
-    ReportedModel,
-    ReportedState,
-    Status,
-    from_wire,
-    to_wire,
-)
-from edge_agent.protocol.signing import TrustStore, generate_keypair, verify_document
-from edge_agent.protocol.topics import Topics
+from edge_agent.protocol.signing import TrustStore, generate_keypair
 
 CHUNK = 256 * 1024
-PROFILE = "x86-64-generic"
-TOPICS = Topics()
-STALL_S = 2.0
-
-
-class SimAgent:
-    """One device: the agent's MQTT conversation, chunks checked against the signed manifest."""
-
-    def __init__(self, device_id: str, port: int, trust: TrustStore) -> None:
-        self.device_id, self.trust = device_id, trust
-        self.model: ReportedModel | None = None
-        self.manifest: Any = None
-        self.chunks: dict[tuple[int, int], bytes] = {}
-        self.last_chunk = 0.0
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv311,
-                                  clean_session=False)  # fmt: skip
-        self.client.max_inflight_messages_set(100)
-        self.client.will_set(TOPICS.status(device_id), to_wire(Status("offline", now_text())), qos=1, retain=True)
-        self.client.on_message = self.on_message
-        self.client.connect("127.0.0.1", port, keepalive=60)
-        self.publish(TOPICS.status(device_id), to_wire(Status("online", now_text())))
-        self.report()
-        self.client.subscribe(TOPICS.desired(device_id), qos=1)
-
-    def publish(self, topic: str, payload: bytes) -> None:
-        self.client.publish(topic, payload, qos=1, retain=True)
-
-    def report(self) -> None:
-        models = (self.model,) if self.model else ()
-        self.publish(TOPICS.reported(self.device_id), to_wire(ReportedState(self.device_id, PROFILE, "sim", now_text(),
-                                                                             models)))  # fmt: skip
-
-    def on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        if message.topic == TOPICS.desired(self.device_id):
-            self.on_desired(bytes(message.payload))
-        elif self.manifest is not None:
-            self.on_chunk(Chunk.from_wire(bytes(message.payload)))
-
-    def on_desired(self, payload: bytes) -> None:
-        desired = from_wire(DesiredState, payload)
-        offer = desired.models[0]
-        if self.model is not None and self.model.artifact_id == offer.artifact_id:
-            return
-        verify_document(offer.manifest, offer.signature, self.trust)
-        self.manifest = manifest_from_wire(offer.manifest)
-        assert self.manifest.artifact_id == offer.artifact_id
-        self.model = ReportedModel(offer.name, "downloading", offer.version, offer.artifact_id)
-        self.client.subscribe(TOPICS.chunks(offer.artifact_id), qos=1)
-        self.report()
-        self.ask(everything=True)
-
-    def ask(self, everything: bool = False) -> None:
-        wanted = {(f, c) for f, entry in enumerate(self.manifest.files) for c in range(len(entry.chunks))}
-        missing = () if everything else tuple(sorted(wanted - set(self.chunks)))
-        self.client.publish(TOPICS.fetch(self.device_id), to_wire(FetchRequest(self.manifest.artifact_id, missing)),
-                            qos=1)  # fmt: skip
-        self.last_chunk = time.monotonic()
-
-    def on_chunk(self, chunk: Chunk) -> None:
-        self.last_chunk = time.monotonic()
-        key = (chunk.file_index, chunk.chunk_index)
-        entry = self.manifest.files[chunk.file_index]
-        if key in self.chunks or hashlib.sha256(chunk.data).hexdigest() != entry.chunks[chunk.chunk_index]:
-            return
-        self.chunks[key] = chunk.data
-        if len(self.chunks) < self.manifest.chunk_count:
-            return
-        for f, file in enumerate(self.manifest.files):
-            whole = b"".join(self.chunks[(f, c)] for c in range(len(file.chunks)))
-            assert hashlib.sha256(whole).hexdigest() == file.sha256, file.path
-        self.client.unsubscribe(TOPICS.chunks(self.manifest.artifact_id))
-        assert self.model is not None
-        self.model = dataclasses.replace(self.model, state="active")
-        self.manifest, self.chunks = None, {}
-        self.report()
-
-    def stalled(self, now: float) -> bool:
-        return self.manifest is not None and now - self.last_chunk > STALL_S
 
 
 def worker(port: int, first: int, count: int, trust_dir: str) -> None:

@@ -6,27 +6,31 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from cloud_hub.desired_signing import HUB_KEY_DIR, HUB_KEY_NAME
 from edge_agent import EdgeClient
 from edge_agent.agent import Agent
 from edge_agent.config import AgentConfig
 from edge_agent.desired_guard import install_hub_key
 from edge_agent.errors import EdgefedError
+from edge_agent.protocol.messages import LATENCY_EDGES_MS
 
 
 class Device:
     def __init__(self, root: Path, device_id: str, broker: str, keys: tuple[Path, Path], group: str,
-                 hub_key: bytes) -> None:  # fmt: skip
+                 hub_key: bytes, telemetry_interval_s: float = 0.2) -> None:  # fmt: skip
         self.device_id, self.state = device_id, root / device_id
         (self.state / "trust").mkdir(parents=True)
         shutil.copy(keys[1], self.state / "trust")
         install_hub_key(self.state, hub_key)  # as enrollment does: the hub's signed rollbacks are honoured
-        AgentConfig(device_id=device_id, profile="x86-64-generic", broker=broker, telemetry_interval_s=0.2).save(
-            self.state
-        )
+        AgentConfig(
+            device_id=device_id, profile="x86-64-generic", broker=broker, telemetry_interval_s=telemetry_interval_s
+        ).save(self.state)
         self.agent = Agent(self.state, AgentConfig.load(self.state))
         self.agent_thread = threading.Thread(target=self.agent.run, daemon=True)
         self.agent_thread.start()
@@ -68,3 +72,68 @@ def wait_until(what: str, check: object, timeout_s: float = 60.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.2)
+
+
+def start_fleet(hub: Any, root: Path, keys: tuple[Path, Path], count: int, group: str = "fleet",
+                telemetry_interval_s: float = 0.2) -> list[Device]:  # fmt: skip
+    """``count`` devices recorded as enrollment records them (profile, ``group``), each a real agent holding
+    the hub's public key (so it follows signed rollbacks)."""
+    hub_key = (hub.config.state_dir / HUB_KEY_DIR / f"{HUB_KEY_NAME}.pub").read_bytes()
+    devices = []
+    for i in range(count):
+        hub.registry.upsert_device(f"dev-{i:02d}", profile="x86-64-generic", groups=[group])
+        devices.append(Device(root, f"dev-{i:02d}", hub.broker_url, keys, group, hub_key, telemetry_interval_s))
+    return devices
+
+
+def installed_versions(device: Device, model: str) -> set[str]:
+    """The versions of ``model`` in the device's store: every version it installed (a rollback keeps them)."""
+    return {m.version for m in device.agent.store.versions(model)}
+
+
+def hub_reports(hub: Any, device_id: str, model: str) -> tuple[str | None, str | None]:
+    """(version, state) of ``model`` in the device's reported state as the hub's registry holds it."""
+    models = (hub.registry.device(device_id)["reported"] or {}).get("models", [])
+    found = [(m.get("version"), m.get("state")) for m in models if m["name"] == model]
+    return found[0] if found else (None, None)
+
+
+def latency_ms(registry: Any, model: str) -> dict[str, dict[str, float]]:
+    """Per version of ``model``, what the SDK measured around each local call, from its telemetry: the mean
+    and the median and p95 of the latency histograms (the mean is at the mercy of a few stalled calls)."""
+    from cloud_hub.metrics import quantile_ms
+
+    total: dict[str, float] = defaultdict(float)
+    calls: dict[str, int] = defaultdict(int)
+    hist: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(len(LATENCY_EDGES_MS) + 1, np.int64))
+    for row in registry.telemetry():
+        for w in row["windows"]:
+            if w["model"] == model and w["route"] == "local" and w["count"]:
+                total[w["version"]] += w["latency_ms_sum"]
+                calls[w["version"]] += w["count"]
+                hist[w["version"]] += np.asarray(w["latency_hist"], np.int64)
+    return {v: {"mean": total[v] / calls[v], "p50": quantile_ms(hist[v].tolist(), 0.5),
+                "p95": quantile_ms(hist[v].tolist(), 0.95)} for v in calls}  # fmt: skip
+
+
+def chain_gemm_onnx(path: Path, width: int = 512, repeats: int = 4, seed: int = 0) -> None:
+    """``gemm_onnx``'s interface (input [batch, 32] → output [batch, 30]) through ``repeats`` MatMuls by one
+    shared ``width``-wide matrix: the work grows with ``repeats``, the artifact does not (one matrix)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    weights = {"W_in": rng.standard_normal((32, width)), "W": rng.standard_normal((width, width)) / np.sqrt(width),
+               "W_out": rng.standard_normal((width, 30))}  # fmt: skip
+    names = [f"h_{i}" for i in range(repeats + 1)]
+    nodes = [helper.make_node("MatMul", ["input", "W_in"], [names[0]])]
+    nodes += [helper.make_node("MatMul", [names[i], "W"], [names[i + 1]]) for i in range(repeats)]
+    nodes.append(helper.make_node("MatMul", [names[-1], "W_out"], ["output"]))
+    graph = helper.make_graph(
+        nodes, "chain", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 32])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 30])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))

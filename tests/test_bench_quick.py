@@ -20,6 +20,7 @@ REQUIRED_KEYS = {
     "failover": ("local_fail_to_cloud_p99_ms", "cloud_dead_overrun_p99_ms", "breaker_recovery_speedup"),
     "fanout": ("agents", "seconds", "hub_egress_ratio", "speedup_vs_unicast", "resume_retransfer_fraction"),
     "fleet": ("agents", "deploy_seconds", "state_exact"),
+    "rollout": ("agents", "bad_exposed_fraction", "rollback_seconds", "good_rollout_seconds", "state_exact"),
     "convergence": ("schedules", "converged", "stuck", "median_converge_s"),
     "drift": (
         "false_alarms_per_100k",
