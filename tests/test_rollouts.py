@@ -82,10 +82,15 @@ def test_a_good_version_goes_through_every_wave(hub: Hub, fleet: list[Device], t
     assert [len(w["devices"]) for w in started["waves"]] == [1, 1, 2] and started["state"] == "running"
     ended = final(hub, started["id"])
     assert ended["state"] == "succeeded", ended["events"]
-    assert all(w["verdict"]["passed"] for w in ended["waves"])
-    assert all(d.active_version("gemm") == good for d in fleet)
-    reported = {d["device_id"]: d["reported"] for d in admin(hub).request("GET", "/v1/devices")}
-    assert all(any(m["version"] == good and m["state"] == "active" for m in r["models"]) for r in reported.values())
+    assert all(w["verdict"]["passed"] for w in ended["waves"]), [w["verdict"] for w in ended["waves"]]
+    wait_until("every store on the new version", lambda: all(d.active_version("gemm") == good for d in fleet), 30)
+
+    def hub_agrees() -> bool:
+        reported = {d["device_id"]: d["reported"] for d in admin(hub).request("GET", "/v1/devices")}
+        return all(any(m["version"] == good and m["state"] == "active" for m in r["models"])
+                   for r in reported.values())  # fmt: skip
+
+    wait_until("the hub to see every device on it", hub_agrees, 30)
 
 
 @pytest.mark.parametrize("model, why", [(partial(flaky_gemm_onnx, above=0.5), "error rate"),
