@@ -115,29 +115,22 @@ def _action(action: str, rollout_id: str, hub: str | None, token: str | None, st
     print(json.dumps(rollout)) if as_json else err.print(f"rollout {rollout_id}: {_line(rollout)}")
 
 
-@rollout_app.command("pause")
-def rollout_pause(rollout_id: RolloutId, hub: HubUrl = None, token: Token = None,
-                  state_dir: StateDir = Path("hub-state"), as_json: AsJson = False) -> None:  # fmt: skip
-    """Hold a running rollout where it is (the wave under way keeps what it has)."""
-    _action("pause", rollout_id, hub, token, state_dir, as_json)
+ACTIONS = {
+    "pause": "Hold a running rollout where it is (the wave under way keeps what it has).",
+    "resume": "Go on with a paused rollout.",
+    "abort": "Stop a rollout: no further wave; devices keep what they run (roll back with 'rollout rollback').",
+    "rollback": "Send every device the rollout reached back to the version it ran before (a signed rollback).",
+}
 
 
-@rollout_app.command("resume")
-def rollout_resume(rollout_id: RolloutId, hub: HubUrl = None, token: Token = None,
-                   state_dir: StateDir = Path("hub-state"), as_json: AsJson = False) -> None:  # fmt: skip
-    """Go on with a paused rollout."""
-    _action("resume", rollout_id, hub, token, state_dir, as_json)
+def _register(action: str, help_text: str) -> None:
+    def command(rollout_id: RolloutId, hub: HubUrl = None, token: Token = None,
+                state_dir: StateDir = Path("hub-state"), as_json: AsJson = False) -> None:  # fmt: skip
+        _action(action, rollout_id, hub, token, state_dir, as_json)
+
+    command.__doc__ = help_text
+    rollout_app.command(action)(command)
 
 
-@rollout_app.command("abort")
-def rollout_abort(rollout_id: RolloutId, hub: HubUrl = None, token: Token = None,
-                  state_dir: StateDir = Path("hub-state"), as_json: AsJson = False) -> None:  # fmt: skip
-    """Stop a rollout: no further wave; devices keep what they run (roll back with 'rollout rollback')."""
-    _action("abort", rollout_id, hub, token, state_dir, as_json)
-
-
-@rollout_app.command("rollback")
-def rollout_rollback(rollout_id: RolloutId, hub: HubUrl = None, token: Token = None,
-                     state_dir: StateDir = Path("hub-state"), as_json: AsJson = False) -> None:  # fmt: skip
-    """Send every device the rollout reached back to the version it ran before (a signed rollback)."""
-    _action("rollback", rollout_id, hub, token, state_dir, as_json)
+for _name, _help in ACTIONS.items():
+    _register(_name, _help)

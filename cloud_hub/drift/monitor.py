@@ -27,6 +27,7 @@ from cloud_hub.drift.operations import OperationsBaseline, window_counts
 from cloud_hub.drift.scores import g_test, js_distance, psi
 from cloud_hub.drift.sequential import SequentialDetector, WindowResult
 from cloud_hub.drift.store import ClosedWindow, DriftStore, SavedStream, StreamKey
+from cloud_hub.periodic import Periodic
 from cloud_hub.registry import Registry
 from edge_agent.protocol.sketch import Sketch
 
@@ -76,27 +77,20 @@ class DriftMonitor:
         self._registered: set[tuple[str, str]] = set()
         self._streams: dict[StreamKey, Stream] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="edgefed-drift", daemon=True)
+        self._job = Periodic("drift job", interval_s, self._run_all)
         for saved in self.store.streams():
             self._restore(saved)
 
     def start(self) -> None:
-        self._thread.start()
+        self._job.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
+        self._job.stop()
         self.store.close()
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                while self.run_once():
-                    pass
-            except Exception:  # the job must outlive one bad run; the next one repeats it
-                log.exception("drift job failed")
+    def _run_all(self) -> None:
+        while self.run_once():
+            pass
 
     def run_once(self, limit: int = 500) -> int:
         """Process up to ``limit`` new telemetry batches; the number processed."""

@@ -18,6 +18,7 @@ from collections import defaultdict
 from typing import Any
 
 from cloud_hub.errors import Conflict, NotFound
+from cloud_hub.periodic import Periodic
 from cloud_hub.rollouts.gates import Tally, Totals, judge
 from cloud_hub.rollouts.spec import RolloutSpec
 from cloud_hub.rollouts.store import FINAL, Rollout, RolloutStore
@@ -32,24 +33,14 @@ class RolloutEngine:
         self.tally = Tally(hub.registry)
         self.tick_s = tick_s
         self._lock = threading.RLock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="edgefed-rollouts", daemon=True)
+        self._job = Periodic("rollout tick", tick_s, self.tick)
 
     def start(self) -> None:
-        self._thread.start()
+        self._job.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
+        self._job.stop()
         self.store.close()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.tick_s):
-            try:
-                self.tick()
-            except Exception:  # one bad step must not stop every rollout; the next tick tries again
-                log.exception("rollout tick failed")
 
     # operator actions -------------------------------------------------------------------------
     def create(self, request: dict[str, Any]) -> dict[str, Any]:
