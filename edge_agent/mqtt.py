@@ -16,6 +16,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.config import parse_endpoint
 from edge_agent.errors import ConfigError
+from edge_agent.mqtt_poll import install as install_poll_select
+
+install_poll_select()
 
 log = logging.getLogger(__name__)
 Handler = Callable[[str, bytes], None]
