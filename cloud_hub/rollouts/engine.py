@@ -128,14 +128,14 @@ class RolloutEngine:
                 return
             deployed = self.hub.deploy_devices(spec.model, spec.version, wave.devices, f"rollout:{rollout.id}")
             wave.deployment_id, wave.started_at = deployed["deployment_id"], now
-            wave.holdout = self._holdout(rollout, spec).to_json()
+            wave.holdout = self._baseline(rollout, spec).to_json()
             rollout.event(f"wave {rollout.current + 1}: deployed to {len(wave.devices)} devices")
             return self.store.save(rollout)
         if wave.active_at is None and not self._installed(rollout, spec, wave, now):
             return None
         new = self.tally.sum(spec.model, dict.fromkeys(wave.devices, spec.version))
-        old = self._holdout(rollout, spec).minus(Totals.from_json(wave.holdout)) if wave.holdout else Totals()
-        if old.calls < spec.gates.min_calls:  # no holdout left (the last wave): the same devices' history
+        old = self._baseline(rollout, spec).minus(Totals.from_json(wave.holdout)) if wave.holdout else Totals()
+        if old.calls < spec.gates.min_calls:  # too few calls in the period: the wave's own devices' history
             old = self.tally.sum(spec.model, {d: rollout.previous.get(d) for d in wave.devices})
         passed, why, figures = judge(spec.gates, new, old, self._drift_score(spec))
         wave.verdict = {"passed": passed, "why": why, **figures}
@@ -156,10 +156,15 @@ class RolloutEngine:
             rollout.current += 1
         return self.store.save(rollout)
 
-    def _holdout(self, rollout: Rollout, spec: RolloutSpec) -> Totals:
-        """The previous version's totals on the devices no wave has reached yet."""
+    def _baseline(self, rollout: Rollout, spec: RolloutSpec) -> Totals:
+        """The totals a wave is compared with over the same period: the previous version's on the devices
+        no wave has reached yet (a holdout) or, for the last wave, which has none, the new version's on
+        the devices earlier waves reached (it passed its gates there against the previous version)."""
         later = [d for w in rollout.waves[rollout.current + 1 :] for d in w.devices]
-        return self.tally.sum(spec.model, {d: rollout.previous.get(d) for d in later})
+        if later:
+            return self.tally.sum(spec.model, {d: rollout.previous.get(d) for d in later})
+        earlier = [d for w in rollout.waves[: rollout.current] for d in w.devices]
+        return self.tally.sum(spec.model, dict.fromkeys(earlier, spec.version))
 
     def _installed(self, rollout: Rollout, spec: RolloutSpec, wave: Any, now: float) -> bool:
         """True once every device of the wave finished installing; fails the rollout when too many

@@ -20,8 +20,9 @@ class SpecError(ValueError):
 class Gates:
     """Health gates a wave must pass: the new version's telemetry on the wave's devices against the
     previous version's over the same period on the devices the rollout has not reached yet (a holdout:
-    the same load, the same hour), or, when they made fewer than ``min_calls`` calls (the last wave),
-    against the previous version's history on the wave's own devices. Ratios compare rates (with
+    the same load, the same hour); the last wave, which has no holdout, against the new version's on the
+    devices earlier waves reached, over the same period; and when those made fewer than ``min_calls``
+    calls, against the previous version's history on the wave's own devices. Ratios compare rates (with
     ``slack`` added to the previous rate, so 0 errors before does not make 1 error after infinitely
     worse; ``latency_slack_ms`` likewise for p95); ``max_error_rate`` is absolute. With fewer than
     ``min_calls`` previous calls either way, only the absolute limits judge."""

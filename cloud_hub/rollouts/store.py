@@ -32,7 +32,7 @@ class Wave:
     active_at: float | None = None  # every device finished installing (active or failed)
     passed_at: float | None = None  # gates passed
     verdict: dict[str, Any] = field(default_factory=dict)  # the last gate evaluation
-    holdout: dict[str, Any] = field(default_factory=dict)  # the holdout's totals when the wave was deployed
+    holdout: dict[str, Any] = field(default_factory=dict)  # engine._baseline when the wave was deployed
 
 
 @dataclass
