@@ -247,7 +247,9 @@ message_size_limit 0
 
 
 class MosquittoProcess:
-    """Mosquitto on a free port with its own config (its default queue of 1,000 drops silently)."""
+    """Mosquitto on a free port with its own config (its default queue of 1,000 drops silently). Anonymous
+    and without ACLs, for the tests and benches that are not about confinement (the hub and enrolled agents
+    send credentials, which it accepts); tests/test_mqtt_security.py runs the `cloud-hub broker-config` one."""
 
     def __init__(self, work: Path, port: int = 0) -> None:
         import shutil

@@ -1,15 +1,20 @@
-"""The admin API: JSON over HTTP, owned by the running hub, authenticated with the operator token.
+"""The admin API: JSON over HTTP, owned by the running hub, authenticated with named tokens by role.
 `GET /v1/openapi.json` describes every route (OpenAPI 3.1); `POST /v1/enroll` is the one route a
 device calls, authenticated by its single-use enrollment token instead.
 
-Errors are JSON ``{"error": message}``: 400 bad input, 401 no/wrong operator token, 403 enrollment
-refused, 404 unknown, 409 conflict (e.g. no artifact fits a device's profile, an alert resolved twice).
-``GET /metrics`` answers Prometheus text instead (operator token unless ``public_metrics``).
+Errors are JSON ``{"error": message}``: 400 bad input, 401 no, unknown or revoked token, 403 a role
+too low or enrollment refused, 404 unknown, 409 conflict (e.g. no artifact fits a device's profile, an
+alert resolved twice), 411/413 a body without a length or over the route's limit. ``GET /metrics``
+answers Prometheus text instead (any role's token unless ``public_metrics``).
+
+Every route names the lowest role that may call it (``Route.role``, see ``cloud_hub.auth``): 401 for a
+missing, unknown or revoked token, 403 naming the role needed. Every route has a body limit checked
+before anything is read (411 no Content-Length on a POST, 400 a negative or non-numeric one, 413 over
+the route's limit). Every non-GET request, refused or not, is written to the append-only audit log.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import re
@@ -23,6 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
+from cloud_hub.auth import DEPLOYER, OPERATOR, PUBLIC, VIEWER, Principal, TokenStore, allows
 from cloud_hub.errors import Conflict, HubError, NotFound
 from cloud_hub.openapi import spec
 from device_profiles import ProfileError
@@ -30,6 +36,12 @@ from edge_agent.protocol.errors import ArtifactRejected
 
 log = logging.getLogger(__name__)
 MAX_UPLOAD_BYTES = 4 * 1024**3
+JSON_BODY_BYTES = 1 << 20  # the limit on a JSON request body
+ENROLL_BODY_BYTES = 16 * 1024  # /v1/enroll: the one route anyone may call
+UPLOAD_BLOCK_BYTES = 1 << 20  # an upload is read and written in blocks of this size
+# body and reply fields an audit entry keeps as the change's targets (never a token)
+_AUDIT_KEYS = ("model", "version", "target", "a", "b", "split", "strategy", "name", "role", "device_id", "groups",
+               "tags", "by", "id", "deployment_id", "artifact_id")  # fmt: skip
 Handler = Callable[[BaseHTTPRequestHandler, dict[str, str], dict[str, list[str]]], Any]
 
 
@@ -46,7 +58,10 @@ class Route:
     method: str
     pattern: re.Pattern[str]
     handler: Handler
-    operator: bool = True  # needs the operator token
+    operator: bool = True  # kept for callers; authorisation follows ``role``
+    role: str | None = None  # the lowest role allowed (auth.PUBLIC/VIEWER/DEPLOYER/OPERATOR); None: operator only
+    max_body: int = 0  # bytes a request body may have (checked from Content-Length before reading)
+    path: str = ""  # the path template, e.g. /v1/devices/{id}
 
 
 class AdminApi:
@@ -57,6 +72,8 @@ class AdminApi:
         self.hub, self.token, self.public_metrics = hub, token, public_metrics
         self._metrics_registry: Any = None
         self._metrics_lock = threading.Lock()
+        self.tokens = TokenStore(str(hub.config.state_dir / "registry.db"), token)
+        self._local = threading.local()  # this request's caller and JSON body (for the audit log)
         self.routes = self._routes()
         api = self
 
@@ -84,63 +101,110 @@ class AdminApi:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+        self.tokens.close()
 
     def _routes(self) -> list[Route]:
         hub = self.hub
 
-        def route(method: str, path: str, handler: Handler, operator: bool = True) -> Route:
-            return Route(
-                method, re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + "$"), handler, operator
-            )
+        def route(method: str, path: str, handler: Handler, operator: bool = True, role: str | None = None,
+                  max_body: int | None = None) -> Route:  # fmt: skip
+            limit = max_body if max_body is not None else (JSON_BODY_BYTES if method == "POST" else 0)
+            pattern = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + "$")
+            return Route(method, pattern, handler, operator, role, limit, path)
 
         return [
-            route("GET", "/v1/openapi.json", lambda r, p, q: spec(), operator=False),
-            route("POST", "/v1/enroll", lambda r, p, q: self._enroll(r), operator=False),
-            route("GET", "/v1/status", lambda r, p, q: hub.status()),
-            route("GET", "/v1/models", lambda r, p, q: hub.registry.artifacts()),
-            route("GET", "/v1/models/{name}", lambda r, p, q: self._model(p["name"])),
-            route("GET", "/v1/models/{name}/{version}", lambda r, p, q: hub.model_version(p["name"], p["version"])),
-            route("POST", "/v1/artifacts", lambda r, p, q: self._upload(r, q.get("allow_interface_change") == ["1"])),
-            route("GET", "/v1/devices", lambda r, p, q: hub.registry.devices()),
-            route("GET", "/v1/devices/{id}", lambda r, p, q: hub.registry.device(p["id"])),
-            route("DELETE", "/v1/devices/{id}", lambda r, p, q: hub.remove_device(p["id"])),
-            route("POST", "/v1/devices/{id}/token", lambda r, p, q: hub.issue_token(p["id"])),
-            route("POST", "/v1/enroll-tokens", lambda r, p, q: self._enroll_token(r)),
-            route("GET", "/v1/deployments", lambda r, p, q: hub.registry.deployments()),
-            route("GET", "/v1/deployments/{id}", lambda r, p, q: hub.deployment(p["id"])),
-            route("POST", "/v1/deployments", lambda r, p, q: self._deploy(r)),
-            route("POST", "/v1/rollbacks", lambda r, p, q: self._rollback(r)),
-            route("GET", "/v1/telemetry", lambda r, p, q: hub.registry.telemetry(q.get("device", [None])[0])),
+            route("GET", "/v1/openapi.json", lambda r, p, q: spec(), role=PUBLIC),
+            route("POST", "/v1/enroll", lambda r, p, q: self._enroll(r), role=PUBLIC, max_body=ENROLL_BODY_BYTES),
+            route("GET", "/v1/status", lambda r, p, q: hub.status(), role=VIEWER),
+            route("GET", "/v1/models", lambda r, p, q: hub.registry.artifacts(), role=VIEWER),
+            route("GET", "/v1/models/{name}", lambda r, p, q: self._model(p["name"]), role=VIEWER),
+            route(
+                "GET",
+                "/v1/models/{name}/{version}",
+                lambda r, p, q: hub.model_version(p["name"], p["version"]),
+                role=VIEWER,
+            ),
+            route(
+                "POST",
+                "/v1/artifacts",
+                lambda r, p, q: self._upload(r, q.get("allow_interface_change") == ["1"]),
+                role=OPERATOR,
+                max_body=int(getattr(hub.config, "max_upload_bytes", MAX_UPLOAD_BYTES)),
+            ),
+            route("GET", "/v1/devices", lambda r, p, q: hub.registry.devices(), role=VIEWER),
+            route("GET", "/v1/devices/{id}", lambda r, p, q: hub.registry.device(p["id"]), role=VIEWER),
+            route("DELETE", "/v1/devices/{id}", lambda r, p, q: hub.remove_device(p["id"]), role=OPERATOR),
+            route("POST", "/v1/devices/{id}/token", lambda r, p, q: hub.issue_token(p["id"]), role=OPERATOR),
+            route("POST", "/v1/enroll-tokens", lambda r, p, q: self._enroll_token(r), role=OPERATOR),
+            route("GET", "/v1/deployments", lambda r, p, q: hub.registry.deployments(), role=VIEWER),
+            route("GET", "/v1/deployments/{id}", lambda r, p, q: hub.deployment(p["id"]), role=VIEWER),
+            route("POST", "/v1/deployments", lambda r, p, q: self._deploy(r), role=DEPLOYER),
+            route("POST", "/v1/rollbacks", lambda r, p, q: self._rollback(r), role=DEPLOYER),
+            route(
+                "GET", "/v1/telemetry", lambda r, p, q: hub.registry.telemetry(q.get("device", [None])[0]), role=VIEWER
+            ),
             route(
                 "GET",
                 "/v1/examples",
                 lambda r, p, q: hub.examples.list(q.get("model", [None])[0], q.get("device", [None])[0]),
+                role=VIEWER,
             ),
             route(
                 "GET",
                 "/v1/examples/{id}/npz",
                 lambda r, p, q: Raw(hub.examples.read(p["id"]), "application/octet-stream"),
+                role=OPERATOR,  # devices' raw inputs: not for viewers
             ),
-            route("GET", "/v1/usage", lambda r, p, q: (hub.flush_usage(), hub.registry.usage())[1]),
+            route("GET", "/v1/usage", lambda r, p, q: (hub.flush_usage(), hub.registry.usage())[1], role=VIEWER),
             route(
                 "GET",
                 "/v1/alerts",  # ?state=open|acknowledged|resolved|active|all
                 lambda r, p, q: [a.to_dict() for a in hub.alerts.list(q.get("state", [None])[0])],
+                role=VIEWER,
             ),
-            route("GET", "/v1/alerts/{id}", lambda r, p, q: hub.alerts.get(p["id"]).to_dict()),
-            route("POST", "/v1/alerts/{id}/ack", lambda r, p, q: self._alert_change(r, p["id"], "ack")),
-            route("POST", "/v1/alerts/{id}/resolve", lambda r, p, q: self._alert_change(r, p["id"], "resolve")),
-            route("POST", "/v1/rollouts", lambda r, p, q: hub.rollouts.create(self._json(r, {}))),
-            route("GET", "/v1/rollouts", lambda r, p, q: hub.rollouts.list()),
-            route("GET", "/v1/rollouts/{id}", lambda r, p, q: hub.rollouts.get(p["id"])),
-            route("POST", "/v1/rollouts/{id}/{action}", lambda r, p, q: self._rollout_action(p["id"], p["action"])),
-            route("POST", "/v1/ab", lambda r, p, q: self._ab_start(r)),
-            route("GET", "/v1/ab", lambda r, p, q: hub.ab.tests()),
-            route("GET", "/v1/ab/{id}", lambda r, p, q: hub.ab.status(p["id"])),
-            route("POST", "/v1/ab/{id}/{action}", lambda r, p, q: self._ab_action(p["id"], p["action"])),
-            route("GET", "/v1/drift/{model}", lambda r, p, q: self._drift(p["model"], q)),
-            route("GET", "/metrics", lambda r, p, q: self._metrics(r), operator=not self.public_metrics),
+            route("GET", "/v1/alerts/{id}", lambda r, p, q: hub.alerts.get(p["id"]).to_dict(), role=VIEWER),
+            route("POST", "/v1/alerts/{id}/ack", lambda r, p, q: self._alert_change(r, p["id"], "ack"), role=OPERATOR),
+            route(
+                "POST",
+                "/v1/alerts/{id}/resolve",
+                lambda r, p, q: self._alert_change(r, p["id"], "resolve"),
+                role=OPERATOR,
+            ),
+            route("POST", "/v1/rollouts", lambda r, p, q: hub.rollouts.create(self._json(r, {})), role=DEPLOYER),
+            route("GET", "/v1/rollouts", lambda r, p, q: hub.rollouts.list(), role=VIEWER),
+            route("GET", "/v1/rollouts/{id}", lambda r, p, q: hub.rollouts.get(p["id"]), role=VIEWER),
+            route(
+                "POST",
+                "/v1/rollouts/{id}/{action}",
+                lambda r, p, q: self._rollout_action(p["id"], p["action"]),
+                role=DEPLOYER,
+            ),
+            route("POST", "/v1/ab", lambda r, p, q: self._ab_start(r), role=DEPLOYER),
+            route("GET", "/v1/ab", lambda r, p, q: hub.ab.tests(), role=VIEWER),
+            route("GET", "/v1/ab/{id}", lambda r, p, q: hub.ab.status(p["id"]), role=VIEWER),
+            route("POST", "/v1/ab/{id}/{action}", lambda r, p, q: self._ab_action(p["id"], p["action"]), role=DEPLOYER),
+            route("GET", "/v1/drift/{model}", lambda r, p, q: self._drift(p["model"], q), role=VIEWER),
+            route("GET", "/metrics", lambda r, p, q: self._metrics(r), role=PUBLIC if self.public_metrics else VIEWER),
+            route("GET", "/v1/audit", lambda r, p, q: self.tokens.audit(self._since(q)), role=VIEWER),
+            route("GET", "/v1/tokens", lambda r, p, q: self.tokens.list_tokens(), role=OPERATOR),
+            route("POST", "/v1/tokens", lambda r, p, q: self._token_create(r), role=OPERATOR),
+            route("POST", "/v1/tokens/{name}/revoke", lambda r, p, q: self.tokens.revoke(p["name"]), role=OPERATOR),
         ]
+
+    def _token_create(self, request: BaseHTTPRequestHandler) -> dict[str, Any]:
+        body = self._json(request, {"name": str, "role": str})
+        return self.tokens.create(body["name"], body["role"])
+
+    @staticmethod
+    def _since(query: dict[str, list[str]]) -> float:
+        try:
+            return float(query.get("since", ["0"])[0])
+        except ValueError:
+            raise ValueError("since: give Unix seconds") from None
+
+    def _actor(self) -> str:
+        principal: Principal | None = getattr(self._local, "principal", None)
+        return principal.name if principal else "anonymous"
 
     def _rollout_action(self, rollout_id: str, action: str) -> Any:
         actions = {"pause": self.hub.rollouts.pause, "resume": self.hub.rollouts.resume,
@@ -148,7 +212,7 @@ class AdminApi:
         if action not in actions:
             raise NotFound(f"no rollout action {action!r}: use {', '.join(actions)}")
         result = actions[action](rollout_id)
-        self.hub.registry.audit("operator", f"rollout.{action}", {"rollout": rollout_id})
+        self.hub.registry.audit(self._actor(), f"rollout.{action}", {"rollout": rollout_id})
         return result
 
     def _ab_start(self, request: BaseHTTPRequestHandler) -> Any:
@@ -185,29 +249,93 @@ class AdminApi:
         if matched is None:
             return self._reply(request, HTTPStatus.NOT_FOUND, {"error": f"no route {method} {url.path}"})
         route, params = matched
-        supplied = request.headers.get("Authorization", "").removeprefix("Bearer ")
-        if route.operator and not hmac.compare_digest(supplied.encode(), self.token.encode()):
-            return self._reply(request, HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong operator token"})
+        self._local.principal, self._local.body = None, None
+        status, result = self._dispatch(request, route, params, url.query)
+        if isinstance(result, Raw):
+            self._reply_raw(request, result)
+        else:
+            self._reply(request, status, result)
+        if method != "GET":
+            self._audit(request, route, url.path, params, status, result)
+
+    def _dispatch(self, request: BaseHTTPRequestHandler, route: Route, params: dict[str, str],
+                  query: str) -> tuple[HTTPStatus, Any]:  # fmt: skip
+        """Authorise, check the body's size, run the handler: (status, reply)."""
+        needed = route.role or OPERATOR
+        supplied = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        principal = self.tokens.resolve(supplied)
+        self._local.principal = principal
+        if needed != PUBLIC:
+            if principal is None:
+                return HTTPStatus.UNAUTHORIZED, {"error": "missing, unknown or revoked admin token: pass --token (or "
+                                                 "EDGEFED_HUB_TOKEN) with a token from 'cloud-hub tokens create', or "
+                                                 "--state-dir for the hub's operator.token"}  # fmt: skip
+            if not allows(principal.role, needed):
+                return HTTPStatus.FORBIDDEN, {"error": f"token {principal.name!r} has role {principal.role}; "
+                                              f"{route.method} {route.path} needs role {needed} (or higher): ask an "
+                                              f"operator for such a token"}  # fmt: skip
+        refused = self._check_length(request, route)
+        if refused is not None:
+            return refused
         try:
-            result = route.handler(request, params, parse_qs(url.query))
-            if isinstance(result, Raw):
-                return self._reply_raw(request, result)
-            self._reply(request, HTTPStatus.OK, result)
+            return HTTPStatus.OK, route.handler(request, params, parse_qs(query))
         except NotFound as exc:
-            self._reply(request, HTTPStatus.NOT_FOUND, {"error": str(exc)})
+            return HTTPStatus.NOT_FOUND, {"error": str(exc)}
         except (Conflict, ArtifactRejected) as exc:
-            self._reply(request, HTTPStatus.CONFLICT, {"error": str(exc)})
+            return HTTPStatus.CONFLICT, {"error": str(exc)}
         except PermissionError as exc:
-            self._reply(request, HTTPStatus.FORBIDDEN, {"error": str(exc)})
+            return HTTPStatus.FORBIDDEN, {"error": str(exc)}
         except (HubError, ProfileError, ValueError, KeyError) as exc:
-            self._reply(request, HTTPStatus.BAD_REQUEST, {"error": str(exc)})
+            return HTTPStatus.BAD_REQUEST, {"error": str(exc)}
         except Exception:
-            log.exception("admin request %s %s failed", method, url.path)
-            self._reply(request, HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error; see the hub log"})
+            log.exception("admin request %s %s failed", route.method, route.path)
+            return HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error; see the hub log"}
+
+    @staticmethod
+    def _check_length(request: BaseHTTPRequestHandler, route: Route) -> tuple[HTTPStatus, Any] | None:
+        """Refuse a body that is chunked, of no, a negative or a too large declared size (nothing is read)."""
+        where = f"{route.method} {route.path}"
+        if request.headers.get("Transfer-Encoding"):
+            return HTTPStatus.LENGTH_REQUIRED, {"error": f"{where}: chunked bodies are not accepted; send the body "
+                                               "with a Content-Length header"}  # fmt: skip
+        text = request.headers.get("Content-Length")
+        if text is None:
+            if route.method == "POST":
+                return HTTPStatus.LENGTH_REQUIRED, {"error": f"{where} needs a Content-Length header (0 for an "
+                                                   "empty body; with curl: -d '')"}  # fmt: skip
+            return None
+        if not text.strip().isdigit():
+            return HTTPStatus.BAD_REQUEST, {"error": f"Content-Length {text!r} is not a size in bytes (a whole "
+                                            "number, 0 or more)"}  # fmt: skip
+        if int(text) > route.max_body:
+            takes = "takes no body" if route.max_body == 0 else f"takes at most {route.max_body} bytes"
+            return HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": f"{where} {takes}; this request declares {int(text)}"}
+        return None
+
+    def _audit(self, request: BaseHTTPRequestHandler, route: Route, path: str, params: dict[str, str],
+               status: HTTPStatus, result: Any) -> None:  # fmt: skip
+        """One append-only entry: who, the route and its targets, and the outcome."""
+        principal: Principal | None = self._local.principal
+        if principal is not None:
+            actor = principal.name
+        else:
+            actor = "unknown-token" if request.headers.get("Authorization") else "anonymous"
+        targets: dict[str, Any] = dict(params)
+        for source in (self._local.body, result if status == HTTPStatus.OK else None):
+            if isinstance(source, dict):
+                targets.update({k: source[k] for k in _AUDIT_KEYS if k in source and k not in targets})
+        detail: dict[str, Any] = {"path": path, "targets": targets, "status": int(status),
+                                  "outcome": "ok" if status == HTTPStatus.OK else "error"}  # fmt: skip
+        if status != HTTPStatus.OK and isinstance(result, dict):
+            detail["error"] = result.get("error")
+        try:
+            self.hub.registry.audit(actor, f"{route.method} {route.path}", detail)
+        except Exception:
+            log.exception("could not write the audit entry for %s %s", route.method, route.path)
 
     @staticmethod
     def _body(request: BaseHTTPRequestHandler, limit: int) -> bytes:
-        length = int(request.headers.get("Content-Length", "0"))
+        length = int(request.headers.get("Content-Length", "0"))  # checked in _check_length
         if length > limit:
             raise ValueError(f"request body of {length} bytes is over the {limit}-byte limit")
         return request.rfile.read(length)
@@ -219,14 +347,30 @@ class AdminApi:
             raise ValueError("the request body is not JSON") from None
         if not isinstance(body, dict):
             raise ValueError("the request body must be a JSON object")
+        self._local.body = body
         for key, kind in required.items():
             if not isinstance(body.get(key), kind):
                 raise ValueError(f"field {key!r} is required ({kind.__name__})")
         return body
 
     def _upload(self, request: BaseHTTPRequestHandler, allow_interface_change: bool) -> dict[str, Any]:
-        with tempfile.NamedTemporaryFile(suffix=".tar") as tmp:
-            tmp.write(self._body(request, MAX_UPLOAD_BYTES))
+        """Stream the body to a temporary file in blocks, the size limit checked as it is read (never the
+        whole upload in memory); the tar's own checks follow (ArtifactStore.add_tar)."""
+        limit = int(getattr(self.hub.config, "max_upload_bytes", MAX_UPLOAD_BYTES))
+        header = request.headers.get("Content-Length", "")
+        if not header.isdigit():
+            raise ValueError("an upload needs a Content-Length (a non-negative number of bytes)")
+        length = int(header)
+        if length > limit:
+            raise ValueError(f"upload of {length} bytes is over the hub's {limit}-byte upload limit")
+        with tempfile.NamedTemporaryFile(suffix=".tar", dir=self.hub.config.state_dir) as tmp:
+            left = length
+            while left > 0:
+                block = request.rfile.read(min(left, UPLOAD_BLOCK_BYTES))
+                if not block:
+                    raise ValueError(f"the upload ended after {length - left} of its {length} bytes")
+                tmp.write(block)
+                left -= len(block)
             tmp.flush()
             result: dict[str, Any] = self.hub.add_artifact(Path(tmp.name), allow_interface_change)
             return result
@@ -250,7 +394,10 @@ class AdminApi:
             raise ValueError("field 'tags' must be an object of strings")
         if isinstance(ttl, bool) or not isinstance(ttl, int | float):
             raise ValueError("field 'ttl_s' must be a number of seconds")
-        result: dict[str, Any] = self.hub.enroll_token(groups, tags, float(ttl))
+        reenroll = body.get("reenroll")  # an existing device id this token may re-enroll (docs/security.md)
+        if reenroll is not None and not isinstance(reenroll, str):
+            raise ValueError("field 'reenroll' must be a device id")
+        result: dict[str, Any] = self.hub.enroll_token(groups, tags, float(ttl), reenroll)
         return result
 
     def _enroll(self, request: BaseHTTPRequestHandler) -> dict[str, Any]:
@@ -259,7 +406,7 @@ class AdminApi:
         return result
 
     def _alert_change(self, request: BaseHTTPRequestHandler, alert_id: str, action: str) -> dict[str, Any]:
-        by = self._json(request, {}).get("by", "operator")
+        by = self._json(request, {}).get("by", self._actor())
         if not isinstance(by, str) or not by:
             raise ValueError("field 'by' must be a non-empty string (who acknowledges or resolves)")
         alert = (self.hub.alerts.ack if action == "ack" else self.hub.alerts.resolve)(alert_id, by)

@@ -6,28 +6,30 @@ import io
 import json
 import os
 import tarfile
+import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from cloud_hub.errors import Conflict, HubError, NotFound
 
 
 class _Counting(io.RawIOBase):
-    """A readable body that reports how much of it was read (for upload progress bars)."""
+    """A readable body streamed from a file that reports how much of it was read (progress bars)."""
 
-    def __init__(self, data: bytes, progress: Callable[[int, int], None]) -> None:
-        self.data, self.progress, self.offset = data, progress, 0
+    def __init__(self, source: BinaryIO, total: int, progress: Callable[[int, int], None] | None) -> None:
+        self.source, self.total, self.progress, self.offset = source, total, progress, 0
 
     def readable(self) -> bool:
         return True
 
     def read(self, size: int = -1) -> bytes:
-        end = len(self.data) if size < 0 else min(len(self.data), self.offset + max(size, 65536))
-        chunk, self.offset = self.data[self.offset : end], end
-        self.progress(self.offset, len(self.data))
+        chunk = self.source.read(1 << 20 if size < 0 else max(size, 65536))
+        self.offset += len(chunk)
+        if self.progress is not None:
+            self.progress(self.offset, self.total)
         return chunk
 
 
@@ -69,15 +71,15 @@ class AdminClient:
         """Upload an artifact directory as a tar; ``progress(bytes_sent, total)`` as it goes."""
         if not (directory / "manifest.json").is_file():
             raise HubError(f"{directory} is not an artifact directory (no manifest.json)")
-        buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode="w") as tar:
-            for path in sorted(directory.iterdir()):
-                if path.is_file():
-                    tar.add(path, arcname=path.name)
-        body = buffer.getvalue()
-        route = "/v1/artifacts?allow_interface_change=1" if allow_interface_change else "/v1/artifacts"
-        return self.request("POST", route, _Counting(body, progress) if progress else body,
-                            "application/x-tar", len(body))  # fmt: skip
+        with tempfile.TemporaryFile() as spooled:  # streamed from disk: never the whole tar in memory
+            with tarfile.open(fileobj=spooled, mode="w") as tar:
+                for path in sorted(directory.iterdir()):
+                    if path.is_file():
+                        tar.add(path, arcname=path.name)
+            total = spooled.tell()
+            spooled.seek(0)
+            route = "/v1/artifacts?allow_interface_change=1" if allow_interface_change else "/v1/artifacts"
+            return self.request("POST", route, _Counting(spooled, total, progress), "application/x-tar", total)
 
     def deploy(self, model: str, version: str, target: str) -> Any:
         body = json.dumps({"model": model, "version": version, "target": target}).encode()

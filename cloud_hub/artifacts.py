@@ -62,22 +62,22 @@ class ArtifactStore:
             raise
         return manifest
 
-    def add_tar(self, tar_path: Path) -> Manifest:
-        """Unpack an uploaded tar (plain files only, no paths) into a temporary directory and ``add`` it."""
+    def add_tar(self, tar_path: Path, max_bytes: int = 4 * 1024**3) -> Manifest:
+        """Unpack an uploaded tar into a temporary directory and ``add`` it. Every member is checked before
+        anything is written (``check_tar_members``); a member is copied in blocks, never held whole."""
         with tempfile.TemporaryDirectory(dir=self.root, prefix=".upload-") as tmp:
             try:
                 with tarfile.open(tar_path) as tar:
-                    for member in tar.getmembers():
-                        name = Path(member.name).name
-                        if member.isdir():
-                            continue
-                        if not member.isfile() or name in ("", ".", ".."):
-                            raise ArtifactRejected("manifest", f"upload holds {member.name!r}, not a plain file")
+                    members = check_tar_members(tar.getmembers(), max_bytes)
+                    for member in members:
                         extracted = tar.extractfile(member)
                         assert extracted is not None
-                        (Path(tmp) / name).write_bytes(extracted.read())
+                        with extracted, (Path(tmp) / Path(member.name).name).open("xb") as out:
+                            shutil.copyfileobj(extracted, out, 1 << 20)
             except tarfile.TarError as exc:
                 raise ArtifactRejected("manifest", f"upload is not a tar archive: {exc}") from None
+            except FileExistsError as exc:
+                raise ArtifactRejected("manifest", f"upload holds {Path(str(exc.filename)).name!r} twice") from None
             return self.add(Path(tmp))
 
     def discard(self, artifact_id: str) -> None:
@@ -93,3 +93,27 @@ class ArtifactStore:
         data = read_chunk(self.path(manifest.artifact_id), manifest, file_index, chunk_index)
         verify_chunk(manifest, file_index, chunk_index, data)
         return data
+
+
+def check_tar_members(members: list[tarfile.TarInfo], max_bytes: int) -> list[tarfile.TarInfo]:
+    """The regular files of an uploaded tar, or ArtifactRejected before anything is expanded: a link,
+    device, FIFO or sparse file, a path that is absolute or climbs out (``..``), or declared sizes that
+    add up to more than ``max_bytes`` (a small tar cannot expand to gigabytes)."""
+    files, total = [], 0
+    for member in members:
+        parts = Path(member.name).parts
+        if member.name.startswith(("/", "\\")) or ".." in parts:
+            raise ArtifactRejected("manifest", f"upload holds {member.name!r}, a path outside the artifact")
+        if member.isdir():
+            continue
+        if not member.isreg() or member.issparse() or member.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+            raise ArtifactRejected("manifest", f"upload holds {member.name!r}, not a plain file (links, devices, "
+                                   "FIFOs and sparse files are refused)")  # fmt: skip
+        if Path(member.name).name in ("", ".", ".."):
+            raise ArtifactRejected("manifest", f"upload holds {member.name!r}, not a plain file")
+        total += member.size
+        if total > max_bytes:
+            raise ArtifactRejected("manifest", f"upload's files declare over {max_bytes} bytes (the hub's upload "
+                                   "limit); nothing was expanded")  # fmt: skip
+        files.append(member)
+    return files

@@ -9,9 +9,11 @@ import asyncio
 import logging
 import socket
 import threading
+from pathlib import Path
 from typing import Any
 
 from cloud_hub.errors import BrokerError
+from edge_agent.protocol.topics import DEFAULT_ROOT
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +33,12 @@ def port_is_free(host: str, port: int) -> bool:
 class EmbeddedBroker:
     """amqtt running on its own event loop in a daemon thread."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 1883) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 1883, *, password_file: Path | None = None,
+                 allow_anonymous: bool = True, topic_root: str = DEFAULT_ROOT) -> None:  # fmt: skip
+        """``password_file`` (cloud_hub/mqtt_auth.py): authenticate users against it and confine them to
+        their topics; anonymous clients only when ``allow_anonymous``. None: the open broker of old."""
         self.host, self.port = host, port
+        self.password_file, self.allow_anonymous, self.topic_root = password_file, allow_anonymous, topic_root
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="edgefed-broker", daemon=True)
         self._broker: Any = None
@@ -50,18 +56,26 @@ class EmbeddedBroker:
             )
         try:
             from amqtt.broker import Broker
+
+            from cloud_hub.broker_acl import ConfinedBroker
         except ImportError:
             raise BrokerError("the embedded broker needs amqtt: pip install 'edgefed[hub]'") from None
+        plugins: dict[str, Any] = {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}
+        if self.password_file is not None:
+            confine = {"password_file": str(self.password_file), "allow_anonymous": self.allow_anonymous,
+                       "topic_root": self.topic_root}  # fmt: skip
+            plugins = {"cloud_hub.broker_acl.CredentialsPlugin": confine,
+                       "cloud_hub.broker_acl.TopicAclPlugin": confine}  # fmt: skip
         config = {
             "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}", "max_connections": 10000}},
-            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+            "plugins": plugins,
         }
         logging.getLogger("amqtt").setLevel(logging.WARNING)
         logging.getLogger("transitions").setLevel(logging.WARNING)
         self._thread.start()
 
         async def create_and_start() -> Any:
-            broker = Broker(config)
+            broker = ConfinedBroker(config) if self.password_file is not None else Broker(config)
             await broker.start()
             return broker
 

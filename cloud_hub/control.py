@@ -14,6 +14,7 @@ from typing import Any
 from cloud_hub.artifacts import ArtifactStore
 from cloud_hub.desired_signing import DesiredSigner
 from cloud_hub.errors import Conflict, NotFound
+from cloud_hub.fetch_limits import FetchLimiter
 from cloud_hub.registry import Registry
 from device_profiles import DeviceProfile, ProfileError, get_profile
 from edge_agent.errors import ConfigError
@@ -45,13 +46,18 @@ log = logging.getLogger(__name__)
 class ControlPlane:
     def __init__(self, broker_url: str, registry: Registry, store: ArtifactStore, topics: Topics,
                  max_chunk_rate: float = 0.0, fetch_window_s: float = 0.1,
-                 shared_above: float = 0.5, signer: DesiredSigner | None = None) -> None:  # fmt: skip
+                 shared_above: float = 0.5, signer: DesiredSigner | None = None,
+                 credentials: tuple[str, str] | None = None) -> None:  # fmt: skip
         self.registry, self.store, self.topics = registry, store, topics
         self.signer = signer  # signs desired states (docs/security.md); None: unsigned, as before issue 13
         # (device, model, version) → the B side of an A/B test for that desired model (cloud_hub/ab.py)
         self.ab_for: Callable[[str, str, str], DesiredAB | None] | None = None
+        # credentials: the hub's MQTT user (cloud_hub/mqtt_auth.py); its client id is its alone on a broker
+        # that confines (the embedded one, or Mosquitto as `cloud-hub broker-config` writes it)
+        username, password = credentials if credentials is not None else (None, None)
         self.mqtt = MqttConnection(broker_url, client_id="edgefed-hub", clean_session=True,
-                                   on_connect=self.republish_desired)  # fmt: skip
+                                   on_connect=self.republish_desired, username=username,
+                                   password=password)  # fmt: skip
         self._republished_at: dict[str, float] = {}  # device → when its desired state was last sent again
         self.mqtt.route(topics.all_devices("reported"), self._on_reported)
         self.mqtt.route(topics.all_devices("status"), self._on_status)
@@ -75,6 +81,7 @@ class ControlPlane:
         self.bytes_sent = 0
         self.chunk_interval_s = 1.0 / max_chunk_rate if max_chunk_rate > 0 else 0.0  # a cap for thin uplinks
         self.fetch_window_s = fetch_window_s
+        self.fetch_limiter = FetchLimiter()  # per-device chunk request limits (the hub sets its own)
 
     def start(self, connect_timeout_s: float = 5.0) -> None:
         """Connect to the broker; one that cannot be reached within ``connect_timeout_s`` (restarting
@@ -162,6 +169,14 @@ class ControlPlane:
             (f, c) for f, entry in enumerate(manifest.files) for c in range(len(entry.chunks))
         }
         valid = {(f, c) for f, c in wanted if 0 <= f < len(manifest.files) and 0 <= c < len(manifest.files[f].chunks)}
+        total = sum(len(entry.chunks) for entry in manifest.files)
+        admitted = self.fetch_limiter.admit(device_id, request.artifact_id, valid, total)
+        if len(admitted) < len(valid):
+            log.info("device %s: %d of %d chunks of %s over its fetch limit, not sent", device_id,
+                     len(valid) - len(admitted), len(valid), request.artifact_id[:12])  # fmt: skip
+            if not admitted:
+                return
+            request, valid = FetchRequest(request.artifact_id, tuple(sorted(admitted))), admitted
         with self._pending_lock:
             # the device subscribed to the chunk topic before it asked, so what this round has yet to
             # publish reaches it anyway: only the rest waits for the next round

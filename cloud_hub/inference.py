@@ -37,17 +37,14 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 class TokenOwners:
-    """The device each bearer token belongs to, from the registry (cached; tokens are only added)."""
+    """The device each bearer token belongs to, read from the registry on every call: nothing is cached,
+    so a removed device's token (deleted with it) is refused on its next call, in every process."""
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
-        self._cache: dict[str, str | None] = {}
 
     def __call__(self, token: str) -> str | None:
-        digest = token_hash(token)
-        if self._cache.get(digest) is None:
-            self._cache[digest] = self.registry.token_owner(digest)
-        return self._cache[digest]
+        return self.registry.token_owner(token_hash(token))
 
 
 def _tensor_metadata(specs: Any) -> list[Any]:
@@ -111,6 +108,7 @@ class InferenceServicer:
         return pb.ServerReadyResponse(ready=True)
 
     async def ServerMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
+        await self._device(context)  # with --require-token: a valid token (ServerLive/Ready stay open: probes)
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=self.version, extensions=["model_statistics"])
 
     async def _served(self, name: str, version: str, context: Any) -> Served:
@@ -121,6 +119,7 @@ class InferenceServicer:
         raise AssertionError("unreachable")
 
     async def ModelReady(self, request: Any, context: grpc.ServicerContext) -> Any:
+        await self._device(context)
         try:
             self.repository.get(request.name, request.version)
         except NotFound:
@@ -128,6 +127,7 @@ class InferenceServicer:
         return pb.ModelReadyResponse(ready=True)
 
     async def ModelMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
+        await self._device(context)
         manifest = (await self._served(request.name, request.version, context)).manifest
         versions = sorted({r["version"] for r in self.repository.registry.artifacts(request.name)})
         return pb.ModelMetadataResponse(name=manifest.name, versions=versions, platform="onnxruntime_onnx",
@@ -199,6 +199,7 @@ class InferenceServicer:
         self.usage.add(device, served.manifest.name)
 
     async def ModelStatistics(self, request: Any, context: grpc.ServicerContext) -> Any:
+        await self._device(context)
         version = request.version
         if request.name:
             try:

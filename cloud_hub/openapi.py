@@ -16,7 +16,11 @@ def _op(summary: str, response: dict[str, Any], body: dict[str, Any] | None = No
         "200": {"description": "OK", "content": {"application/json": {"schema": response}}},
         "400": {"description": "Bad input"}, "401": {"description": "Missing or wrong operator token"},
         "404": {"description": "Unknown"}, "409": {"description": "Conflict"},
+        "403": {"description": "The token's role may not call this route (the message names the role needed)"},
     }}  # fmt: skip
+    if body is not None:
+        op["responses"].update({"411": {"description": "No Content-Length (chunked bodies are refused)"},
+                                "413": {"description": "Body over this route's size limit"}})  # fmt: skip
     if body is not None:
         op["requestBody"] = {"required": True, "content": {content_type: {"schema": body}}}
     if public:
@@ -45,6 +49,10 @@ def spec() -> dict[str, Any]:
             "/v1/models/{name}": {"get": {**_op("One model's versions and artifacts", _OBJECT),
                                           "parameters": [{"name": "name", "in": "path", "required": True,
                                                           "schema": _STR}]}},
+            "/v1/models/{name}/{version}": {"get": {**_op("One version: release, interface and artifact per profile",
+                                                          _OBJECT), "parameters": [
+                {"name": "name", "in": "path", "required": True, "schema": _STR},
+                {"name": "version", "in": "path", "required": True, "schema": _STR}]}},
             "/v1/artifacts": {"post": _op("Upload a signed artifact directory as a tar", _OBJECT,
                                           {"type": "string", "format": "binary"}, content_type="application/x-tar")},
             "/v1/devices": {"get": _op("Known devices", _LIST)},
@@ -121,6 +129,19 @@ def spec() -> dict[str, Any]:
                                                           "its state does not allow it)", _OBJECT), "parameters": [
                 *_PATH_ID, {"name": "action", "in": "path", "required": True, "schema": {
                     "type": "string", "enum": ["pause", "resume", "abort", "rollback"]}}]}},
+            "/v1/audit": {"get": {**_op("The append-only audit log, oldest first: every change made through the "
+                                        "API (refused ones too) with actor, route, targets and outcome", _LIST),
+                                  "parameters": [{"name": "since", "in": "query", "required": False,
+                                                  "schema": {"type": "number"}}]}},
+            "/v1/tokens": {
+                "get": _op("Named admin tokens: name, role, created, last used, revoked (never the token)", _LIST),
+                "post": _op("Create a named token; the reply holds the token, shown this once (operator)", _OBJECT,
+                            _props(["name", "role"], name=_STR,
+                                   role={"type": "string", "enum": ["operator", "deployer", "viewer"]})),
+            },
+            "/v1/tokens/{name}/revoke": {"post": {**_op("Revoke a named token: it answers 401 from now on "
+                                                        "(operator)", _OBJECT), "parameters": [
+                {"name": "name", "in": "path", "required": True, "schema": _STR}]}},
             "/v1/drift/{model}": {"get": {**_op("A model version's drift report: features by score with reference "
                                                 "and live counts, and the windows' scores", _OBJECT), "parameters": [
                 {"name": "model", "in": "path", "required": True, "schema": _STR},

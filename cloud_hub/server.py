@@ -7,6 +7,7 @@ in one process that owns the hub's state directory.
     STATE/operator.token     the admin API token (mode 0600), created on first start
     STATE/hub-key/           the hub's desired-state signing key (hub.key 0600, hub.pub), made on first start
     STATE/examples/          opt-in hard examples devices uploaded (cloud_hub/examples.py)
+    STATE/mqtt/              MQTT users: passwd (hashes), hub.password (0600) (cloud_hub/mqtt_auth.py)
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ from cloud_hub.broker import EmbeddedBroker
 from cloud_hub.control import ControlPlane
 from cloud_hub.desired_signing import DesiredSigner
 from cloud_hub.drift.monitor import DriftMonitor
+from cloud_hub.enroll_grants import ReenrollGrants, key_fingerprint, sign_answer
 from cloud_hub.errors import Conflict, NotFound
 from cloud_hub.examples import EXAMPLES_DIR, MAX_PER_DEVICE, ExampleIngest, ExampleStore
+from cloud_hub.fetch_limits import FetchLimiter
 from cloud_hub.inference import (
     InferenceOptions,
     InferenceServer,
@@ -38,6 +41,7 @@ from cloud_hub.inference import (
     start_inference_server,
     token_hash,
 )
+from cloud_hub.mqtt_auth import RESERVED_IDS, MqttUsers
 from cloud_hub.registration import check_registration, registered_interface
 from cloud_hub.rollouts import RolloutEngine
 from cloud_hub.workers import USAGE_FLUSH_S, InferenceWorkers, WorkerSpec, free_port, open_store
@@ -78,6 +82,10 @@ class HubConfig:
     examples_per_device: int = MAX_PER_DEVICE  # hard examples kept per device (its oldest go first)
     drift_false_alarms_per_100k: float = 1.0  # the detector's false-alarm budget per 100,000 clean samples
     rollout_tick_s: float = 1.0  # how often the rollout engine takes each running rollout a step
+    allow_anonymous: bool = False  # the embedded broker also lets clients without credentials in (docs/security.md)
+    max_upload_bytes: int = 4 * 1024**3  # an uploaded artifact tar, and the sum of its members' sizes
+    fetch_requests_per_s: float = 20.0  # fetch requests a device may make per second (0: no limits)
+    fetch_budget_s: float = 10.0  # a device gets one full artifact per this many seconds (burst: two)
 
 
 def serving_profile(profile_id: str | None) -> DeviceProfile:
@@ -106,7 +114,13 @@ class Hub:
         (state / "trust").mkdir(parents=True, exist_ok=True)
         self.registry, self.store = open_store(state)
         self.topics = Topics(config.topic_root)
-        self.broker = None if config.broker else EmbeddedBroker(config.broker_host, config.broker_port)
+        # MQTT users (docs/security.md): the hub's own, made on first start, and one per enrolled device;
+        # the embedded broker authenticates against them and confines each device to its own topics
+        self.mqtt_users = MqttUsers(state)
+        self.mqtt_credentials = self.mqtt_users.hub_credentials()
+        self.broker = None if config.broker else EmbeddedBroker(
+            config.broker_host, config.broker_port, password_file=self.mqtt_users.passwd,
+            allow_anonymous=config.allow_anonymous, topic_root=config.topic_root)  # fmt: skip
         self.broker_url = config.broker or (self.broker.url if self.broker else "")
         self.serving_profile = serving_profile(config.serving_profile)
         self.repository = ModelRepository(self.registry, self.store, self.serving_profile, config.inference)
@@ -125,6 +139,8 @@ class Hub:
             self.alerts.subscribe(self.webhook)
         self.examples = ExampleStore(state / EXAMPLES_DIR, config.examples_per_device)
         self.desired_signer = DesiredSigner(state, str(state / "registry.db"))  # hub key, counters (security.md)
+        self.reenroll = ReenrollGrants(str(state / "registry.db"))  # tokens that may re-enroll an id
+        self._enrolling = threading.Lock()  # an enrollment's checks, token use and registration at once
         self.rollouts = RolloutEngine(self, str(state / "registry.db"), tick_s=config.rollout_tick_s)
         self.ab = AbTests(self, str(state / "registry.db"))  # A/B tests (docs/ab.md)
         self.drift = DriftMonitor(self.registry, self.store, self.alerts, str(state / "registry.db"),
@@ -135,7 +151,9 @@ class Hub:
         if self.broker is not None:
             self.broker.start()
         self.control = ControlPlane(self.broker_url, self.registry, self.store, self.topics, self.config.max_chunk_rate,
-                                    shared_above=self.config.shared_above, signer=self.desired_signer)  # fmt: skip
+                                    shared_above=self.config.shared_above, signer=self.desired_signer,
+                                    credentials=self.mqtt_credentials)  # fmt: skip
+        self.control.fetch_limiter = FetchLimiter(self.config.fetch_requests_per_s, self.config.fetch_budget_s)
         self.control.ab_for = self.ab.desired_ab  # desired states name the B side of running A/B tests
         ExampleIngest(self.examples, self.control.mqtt, self.topics)  # devices/+/examples → stored, acknowledged
         self.control.start()
@@ -186,6 +204,7 @@ class Hub:
             self.control.stop()
         self.examples.close()
         self.desired_signer.close()
+        self.reenroll.close()
         self.ab.close()
         if self.broker is not None:
             self.broker.stop()
@@ -220,7 +239,7 @@ class Hub:
     def add_artifact(self, tar_path: Path, allow_interface_change: bool = False) -> dict[str, Any]:
         """Verify, check against the version's other artifacts (registration.py) and register."""
         with self._registering:
-            manifest = self.store.add_tar(tar_path)
+            manifest = self.store.add_tar(tar_path, self.config.max_upload_bytes)
             try:
                 check_registration(self.registry, manifest, allow_interface_change)
             except Conflict:
@@ -272,36 +291,69 @@ class Hub:
         while not self.stopped.wait(USAGE_FLUSH_S):
             self.flush_usage()
 
-    def enroll_token(self, groups: list[str], tags: dict[str, str], ttl_s: float) -> dict[str, Any]:
+    def enroll_token(self, groups: list[str], tags: dict[str, str], ttl_s: float,
+                     reenroll: str | None = None) -> dict[str, Any]:  # fmt: skip
         """A single-use enrollment token that expires after ``ttl_s``; devices enrolled with it join
-        ``groups`` and get ``tags``."""
+        ``groups`` and get ``tags``. It enrolls only a new device id, or with ``reenroll`` exactly that
+        existing one. The token is ``SECRET.FINGERPRINT``: the fingerprint pins the hub key the device
+        must find in the signed answer (docs/security.md)."""
         if ttl_s <= 0:
             raise ValueError("ttl_s must be positive")
-        token = secrets.token_urlsafe(24)
+        if reenroll is not None:
+            self.registry.device(reenroll)  # NotFound: nothing to re-enroll
+        secret = secrets.token_urlsafe(24)
         expires = time.time() + ttl_s
-        self.registry.add_enroll_token(token_hash(token), expires, groups, tags)
-        self.registry.audit("operator", "devices.enroll-token", {"groups": groups, "tags": tags, "expires": expires})
-        return {"token": token, "expires": expires, "groups": groups, "tags": tags}
+        self.registry.add_enroll_token(token_hash(secret), expires, groups, tags)
+        if reenroll is not None:
+            self.reenroll.add(token_hash(secret), reenroll)
+        self.registry.audit("operator", "devices.enroll-token",
+                            {"groups": groups, "tags": tags, "expires": expires, "reenroll": reenroll})  # fmt: skip
+        fingerprint = key_fingerprint(self.desired_signer.key.public_key())
+        return {"token": f"{secret}.{fingerprint}", "fingerprint": fingerprint, "expires": expires,
+                "groups": groups, "tags": tags, "reenroll": reenroll}  # fmt: skip
 
     def enroll(self, token: str, device_id: str, profile: str) -> dict[str, Any]:
-        """Register a device with a valid enrollment token; returns what the agent needs to run."""
+        """Register a device with a valid enrollment token; returns what the agent needs to run, signed
+        with the hub key (``answer_signature``) and bound to the token (``token_sha256``)."""
         if not valid_device_id(device_id):
             raise ValueError(f"device_id {device_id!r}: use letters, digits, '.', '_' and '-'")
+        if device_id in RESERVED_IDS:
+            raise ValueError(f"device_id {device_id!r} is reserved for the hub's own MQTT user; choose another")
         get_profile(profile)  # ProfileError → 400 naming the known ids
-        grant = self.registry.use_enroll_token(token_hash(token), device_id)
-        if grant is None:
-            raise PermissionError("enrollment token unknown, already used or expired; ask for a new one")
-        self.registry.upsert_device(device_id, profile=profile, groups=grant["groups"], tags=grant["tags"],
-                                    enrolled=time.time(), status="enrolled")  # fmt: skip
-        self.registry.audit(device_id, "enroll", {"profile": profile, **grant})
+        digest = token_hash(token.partition(".")[0])  # a token given with its fingerprint is the same token
+        with self._enrolling:  # no second enrollment of the same id between the check and the registration
+            allowed = self.reenroll.device_for(digest)
+            if allowed is not None and allowed != device_id:
+                raise PermissionError(f"this enrollment token re-enrolls only {allowed!r}, not {device_id!r}")
+            if allowed is None and self._known(device_id):
+                raise PermissionError(f"device {device_id!r} is already enrolled and this token enrolls only new "
+                                      f"devices; to re-enroll it, issue a token with 'cloud-hub devices "
+                                      f"enroll-token --reenroll {device_id}'")  # fmt: skip
+            grant = self.registry.use_enroll_token(digest, device_id)
+            if grant is None:
+                raise PermissionError("enrollment token unknown, already used or expired; ask for a new one")
+            self.registry.upsert_device(device_id, profile=profile, groups=grant["groups"], tags=grant["tags"],
+                                        enrolled=time.time(), status="enrolled")  # fmt: skip
+        self.registry.audit(device_id, "enroll", {"profile": profile, "reenroll": allowed is not None, **grant})
         trusted = [p.read_text() for p in sorted((self.config.state_dir / "trust").glob("*.pub"))]
-        return {
+        answer = {
             "device_id": device_id, "profile": profile, "topic_root": self.config.topic_root,
             "broker": self.config.public_broker or self.broker_url,
             "cloud": self.config.public_grpc or f"grpc://{self.config.grpc_host}:{self.grpc_port}",
             "cloud_token": self.issue_token(device_id)["token"], "trusted_keys": trusted,
             "hub_key": self.desired_signer.public_pem,  # desired states are signed with it (docs/security.md)
+            "token_sha256": digest,  # binds the signed answer to this enrollment
+            # its MQTT user: a new password each (re-)enrollment, the old one stops working; the hub keeps a hash
+            "mqtt_username": device_id, "mqtt_password": self.mqtt_users.issue(device_id),
         }  # fmt: skip
+        return sign_answer(answer, self.desired_signer.key)
+
+    def _known(self, device_id: str) -> bool:
+        try:
+            self.registry.device(device_id)
+        except NotFound:
+            return False
+        return True
 
     def deployment(self, deployment_id: str) -> dict[str, Any]:
         """A deployment with each targeted device's state: active, failed (with the error), pending, or
@@ -337,8 +389,17 @@ class Hub:
             return {"state": "failed", "error": error} if error and fresh else {"state": "pending"}
         return {"state": model["state"], "error": model.get("error")}
 
+    def rotate_mqtt_password(self, device_id: str) -> dict[str, Any]:
+        """A new MQTT password for an enrolled device; the old one stops working at once. The device needs
+        the new one: re-enroll it (``enroll-token --reenroll``) or ``edge-agent init --mqtt-password-file``."""
+        self.registry.device(device_id)  # NotFound for an unknown device
+        password = self.mqtt_users.issue(device_id)
+        self.registry.audit("operator", "devices.rotate-mqtt", {"device_id": device_id})
+        return {"device_id": device_id, "mqtt_username": device_id, "mqtt_password": password}
+
     def remove_device(self, device_id: str) -> dict[str, Any]:
         self.registry.remove_device(device_id)
+        self.mqtt_users.remove(device_id)  # it cannot connect any more (docs/security.md)
         if self.control is not None:  # clear its retained messages on the broker
             for topic in (self.topics.desired, self.topics.reported, self.topics.status):
                 self.control.mqtt.publish(topic(device_id), b"", retain=True)

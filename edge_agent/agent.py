@@ -78,6 +78,8 @@ class Agent(Installer):
             will=(self.topics.status(config.device_id), offline),
             on_connect=self._on_connect,
             on_state=self._broker_state,
+            username=config.mqtt_username,
+            password=config.mqtt_password,
         )
         self.mqtt.route(self.topics.desired(self.device_id), self._enqueue(self._on_desired))
         self.mqtt.route(self.topics.telemetry_ack(self.device_id), self._enqueue(self._on_ack))

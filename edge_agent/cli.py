@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from cryptography.hazmat.primitives import serialization
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -25,7 +25,7 @@ from edge_agent.config import STATE_DIR_ENV, AgentConfig, default_state_dir
 from edge_agent.errors import ConfigError, EdgefedError
 from edge_agent.protocol.atomic import atomic_write_bytes
 from edge_agent.protocol.errors import ProtocolError
-from edge_agent.protocol.signing import TrustStore
+from edge_agent.protocol.signing import TrustStore, check_public_key_file
 from edge_agent.store import ModelStore
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
@@ -86,6 +86,13 @@ def init(
             "be signed by it, and signed rollbacks are honoured"
         ),
     ] = None,
+    mqtt_password_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="File holding this device's MQTT password (from `cloud-hub devices mqtt-password`); the "
+            "username is the device id. Without it the agent connects anonymously"
+        ),
+    ] = None,
     state_dir: StateDir = None,
 ) -> None:
     """Write the agent configuration and trusted keys into the state directory."""
@@ -93,12 +100,20 @@ def init(
     try:
         profile_id = profile or _detected()
         get_profile(profile_id)
+        password = mqtt_password_file.read_text().strip() if mqtt_password_file is not None else None
         config = AgentConfig(device_id=device_id, profile=profile_id, broker=broker, cloud=cloud,
                              cloud_token=cloud_token, cloud_ca=cloud_ca, spool_max_calls=spool_max_calls,
-                             spool_full=spool_full)  # fmt: skip
+                             spool_full=spool_full, mqtt_username=device_id if password else None,
+                             mqtt_password=password or None)  # fmt: skip
+        checked = [(key, check_public_key_file(key)) for key in trust]  # all checked before anything is written
+        if cloud_ca is not None:
+            _check_pem_file(Path(cloud_ca), "--cloud-ca", "the CA bundle (PEM) that signed the hub's gRPC certificate")
+        if (state / "trust").is_dir():
+            TrustStore.from_dir(state / "trust")  # a garbage .pub already there is named before writing
         (state / "trust").mkdir(parents=True, exist_ok=True)
-        for key in trust:
-            shutil.copyfile(key, state / "trust" / key.name)
+        for key, public in checked:  # as NAME.pub: the agent trusts only *.pub files
+            pem = public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+            atomic_write_bytes(state / "trust" / f"{key.stem}.pub", pem)
         TrustStore.from_dir(state / "trust")
         if hub_key is not None:
             from edge_agent.desired_guard import install_hub_key
@@ -108,6 +123,18 @@ def init(
     except (EdgefedError, ProfileError, OSError, ValueError) as exc:
         raise _fail(exc) from None
     err.print(f"configured {device_id} ({profile_id}) in {state}")
+
+
+def _check_pem_file(path: Path, flag: str, what: str) -> None:
+    """A readable PEM file, or a ConfigError naming the flag and what to give instead."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{flag} {path}: no such file; give {what}") from None
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot be read ({exc.strerror}); give {what}") from None
+    if b"-----BEGIN " not in data:
+        raise ConfigError(f"{flag} {path}: not a PEM file; give {what}")
 
 
 def _detected() -> str:
@@ -124,14 +151,16 @@ def enroll(
     device_id: Annotated[str | None, typer.Option(help="This device's id (default: the host name)")] = None,
     profile: Annotated[str | None, typer.Option(help="Profile id; default: detected")] = None,
     state_dir: StateDir = None,
+    ca: Annotated[Path | None, typer.Option(help="PEM CA that signed the hub's certificate (https:// hubs)")] = None,
 ) -> None:
     """Register this device with the hub and store what it answers: broker and cloud endpoints, the
-    device's cloud token and the hub's trusted signing keys."""
+    device's cloud token and the hub's trusted signing keys. The hub is verified first: by the fingerprint
+    the token carries (TOKEN.FINGERPRINT) and/or by TLS (https://, --ca)."""
     from edge_agent.enroll import enroll as do_enroll
 
     state = _state(state_dir)
     try:
-        config = do_enroll(hub, token, device_id or socket.gethostname(), profile or _detected(), state)
+        config = do_enroll(hub, token, device_id or socket.gethostname(), profile or _detected(), state, ca)
     except (EdgefedError, ProfileError, OSError, ValueError) as exc:
         raise _fail(exc) from None
     err.print(f"enrolled {config.device_id} ({config.profile}) with {hub}; start the agent: edge-agent run")
@@ -189,7 +218,7 @@ def run(
 
             server, _ = start_metrics_server(agent, metrics_port, metrics_host)
             err.print(f"metrics at http://{metrics_host}:{server.server_port}/metrics")
-    except (EdgefedError, ProfileError) as exc:
+    except (EdgefedError, ProfileError, ValueError) as exc:  # ValueError: a bad key in STATE/trust
         raise _fail(exc) from None
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: agent.stop_event.set())
@@ -215,7 +244,7 @@ def install(path: Annotated[Path, typer.Argument(help="Artifact directory")], st
         check = partial(health_check, profile=profile)
         before = {name: active.artifact_id for name in store.names() if (active := store.active(name))}
         manifest = store.install(path, TrustStore.from_dir(state / "trust"), profile, activate=True, check=check)
-    except (EdgefedError, ProtocolError, ProfileError, OSError) as exc:
+    except (EdgefedError, ProtocolError, ProfileError, OSError, ValueError) as exc:  # ValueError: a bad trusted key
         raise _fail(exc) from None
     what = f"{manifest.name}@{manifest.version} ({manifest.precision}, {manifest.artifact_id[:12]})"
     if before.get(manifest.name) == manifest.artifact_id:

@@ -1,6 +1,6 @@
 """The device's state directory and the agent configuration stored in it.
 
-STATE/agent.json              AgentConfig (mode 0640: it holds credentials)
+STATE/agent.json              AgentConfig (mode 0640: it holds credentials; 0600 with an MQTT password)
 STATE/trust/*.pub             Ed25519 keys whose signatures the agent accepts (artifacts)
 STATE/hub-keys/*.pub          the hub's desired-state keys (desired_guard.py, docs/security.md)
 STATE/models/                 the model store (see store.py)
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -58,6 +58,8 @@ class AgentConfig:
     telemetry_interval_s: float = 5.0
     spool_max_calls: int = DEFAULT_MAX_CALLS  # the telemetry spool's cap (calls waiting to be sent)
     spool_full: str = DROP_OLDEST  # past the cap: drop_oldest or reject_new (both counted as dropped)
+    mqtt_username: str | None = None  # the broker user (= device_id when the hub issued it at enrollment)
+    mqtt_password: str | None = field(default=None, repr=False)  # its password (agent.json 0600 then); None: anonymous
 
     def __post_init__(self) -> None:
         if not valid_device_id(self.device_id):
@@ -69,6 +71,8 @@ class AgentConfig:
             raise ConfigError("telemetry_interval_s: must be positive")
         if type(self.spool_max_calls) is not int or self.spool_max_calls < 1:
             raise ConfigError(f"spool_max_calls: {self.spool_max_calls!r} is not a positive whole number of calls")
+        if (self.mqtt_username is None) != (self.mqtt_password is None):
+            raise ConfigError("mqtt_username and mqtt_password: give both (enrollment writes them) or neither")
         if self.spool_full not in FULL_POLICIES:
             raise ConfigError(f"spool_full: {self.spool_full!r} is not one of {', '.join(FULL_POLICIES)}")
 
@@ -92,4 +96,5 @@ class AgentConfig:
 
     def save(self, state_dir: Path) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(state_dir / CONFIG_FILE, json.dumps(asdict(self), indent=2).encode(), mode=0o640)
+        mode = 0o600 if self.mqtt_password else 0o640  # a broker password: readable by the agent's user only
+        atomic_write_bytes(state_dir / CONFIG_FILE, json.dumps(asdict(self), indent=2).encode(), mode=mode)

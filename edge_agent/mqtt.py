@@ -34,8 +34,11 @@ class MqttConnection:
         will: tuple[str, bytes] | None = None,
         clean_session: bool = True,
         on_state: Callable[[bool, str | None], None] | None = None,
+        username: str | None = None,
+        password: str | None = None,
     ) -> None:
-        """``on_state(connected, error)`` hears every connect, refusal, failed attempt and disconnect."""
+        """``on_state(connected, error)`` hears every connect, refusal, failed attempt and disconnect.
+        ``username``/``password``: the MQTT credentials (docs/security.md); the password is never logged."""
         self.host, self.port = parse_endpoint(url, "mqtt", "broker", 1883)
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
@@ -43,6 +46,8 @@ class MqttConnection:
             protocol=mqtt.MQTTv311,
             clean_session=clean_session,
         )
+        if username is not None:
+            self.client.username_pw_set(username, password)
         self.client.max_inflight_messages_set(100)
         self.client.max_queued_messages_set(10_000)
         # exponential backoff 1-30 s; a random first step keeps a fleet from reconnecting in lockstep

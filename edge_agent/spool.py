@@ -324,14 +324,22 @@ class Spool:
         bump(db, "dropped_reported", dropped)
         return payload
 
-    def acknowledge(self, seq: int, epoch: str | None = None) -> None:
-        """The hub stored every batch up to ``seq``; an acknowledgement naming another spool's ``epoch``
-        (this one was made again meanwhile) is ignored."""
+    def acknowledge(self, seq: int, epoch: str | None = None) -> bool:
+        """The hub stored every batch up to ``seq``; whether that removed anything. Ignored: an
+        acknowledgement naming another spool's ``epoch`` (this one was made again meanwhile), and one for a
+        ``seq`` this spool never sent (above every batch it made: forged, it would drop unsent calls)."""
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
-            if epoch is None or epoch == epoch_in(db):
-                db.execute("DELETE FROM outbox WHERE seq <= ?", (seq,))
+            removed = 0
+            if epoch is not None and epoch != epoch_in(db):
+                log.info("telemetry ack for epoch %s ignored: this spool's is %s", epoch, epoch_in(db))
+            elif seq > counter_in(db, "seq"):
+                log.warning("telemetry ack for seq %d ignored: this spool never sent it (its last is %d)", seq,
+                            counter_in(db, "seq"))  # fmt: skip
+            else:
+                removed = db.execute("DELETE FROM outbox WHERE seq <= ?", (seq,)).rowcount
             db.execute("COMMIT")
+        return removed > 0
 
 
 def _configured(state_dir: Path) -> tuple[int, str]:

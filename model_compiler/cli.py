@@ -20,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from device_profiles import ProfileError
+from edge_agent.protocol.manifest import valid_name
 from edge_agent.protocol.signing import generate_keypair
 from model_compiler.compile import CompileOptions, ProfileReport, compile_model
 from model_compiler.errors import CompileError
@@ -70,6 +71,10 @@ def compile_command(
 ) -> None:
     """Export, quantize, gate against fp32, time, and write a signed artifact for each profile.
     Exits 1 when a profile failed (the others are still written and reported), 2 when nothing could be."""
+    problem = _check_identity(name, version, release)  # before any export: a bad flag fails at once
+    if problem:
+        console.print(f"[red]error:[/red] {escape(problem)}")
+        raise typer.Exit(2)
     options = CompileOptions(name=name, version=version, key_path=key, release=release, metric=metric,
                              tolerance=tolerance, latency_batch=latency_batch, max_batch=max_batch)  # fmt: skip
     try:
@@ -88,6 +93,17 @@ def compile_command(
         print_table(reports)
     if any(r.error for r in reports):
         raise typer.Exit(1)
+
+
+def _check_identity(name: str, version: str, release: int) -> str | None:
+    """What is wrong with --name, --version or --release as a manifest would carry them, else None."""
+    allowed = "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 128 characters"
+    for flag, value in (("--name", name), ("--version", version)):
+        if not valid_name(value):
+            return f"{flag} {value!r} is not allowed in a manifest: use {allowed} (e.g. --version 1.0.0)"
+    if release < 0:
+        return f"--release {release}: give a positive whole number, or 0 (this version's release in --out, else now)"
+    return None
 
 
 def print_table(reports: list[ProfileReport]) -> None:

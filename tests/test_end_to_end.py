@@ -33,7 +33,12 @@ def hub(request: pytest.FixtureRequest, tmp_path: Path, keys: tuple[Path, Path])
     (state / "trust").mkdir(parents=True)
     shutil.copy(keys[1], state / "trust")
     config = HubConfig(
-        state, broker=external.url if external else None, broker_port=free_port(), grpc_port=0, admin_port=0
+        state,
+        broker=external.url if external else None,
+        broker_port=free_port(),
+        grpc_port=0,
+        admin_port=0,
+        allow_anonymous=True,  # its agent connects without credentials (confinement: test_mqtt_security.py)
     )
     hub = Hub(config)
     hub.start()

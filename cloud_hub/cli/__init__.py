@@ -45,7 +45,7 @@ STATE_ENV = "EDGEFED_HUB_STATE_DIR"
 HubUrl = Annotated[str | None, typer.Option("--hub", envvar=HUB_URL_ENV, help="Admin API URL")]
 Token = Annotated[
     str | None,
-    typer.Option("--token", envvar=HUB_TOKEN_ENV, help="Operator token (default: read from --state-dir)"),
+    typer.Option("--token", envvar=HUB_TOKEN_ENV, help="Admin token (default: operator.token in --state-dir)"),
 ]
 StateDir = Annotated[Path, typer.Option("--state-dir", envvar=STATE_ENV, help="Hub state directory")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON for scripts")]
@@ -94,12 +94,28 @@ def main() -> None:
     app()
 
 
-from cloud_hub.cli import ab, alerts, deploy, devices, drift, examples, fleet, models, rollback, rollout, serve  # noqa: E402  (they register their commands)
+from cloud_hub.cli import (  # noqa: E402  (they register their commands)
+    ab,
+    alerts,
+    audit,
+    deploy,
+    devices,
+    drift,
+    examples,
+    fleet,
+    models,
+    mqtt,
+    rollback,
+    rollout,
+    serve,
+    tokens,
+)
 
 __all__ = [
     "ab",
     "alerts",
     "app",
+    "audit",
     "deploy",
     "devices",
     "drift",
@@ -107,7 +123,9 @@ __all__ = [
     "fleet",
     "main",
     "models",
+    "mqtt",
     "rollback",
     "rollout",
     "serve",
+    "tokens",
 ]

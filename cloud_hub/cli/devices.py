@@ -43,16 +43,20 @@ def devices_enroll_token(
     group: Annotated[list[str] | None, typer.Option(help="Group the device joins; repeatable")] = None,
     tag: Annotated[list[str] | None, typer.Option(help="KEY=VALUE tag for the device; repeatable")] = None,
     ttl: Annotated[float, typer.Option(help="Seconds the token stays valid")] = 3600.0,
+    reenroll: Annotated[str | None, typer.Option(help="Existing device id this token may enroll again")] = None,
     hub: HubUrl = None, token: Token = None, state_dir: StateDir = Path("hub-state"), as_json: AsJson = False,
 ) -> None:  # fmt: skip
-    """A single-use, expiring token for `edge-agent enroll --hub URL --token TOKEN`."""
+    """A single-use, expiring token for `edge-agent enroll --hub URL --token TOKEN`: SECRET.FINGERPRINT, the
+    fingerprint pinning the hub key the device must find in the signed answer. It enrolls only a new
+    device id, unless --reenroll names the existing one it may enroll again."""
     tags = {}
     for item in tag or []:
         key, eq, value = item.partition("=")
         if not eq or not key:
             raise fail(f"--tag {item!r}: write it as KEY=VALUE")
         tags[key] = value
-    body = json.dumps({"groups": group or [], "tags": tags, "ttl_s": ttl}).encode()
+    request = {"groups": group or [], "tags": tags, "ttl_s": ttl, **({"reenroll": reenroll} if reenroll else {})}
+    body = json.dumps(request).encode()
     result = run(lambda: client(hub, token, state_dir).request("POST", "/v1/enroll-tokens", body))
     print(json.dumps(result) if as_json else result["token"])
 

@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import logging
+import socket
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from cryptography.hazmat.primitives import serialization
 
 from cloud_hub.cli import (
     StateDir,
     app,
     err,
+    fail,
     run,
 )
 from cloud_hub.inference import InferenceOptions
 from cloud_hub.server import HubConfig, serve
+from edge_agent.config import parse_endpoint
+from edge_agent.errors import ConfigError, EdgefedError
+from edge_agent.protocol.signing import check_public_key_file
 
 
 @app.command("serve")
@@ -104,16 +110,29 @@ def serve_command(
     examples_per_device: Annotated[
         int, typer.Option(min=1, help="Hard examples kept per device (opt-in uploads); past it its oldest go")
     ] = 10_000,
+    allow_anonymous: Annotated[
+        bool,
+        typer.Option(
+            help="Let MQTT clients without credentials into the embedded broker (lab setups from before "
+            "per-device credentials; docs/security.md). Enrolled devices stay confined either way"
+        ),
+    ] = False,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
 ) -> None:
     """Run the hub: registry, MQTT control plane, OIP gRPC inference and the admin API."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s hub %(levelname)s %(name)s: %(message)s")
-    (state_dir / "trust").mkdir(parents=True, exist_ok=True)
-    for key in trust or []:
-        (state_dir / "trust" / key.name).write_bytes(key.read_bytes())
     if (tls_cert is None) != (tls_key is None):
         err.print("[red]error:[/red] --tls-cert and --tls-key go together")
         raise typer.Exit(2)
+    try:  # every flag checked before anything starts: a clear error naming it, never a traceback
+        keys = [(key, check_public_key_file(key)) for key in trust or []]
+        _check_preflight(broker, tls_cert, tls_key, admin_host, admin_port)
+    except (ValueError, EdgefedError) as exc:
+        raise fail(exc) from None
+    (state_dir / "trust").mkdir(parents=True, exist_ok=True)
+    for key, public in keys:  # as NAME.pub, the public key only
+        pem = public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        (state_dir / "trust" / f"{key.stem}.pub").write_bytes(pem)
     inference = InferenceOptions(max_batch_rows=max_batch_rows, batch_delay_ms=batch_delay_ms, queue_size=queue_size,
                                  workers=grpc_workers, processes=inference_processes,
                                  intra_op_threads=intra_op_threads,
@@ -141,5 +160,36 @@ def serve_command(
         drift_interval_s=drift_interval,
         drift_false_alarms_per_100k=drift_false_alarms,
         examples_per_device=examples_per_device,
+        allow_anonymous=allow_anonymous,
     )
-    run(lambda: serve(config))
+    try:
+        run(lambda: serve(config))
+    except (OSError, ValueError, EdgefedError) as exc:  # a port taken meanwhile, a bad key in STATE/trust
+        raise fail(exc) from None
+
+
+def _check_preflight(broker: str | None, tls_cert: Path | None, tls_key: Path | None, admin_host: str,
+                     admin_port: int) -> None:  # fmt: skip
+    """ConfigError naming the flag: a bad --broker URL, a missing or non-PEM TLS file, a taken --admin-port."""
+    if broker is not None:
+        parse_endpoint(broker, "mqtts" if broker.startswith("mqtts://") else "mqtt", "--broker", 1883)
+    for flag, path in (("--tls-cert", tls_cert), ("--tls-key", tls_key)):
+        if path is None:
+            continue
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{flag} {path}: {exc.strerror or exc}; give a PEM file (cloud-hub tls init)") from None
+        if b"-----BEGIN " not in data:
+            raise ConfigError(f"{flag} {path}: not a PEM file; give a PEM certificate and its key")
+    if admin_port:
+        probe = socket.socket(socket.AF_INET6 if ":" in admin_host else socket.AF_INET)
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the admin server binds
+            probe.bind((admin_host, admin_port))
+        except OSError as exc:
+            raise ConfigError(f"--admin-port {admin_port}: cannot listen on {admin_host}:{admin_port} "
+                              f"({exc.strerror or exc}); choose another with --admin-port PORT (0 picks a free one)"
+                              ) from None  # fmt: skip
+        finally:
+            probe.close()

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
+import os
+import stat
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -27,6 +29,52 @@ from edge_agent.protocol.signing import TrustStore, sign_document, verify_docume
 MANIFEST_FILE = "manifest.json"
 SIGNATURE_FILE = "signature"
 RESERVED = (MANIFEST_FILE, SIGNATURE_FILE)
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024  # a manifest of a 4 GiB model in 256 KiB chunks is about 1.2 MB
+MAX_SIGNATURE_BYTES = 64 * 1024
+COPY_BLOCK = 1024 * 1024
+
+
+@contextmanager
+def open_regular(path: Path) -> Iterator[tuple[int, int]]:
+    """Open ``path`` (a symlink is followed) and yield ``(fd, size)`` when it is a regular file; else
+    ArtifactRejected('missing-file'). Never blocks on a FIFO and never reads a device (``/dev/zero``
+    would copy without end): what is checked is the file actually opened (fstat), not the name."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ArtifactRejected("missing-file", f"{path.name} not found in {path.parent}") from None
+    except OSError as exc:
+        raise ArtifactRejected("missing-file", f"{path.name} in {path.parent} cannot be read: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ArtifactRejected("missing-file", f"{path.name} in {path.parent} is not a regular file")
+        yield fd, info.st_size
+    finally:
+        os.close(fd)
+
+
+def _read_limited(fd: int, limit: int) -> bytes:
+    """At most ``limit + 1`` bytes from ``fd`` (one more than allowed tells the caller it is too long)."""
+    parts, left = [], limit + 1
+    while left > 0:
+        try:
+            block = os.read(fd, min(left, COPY_BLOCK))
+        except OSError as exc:
+            raise ArtifactRejected("missing-file", f"read failed: {exc.strerror}") from None
+        if not block:
+            break
+        parts.append(block)
+        left -= len(block)
+    return b"".join(parts)
+
+
+def _read_small(path: Path, limit: int) -> bytes:
+    with open_regular(path) as (fd, _):
+        data = _read_limited(fd, limit)
+    if len(data) > limit:
+        raise ArtifactRejected("too-large", f"{path.name} is over {limit} bytes")
+    return data
 
 
 def iter_chunks(path: Path, chunk_size: int) -> Iterator[bytes]:
@@ -83,7 +131,7 @@ def load_signed_manifest(manifest_bytes: bytes, signature_bytes: bytes, trust: T
     """Check the signature over the manifest document first, then its schema."""
     try:
         document, signature = strict_loads(manifest_bytes), strict_loads(signature_bytes)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # (UnicodeDecodeError is a ValueError)
         raise ArtifactRejected("manifest", f"not valid JSON: {exc}") from None
     if not isinstance(document, dict):
         raise ArtifactRejected("manifest", "manifest is not a JSON object")
@@ -102,11 +150,8 @@ class SignedManifest:
 
 def read_signed(directory: Path, trust: TrustStore) -> SignedManifest:
     """Read ``manifest.json`` and ``signature`` once, into memory, and verify those bytes."""
-    try:
-        manifest_bytes = (directory / MANIFEST_FILE).read_bytes()
-        signature_bytes = (directory / SIGNATURE_FILE).read_bytes()
-    except FileNotFoundError as exc:
-        raise ArtifactRejected("missing-file", f"{Path(exc.filename).name} not found in {directory}") from None
+    manifest_bytes = _read_small(directory / MANIFEST_FILE, MAX_MANIFEST_BYTES)
+    signature_bytes = _read_small(directory / SIGNATURE_FILE, MAX_SIGNATURE_BYTES)
     return SignedManifest(load_signed_manifest(manifest_bytes, signature_bytes, trust), manifest_bytes, signature_bytes)
 
 
@@ -117,11 +162,26 @@ def stage_verified(
     from the verified bytes in memory: what ends up in ``staging`` is exactly what was verified (a file
     swapped on the source during the checks never lands). ``copied`` runs between copy and verify."""
     for entry in signed.manifest.files:
-        shutil.copyfile(source / entry.path, staging / entry.path)
+        _copy_bounded(source / entry.path, staging / entry.path, entry)
     copied()
     verify_files(staging, signed.manifest)
     (staging / MANIFEST_FILE).write_bytes(signed.manifest_bytes)
     (staging / SIGNATURE_FILE).write_bytes(signed.signature_bytes)
+
+
+def _copy_bounded(source: Path, target: Path, entry: FileEntry) -> None:
+    """Copy a regular file of at most ``entry.size`` bytes (a longer one is refused as soon as it
+    passes the size, so a huge or endless file never fills the disk)."""
+    with open_regular(source) as (fd, size):
+        if size != entry.size:
+            raise ArtifactRejected("size", f"{entry.path} is {size} bytes, manifest says {entry.size}")
+        copied = 0
+        with open(target, "xb") as out:
+            while block := _read_limited(fd, COPY_BLOCK - 1):
+                copied += len(block)
+                if copied > entry.size:
+                    raise ArtifactRejected("size", f"{entry.path} grew past the {entry.size} bytes the manifest says")
+                out.write(block)
 
 
 def read_manifest(directory: Path, trust: TrustStore) -> Manifest:
@@ -140,16 +200,18 @@ def verify_chunk(manifest: Manifest, file_index: int, chunk_index: int, data: by
 def verify_files(directory: Path, manifest: Manifest) -> None:
     """Every listed file exists with the right size, whole-file sha256 and chunk sha256 values."""
     for index, entry in enumerate(manifest.files):
-        path = directory / entry.path
-        if not path.is_file():
-            raise ArtifactRejected("missing-file", f"{entry.path} not found")
-        if path.stat().st_size != entry.size:
-            raise ArtifactRejected("size", f"{entry.path} is {path.stat().st_size} bytes, manifest says {entry.size}")
-        whole = hashlib.sha256()
-        for chunk_index, block in enumerate(iter_chunks(path, manifest.chunk_size)):
-            verify_chunk(manifest, index, chunk_index, block)
-            whole.update(block)
-        if entry.size and whole.hexdigest() != entry.sha256:
+        with open_regular(directory / entry.path) as (fd, size):
+            if size != entry.size:
+                raise ArtifactRejected("size", f"{entry.path} is {size} bytes, manifest says {entry.size}")
+            whole, read = hashlib.sha256(), 0
+            for chunk_index in range(len(entry.chunks) + 1):
+                block = _read_limited(fd, manifest.chunk_size - 1)
+                if not block and chunk_index:
+                    break
+                verify_chunk(manifest, index, chunk_index, block)
+                whole.update(block)
+                read += len(block)
+        if read != entry.size or whole.hexdigest() != entry.sha256:
             raise ArtifactRejected("sha256", f"{entry.path} has a wrong sha256")
 
 

@@ -20,8 +20,9 @@ SCHEMA_V1 = "edgefed.manifest/1"  # still read (max_batch 0) and written back as
 DEFAULT_CHUNK_SIZE = 256 * 1024
 DTYPES = ("float32", "float16", "float64", "int64", "int32", "int16", "int8", "uint64", "uint32", "uint16", "uint8",
           "bool", "bytes")  # fmt: skip
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")  # \Z: "$" would let a trailing newline in
+_SHA_RE = re.compile(r"^[0-9a-f]{64}\Z")
+_RESERVED_FILES = ("manifest.json", "signature")  # written from the verified bytes, never payload
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,11 @@ def interface_from_wire(data: Any) -> Interface:
     if not isinstance(data, dict):
         raise _bad("interface is not an object")
     return Interface(_tensors(data, "inputs"), _tensors(data, "outputs"), _get(data, "max_batch", int))
+
+
+def valid_name(text: str) -> bool:
+    """A model name, version or file name as the manifest allows it: ``[A-Za-z0-9][A-Za-z0-9._-]{0,127}``."""
+    return bool(_NAME_RE.match(text))
 
 
 def semver_major(version: str) -> int | None:
@@ -203,8 +209,8 @@ def _file(data: Any) -> FileEntry:
     if not isinstance(data, dict):
         raise _bad("file entry is not an object")
     path = _get(data, "path", str)
-    if not _NAME_RE.match(path):
-        raise _bad(f"file path {path!r} must be a plain file name")
+    if not _NAME_RE.match(path) or path in _RESERVED_FILES:
+        raise _bad(f"file path {path!r} must be a plain file name other than {' and '.join(_RESERVED_FILES)}")
     chunks = _get(data, "chunks", list)
     sha = _get(data, "sha256", str)
     if not _SHA_RE.match(sha) or not all(isinstance(c, str) and _SHA_RE.match(c) for c in chunks):

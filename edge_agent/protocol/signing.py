@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -69,8 +69,44 @@ class TrustStore:
 
     @classmethod
     def from_dir(cls, directory: str | Path) -> TrustStore:
-        keys = [load_public_key(p) for p in sorted(Path(directory).glob("*.pub"))]
+        """Every ``*.pub`` in ``directory``; ValueError naming the file that is not an Ed25519 public key
+        (a private key, garbage) and how to fix it."""
+        keys = [_trusted_key(p) for p in sorted(Path(directory).glob("*.pub"))]
         return cls({key_id(k): k for k in keys})
+
+
+def _trusted_key(path: Path) -> Ed25519PublicKey:
+    try:
+        return public_key_from_pem(path.read_bytes(), str(path))
+    except (ValueError, TypeError, UnsupportedAlgorithm, OSError) as exc:
+        reason = str(exc).split(". See", 1)[0].strip()
+        raise ValueError(
+            f"{path}: not a usable trusted key ({reason}); replace it with the signer's signing.pub "
+            "(model-compiler keygen) or remove it"
+        ) from None
+
+
+def check_public_key_file(path: Path) -> Ed25519PublicKey:
+    """The Ed25519 public key in ``path`` (for ``--trust``); ValueError saying what it is instead: a
+    missing file, a *private* key (never to be copied onto a device), or not a PEM public key."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ValueError(f"--trust {path}: no such file; give the signer's public key (signing.pub)") from None
+    except OSError as exc:
+        raise ValueError(f"--trust {path}: cannot be read ({exc.strerror})") from None
+    if b"PRIVATE KEY-----" in data:
+        raise ValueError(
+            f"--trust {path}: that is a private key; give the .pub (e.g. signing.pub next to it). "
+            "Nothing was copied: keep the private key off devices"
+        )
+    try:
+        return public_key_from_pem(data, f"--trust {path}")
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        reason = str(exc).split(". See", 1)[0].strip()
+        raise ValueError(
+            f"--trust {path}: not an Ed25519 public key in PEM ({reason}); give the signer's signing.pub"
+        ) from None
 
 
 def sign_document(document: dict[str, Any], private_key: Ed25519PrivateKey) -> dict[str, str]:
@@ -84,13 +120,22 @@ def sign_document(document: dict[str, Any], private_key: Ed25519PrivateKey) -> d
 
 
 def verify_document(document: dict[str, Any], signature: Any, trust: TrustStore) -> None:
-    """Raise ArtifactRejected('signature') unless a trusted key signed this exact document."""
+    """Raise ArtifactRejected('signature') unless a trusted key signed this exact document.
+
+    The record must be exactly what ``sign_document`` writes (the three fields, strings, the signature
+    in canonical base64 of 64 bytes): a record that verifies but was not written by the signer (an
+    extra field, a base64 spelling with other unused bits) is refused, so it is not malleable."""
     if not isinstance(signature, dict) or signature.get("alg") != ALGORITHM:
         raise ArtifactRejected("signature", "signature record missing or not ed25519")
-    public_key = trust.keys.get(str(signature.get("key_id")))
+    if set(signature) != {"alg", "key_id", "sig"} or not all(isinstance(v, str) for v in signature.values()):
+        raise ArtifactRejected("signature", "signature record must hold exactly the strings alg, key_id and sig")
+    public_key = trust.keys.get(signature["key_id"])
     if public_key is None:
-        raise ArtifactRejected("signature", f"signed by untrusted key {signature.get('key_id')!r}")
+        raise ArtifactRejected("signature", f"signed by untrusted key {signature['key_id']!r}")
     try:
-        public_key.verify(base64.b64decode(str(signature.get("sig")), validate=True), canonical_json(document))
+        raw = base64.b64decode(signature["sig"], validate=True)
+        if len(raw) != 64 or base64.b64encode(raw).decode() != signature["sig"]:
+            raise ValueError("not the canonical base64 of a 64-byte signature")
+        public_key.verify(raw, canonical_json(document))
     except (InvalidSignature, ValueError):
         raise ArtifactRejected("signature", "signature does not match the manifest") from None

@@ -1,7 +1,7 @@
 """The MQTT topic tree. Everything a device publishes or reads is under ``devices/{id}/`` except the
 read-only ``artifacts/{id}/chunks`` topic that carries chunks to every device fetching that artifact, so
-the broker ACL ``pattern readwrite {root}/devices/%u/#`` + ``pattern read {root}/artifacts/#`` confines a
-device.
+a broker ACL confines a device: ``pattern read {root}/devices/%u/#`` + ``pattern read {root}/artifacts/#``
+and ``pattern write`` on its own device → hub leaves only (cloud_hub/mqtt_auth.py, docs/security.md).
 
     {root}/devices/{device}/desired         hub → device   retained, QoS 1: the models it should run
     {root}/devices/{device}/desired/get     device → hub   QoS 1: send my desired state again

@@ -1,0 +1,137 @@
+"""Who may call the admin API, and the append-only audit trail of what they changed.
+
+Roles, lowest first: ``viewer`` (read-only routes), ``deployer`` (also deploy, rollback, rollouts and
+A/B tests), ``operator`` (everything). Every admin route names the lowest role that may call it
+(``admin.Route.role``); ``public`` routes need no token. A role may call a route when its rank is at
+least the route's.
+
+Tokens have a name and a role. The hub keeps only each token's sha256 (table ``admin_tokens`` in the
+registry file); the token itself is shown once, when it is created. The state directory's
+``operator.token`` keeps working as an operator token named ``bootstrap``.
+
+The audit log is the registry's ``audit`` table: SQLite triggers refuse every UPDATE and DELETE on it,
+so nothing (no route, no code path) can rewrite or remove an entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import secrets
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from cloud_hub.errors import Conflict, NotFound
+
+PUBLIC, VIEWER, DEPLOYER, OPERATOR = "public", "viewer", "deployer", "operator"
+ROLES = (VIEWER, DEPLOYER, OPERATOR)  # lowest first
+RANK = {PUBLIC: 0, VIEWER: 1, DEPLOYER: 2, OPERATOR: 3}
+BOOTSTRAP = "bootstrap"  # the name of the state directory's operator.token
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+APPEND_ONLY = (
+    "CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit "
+    "BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END",
+    "CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit "
+    "BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END",
+)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The caller of one request: the token's name and role."""
+
+    name: str
+    role: str
+
+
+def allows(role: str, needed: str) -> bool:
+    """Whether a token of ``role`` may call a route that needs ``needed``."""
+    return RANK[role] >= RANK[needed]
+
+
+def token_sha256(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class TokenStore:
+    """Named admin tokens and the audit log's reading side, on the registry's SQLite file."""
+
+    def __init__(self, path: str, bootstrap_token: str) -> None:
+        self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+        self._lock = threading.Lock()
+        self._bootstrap = bootstrap_token.encode()
+        with self._lock:
+            self.db.execute(
+                "CREATE TABLE IF NOT EXISTS admin_tokens (name TEXT PRIMARY KEY, role TEXT NOT NULL, "
+                "token_sha256 TEXT NOT NULL UNIQUE, created REAL NOT NULL, last_used REAL, revoked REAL)"
+            )
+            self.db.execute("CREATE TABLE IF NOT EXISTS audit (ts FLOAT, actor TEXT, action TEXT, detail TEXT)")
+            for statement in APPEND_ONLY:
+                self.db.execute(statement)
+
+    def create(self, name: str, role: str) -> dict[str, Any]:
+        """A new token (returned once; only its sha256 is kept)."""
+        if role not in ROLES:
+            raise ValueError(f"role {role!r}: use one of {', '.join(ROLES)}")
+        if name == BOOTSTRAP or not _NAME.match(name):
+            raise ValueError(f"token name {name!r}: use 1-64 of a-z, 0-9, '.', '_', '-' (starting with a letter "
+                             f"or digit), not {BOOTSTRAP!r}")  # fmt: skip
+        token, now = secrets.token_urlsafe(32), time.time()
+        with self._lock:
+            row = self.db.execute("SELECT revoked FROM admin_tokens WHERE name = ?", [name]).fetchone()
+            if row is not None:
+                state = "was revoked (names are not reused, so the audit log stays unambiguous)" if row[
+                    "revoked"] else "exists; revoke it first ('cloud-hub tokens revoke NAME')"  # fmt: skip
+                raise Conflict(f"token {name!r} {state}; or pick another name")
+            self.db.execute("INSERT INTO admin_tokens (name, role, token_sha256, created) VALUES (?, ?, ?, ?)",
+                            [name, role, token_sha256(token), now])  # fmt: skip
+        return {"name": name, "role": role, "created": now, "token": token}
+
+    def list_tokens(self) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self.db.execute("SELECT name, role, created, last_used, revoked FROM admin_tokens ORDER BY created")
+            return [dict(r) for r in rows]
+
+    def revoke(self, name: str) -> dict[str, Any]:
+        with self._lock:
+            row = self.db.execute("SELECT revoked FROM admin_tokens WHERE name = ?", [name]).fetchone()
+            if row is None:
+                raise NotFound(f"no token named {name!r}; see 'cloud-hub tokens list'")
+            if row["revoked"]:
+                raise Conflict(f"token {name!r} is already revoked")
+            now = time.time()
+            self.db.execute("UPDATE admin_tokens SET revoked = ? WHERE name = ?", [now, name])
+        return {"name": name, "revoked": now}
+
+    def resolve(self, supplied: str) -> Principal | None:
+        """The caller behind a bearer token; None for a missing, unknown or revoked one."""
+        if not supplied:
+            return None
+        if hmac.compare_digest(supplied.encode(), self._bootstrap):
+            return Principal(BOOTSTRAP, OPERATOR)
+        with self._lock:
+            row = self.db.execute("SELECT name, role, revoked FROM admin_tokens WHERE token_sha256 = ?",
+                                  [token_sha256(supplied)]).fetchone()  # fmt: skip
+            if row is None or row["revoked"]:
+                return None
+            self.db.execute("UPDATE admin_tokens SET last_used = ? WHERE name = ?", [time.time(), row["name"]])
+            return Principal(row["name"], row["role"])
+
+    def audit(self, since: float = 0.0, limit: int = 10_000) -> list[dict[str, Any]]:
+        """Audit entries since ``since`` (Unix seconds), oldest first, at most the newest ``limit``."""
+        with self._lock:
+            rows = self.db.execute(
+                "SELECT * FROM (SELECT rowid AS id, ts, actor, action, detail FROM audit WHERE ts >= ? "
+                "ORDER BY rowid DESC LIMIT ?) ORDER BY id",
+                [since, limit],
+            ).fetchall()
+        return [{**dict(r), "detail": json.loads(r["detail"] or "{}")} for r in rows]
+
+    def close(self) -> None:
+        self.db.close()
