@@ -85,18 +85,20 @@ def flaky_gemm_onnx(path: Path, above: float = 1.0, seed: int = 0) -> None:
     onnx.save(model, str(path))
 
 
-def slow_gemm_onnx(path: Path, width: int = 1024, layers: int = 3, seed: int = 0) -> None:
+def slow_gemm_onnx(path: Path, width: int = 1024, layers: int = 3, seed: int = 0, shared: bool = False) -> None:
     """``gemm_onnx``'s interface with ``layers`` extra ``width``-wide MatMuls: the same answers' shape,
-    many times the work (a slower model version)."""
+    many times the work (a slower model version). With ``shared`` every layer multiplies by one matrix:
+    the work grows with ``layers``, the artifact does not."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
     weights = {"W_in": rng.standard_normal((32, width)), "W_out": rng.standard_normal((width, 30))}
-    weights |= {f"W_{i}": rng.standard_normal((width, width)) / np.sqrt(width) for i in range(layers)}
+    matrices = ["W"] * layers if shared else [f"W_{i}" for i in range(layers)]
+    weights |= {name: rng.standard_normal((width, width)) / np.sqrt(width) for name in dict.fromkeys(matrices)}
     names = ["h_in", *(f"h_{i}" for i in range(layers))]
     nodes = [helper.make_node("MatMul", ["input", "W_in"], ["h_in"])]
-    nodes += [helper.make_node("MatMul", [names[i], f"W_{i}"], [names[i + 1]]) for i in range(layers)]
+    nodes += [helper.make_node("MatMul", [names[i], matrices[i]], [names[i + 1]]) for i in range(layers)]
     nodes.append(helper.make_node("MatMul", [names[-1], "W_out"], ["output"]))
     graph = helper.make_graph(
         nodes, "slow", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 32])],

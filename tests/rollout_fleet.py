@@ -114,26 +114,3 @@ def latency_ms(registry: Any, model: str) -> dict[str, dict[str, float]]:
                 hist[w["version"]] += np.asarray(w["latency_hist"], np.int64)
     return {v: {"mean": total[v] / calls[v], "p50": quantile_ms(hist[v].tolist(), 0.5),
                 "p95": quantile_ms(hist[v].tolist(), 0.95)} for v in calls}  # fmt: skip
-
-
-def chain_gemm_onnx(path: Path, width: int = 512, repeats: int = 4, seed: int = 0) -> None:
-    """``gemm_onnx``'s interface (input [batch, 32] → output [batch, 30]) through ``repeats`` MatMuls by one
-    shared ``width``-wide matrix: the work grows with ``repeats``, the artifact does not (one matrix)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(seed)
-    weights = {"W_in": rng.standard_normal((32, width)), "W": rng.standard_normal((width, width)) / np.sqrt(width),
-               "W_out": rng.standard_normal((width, 30))}  # fmt: skip
-    names = [f"h_{i}" for i in range(repeats + 1)]
-    nodes = [helper.make_node("MatMul", ["input", "W_in"], [names[0]])]
-    nodes += [helper.make_node("MatMul", [names[i], "W"], [names[i + 1]]) for i in range(repeats)]
-    nodes.append(helper.make_node("MatMul", [names[-1], "W_out"], ["output"]))
-    graph = helper.make_graph(
-        nodes, "chain", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 32])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 30])],
-        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()],
-    )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))

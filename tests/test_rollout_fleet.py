@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from common import artifact, flaky_gemm_onnx
+from common import artifact, flaky_gemm_onnx, slow_gemm_onnx
 from rollout_fleet import (
     Device,
-    chain_gemm_onnx,
     hub_reports,
     installed_versions,
     latency_ms,
@@ -42,8 +41,8 @@ GATES = {"min_calls": 320, "min_soak_s": 1.0, "max_p95_ratio": 2.0}
 # gemm_onnx takes ~0.01 ms, below the first edge of the telemetry's latency bins, 0.05 ms, and within
 # the scheduling noise: no slowdown of it shows); the slow one: 180 such MatMuls, ~3x the time as the
 # SDK measures it (median; more in the tail when the cores are contended), the same 1 MB artifact
-NORMAL = partial(chain_gemm_onnx, width=512, repeats=50)
-SLOW = partial(chain_gemm_onnx, width=512, repeats=180)
+NORMAL = partial(slow_gemm_onnx, width=512, layers=50, shared=True)
+SLOW = partial(slow_gemm_onnx, width=512, layers=180, shared=True)
 
 
 @pytest.fixture
