@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import ssl
 import tempfile
 import threading
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from urllib.parse import parse_qs, urlparse
 from cloud_hub.auth import DEPLOYER, OPERATOR, PUBLIC, VIEWER, Principal, TokenStore, allows
 from cloud_hub.errors import Conflict, HubError, NotFound
 from cloud_hub.openapi import spec
+from cloud_hub.tls_serve import TlsHTTPServer
 from device_profiles import ProfileError
 from edge_agent.protocol.errors import ArtifactRejected
 
@@ -41,7 +43,7 @@ ENROLL_BODY_BYTES = 16 * 1024  # /v1/enroll: the one route anyone may call
 UPLOAD_BLOCK_BYTES = 1 << 20  # an upload is read and written in blocks of this size
 # body and reply fields an audit entry keeps as the change's targets (never a token)
 _AUDIT_KEYS = ("model", "version", "target", "a", "b", "split", "strategy", "name", "role", "device_id", "groups",
-               "tags", "by", "id", "deployment_id", "artifact_id")  # fmt: skip
+               "tags", "by", "id", "deployment_id", "artifact_id", "key_id", "retired_key_id")  # fmt: skip
 Handler = Callable[[BaseHTTPRequestHandler, dict[str, str], dict[str, list[str]]], Any]
 
 
@@ -68,7 +70,8 @@ class AdminApi:
     """Routes admin requests to the hub; ``hub`` provides the operations (see server.Hub)."""
 
     def __init__(self, hub: Any, token: str, host: str = "127.0.0.1", port: int = 8080,
-                 public_metrics: bool = False) -> None:  # fmt: skip
+                 public_metrics: bool = False, ssl_context: ssl.SSLContext | None = None) -> None:  # fmt: skip
+        """``ssl_context``: serve https (cloud_hub/tls_serve.py); None: plain http."""
         self.hub, self.token, self.public_metrics = hub, token, public_metrics
         self._metrics_registry: Any = None
         self._metrics_lock = threading.Lock()
@@ -90,7 +93,9 @@ class AdminApi:
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug(format, *args)
 
-        self.server = ThreadingHTTPServer((host, port), RequestHandler)
+        self.server = (ThreadingHTTPServer((host, port), RequestHandler) if ssl_context is None
+                       else TlsHTTPServer((host, port), RequestHandler, ssl_context))  # fmt: skip
+        self.scheme = "http" if ssl_context is None else "https"
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, name="edgefed-admin", daemon=True)
@@ -189,6 +194,15 @@ class AdminApi:
             route("GET", "/v1/tokens", lambda r, p, q: self.tokens.list_tokens(), role=OPERATOR),
             route("POST", "/v1/tokens", lambda r, p, q: self._token_create(r), role=OPERATOR),
             route("POST", "/v1/tokens/{name}/revoke", lambda r, p, q: self.tokens.revoke(p["name"]), role=OPERATOR),
+            route("GET", "/v1/keys", lambda r, p, q: hub.keys.describe(), role=VIEWER),  # the signed key set
+            route(
+                "POST",
+                "/v1/keys",
+                lambda r, p, q: hub.keys.add(self._json(r, {"public_key": str})["public_key"]),
+                role=OPERATOR,
+            ),
+            route("POST", "/v1/keys/{key_id}/revoke", lambda r, p, q: hub.keys.revoke(p["key_id"]), role=OPERATOR),
+            route("POST", "/v1/keys/rotate", lambda r, p, q: hub.keys.rotate(), role=OPERATOR),
         ]
 
     def _token_create(self, request: BaseHTTPRequestHandler) -> dict[str, Any]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import os
+import ssl
 import tarfile
 import tempfile
 import urllib.error
@@ -14,6 +16,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from cloud_hub.errors import Conflict, HubError, NotFound
+from edge_agent.errors import ConfigError
+from edge_agent.tls import client_context, verify_failure
 
 
 class _Counting(io.RawIOBase):
@@ -34,13 +38,28 @@ class _Counting(io.RawIOBase):
 
 
 HUB_URL_ENV, HUB_TOKEN_ENV = "EDGEFED_HUB_URL", "EDGEFED_HUB_TOKEN"
+HUB_CA_ENV = "EDGEFED_HUB_CA"  # the PEM CA an https:// hub's certificate is verified with
 
 
 class AdminClient:
-    def __init__(self, url: str | None = None, token: str | None = None, timeout_s: float = 60.0) -> None:
+    def __init__(self, url: str | None = None, token: str | None = None, timeout_s: float = 60.0,
+                 ca: str | Path | None = None) -> None:  # fmt: skip
+        """``ca``: the PEM CA of an https:// hub's certificate (default: EDGEFED_HUB_CA, else the system's CAs)."""
         self.url = (url or os.environ.get(HUB_URL_ENV) or "http://127.0.0.1:8080").rstrip("/")
         self.token = token or os.environ.get(HUB_TOKEN_ENV, "")
         self.timeout_s = timeout_s
+        self.ca = ca or os.environ.get(HUB_CA_ENV) or None
+        self._context: ssl.SSLContext | None = None
+
+    @property
+    def context(self) -> ssl.SSLContext | None:
+        """The TLS context of an https:// hub (made on first use: a bad CA file is a HubError naming it)."""
+        if self._context is None and self.url.startswith("https://"):
+            try:
+                self._context = client_context(self.ca, ca_flag=HUB_CA_ENV)
+            except ConfigError as exc:
+                raise HubError(str(exc)) from None
+        return self._context
 
     def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
                 length: int | None = None, raw: bool = False) -> Any:  # fmt: skip
@@ -51,7 +70,7 @@ class AdminClient:
         req.add_header("Authorization", f"Bearer {self.token}")
         req.add_header("Content-Type", content_type)
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as response:
+            with urllib.request.urlopen(req, timeout=self.timeout_s, context=self.context) as response:
                 data = response.read()
                 return data if raw else json.loads(data)
         except urllib.error.HTTPError as exc:
@@ -61,10 +80,25 @@ class AdminClient:
                 message = exc.reason
             kind = {404: NotFound, 409: Conflict}.get(exc.code, HubError)
             raise kind(f"{method} {path}: {exc.code} {message}") from None
-        except (urllib.error.URLError, OSError) as exc:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            self._tls_failure(exc)
             raise HubError(
                 f"cannot reach the hub at {self.url} ({exc}); is 'cloud-hub serve' running? Set --hub or {HUB_URL_ENV}"
             ) from None
+
+    def _tls_failure(self, exc: BaseException) -> None:
+        """A HubError naming the fix when ``exc`` is a TLS problem: an untrusted certificate, or http/https mixed."""
+        reason = verify_failure(exc)
+        if reason is not None:
+            raise HubError(f"the hub at {self.url} is not trusted: its TLS certificate does not verify ({reason}); "
+                           f"set {HUB_CA_ENV} to the CA that signed it (ca.pem of tls init)") from None  # fmt: skip
+        cause = getattr(exc, "reason", exc)
+        if self.url.startswith("https://") and isinstance(cause, ssl.SSLError):
+            raise HubError(f"no TLS at {self.url} ({cause}); is the hub serving plain http? Use http://, or "
+                           "start it with --admin-tls") from None  # fmt: skip
+        if self.url.startswith("http://") and isinstance(exc, ConnectionResetError | http.client.HTTPException):
+            raise HubError(f"the hub at {self.url} closed the connection ({exc}); if it serves https (serve "
+                           "--admin-tls), use https:// and set " + HUB_CA_ENV) from None  # fmt: skip
 
     def add_artifact(self, directory: Path, progress: Callable[[int, int], None] | None = None,
                      allow_interface_change: bool = False) -> Any:  # fmt: skip

@@ -34,9 +34,18 @@ class EmbeddedBroker:
     """amqtt running on its own event loop in a daemon thread."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 1883, *, password_file: Path | None = None,
-                 allow_anonymous: bool = True, topic_root: str = DEFAULT_ROOT) -> None:  # fmt: skip
+                 allow_anonymous: bool = True, topic_root: str = DEFAULT_ROOT, tls_port: int | None = None,
+                 certfile: Path | None = None, keyfile: Path | None = None,
+                 tls_only: bool = False) -> None:  # fmt: skip
         """``password_file`` (cloud_hub/mqtt_auth.py): authenticate users against it and confine them to
-        their topics; anonymous clients only when ``allow_anonymous``. None: the open broker of old."""
+        their topics; anonymous clients only when ``allow_anonymous``. None: the open broker of old.
+        ``tls_port``: also listen with TLS there (``certfile``/``keyfile``); ``tls_only``: only there (no
+        plain listener on ``port``)."""
+        if tls_port is not None and (certfile is None or keyfile is None):
+            raise BrokerError("the embedded broker's TLS listener needs a certificate: give --tls-cert and --tls-key")
+        if tls_only and tls_port is None:
+            raise BrokerError("--broker-tls-only needs --broker-tls-port PORT (and --tls-cert, --tls-key)")
+        self.tls_port, self.certfile, self.keyfile, self.tls_only = tls_port, certfile, keyfile, tls_only
         self.host, self.port = host, port
         self.password_file, self.allow_anonymous, self.topic_root = password_file, allow_anonymous, topic_root
         self._loop = asyncio.new_event_loop()
@@ -45,10 +54,18 @@ class EmbeddedBroker:
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        """The URL clients use: the TLS listener's (``mqtts://``) when it is the only one."""
+        return self.tls_url if self.tls_only else f"mqtt://{self.host}:{self.port}"
+
+    @property
+    def tls_url(self) -> str:
+        return f"mqtts://{self.host}:{self.tls_port}" if self.tls_port is not None else ""
 
     def start(self) -> None:
-        if not port_is_free(self.host, self.port):
+        if self.tls_port is not None and not port_is_free(self.host, self.tls_port):
+            raise BrokerError(f"port {self.tls_port} on {self.host} is taken, so the embedded MQTT broker's TLS "
+                              "listener cannot start; choose another with --broker-tls-port PORT")  # fmt: skip
+        if not self.tls_only and not port_is_free(self.host, self.port):
             raise BrokerError(
                 f"port {self.port} on {self.host} is taken, so the embedded MQTT broker cannot start. "
                 "Choose another with --broker-port PORT, or use the broker already there with "
@@ -66,10 +83,15 @@ class EmbeddedBroker:
                        "topic_root": self.topic_root}  # fmt: skip
             plugins = {"cloud_hub.broker_acl.CredentialsPlugin": confine,
                        "cloud_hub.broker_acl.TopicAclPlugin": confine}  # fmt: skip
-        config = {
-            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}", "max_connections": 10000}},
-            "plugins": plugins,
-        }
+        listeners: dict[str, dict[str, Any]] = {}
+        if not self.tls_only:
+            listeners["default"] = {"type": "tcp", "bind": f"{self.host}:{self.port}", "max_connections": 10000}
+        if self.tls_port is not None:  # amqtt requires a listener named "default": the TLS one when it is alone
+            listeners["tls" if listeners else "default"] = {
+                "type": "tcp", "bind": f"{self.host}:{self.tls_port}", "max_connections": 10000, "ssl": True,
+                "certfile": str(self.certfile), "keyfile": str(self.keyfile),
+            }  # fmt: skip
+        config = {"listeners": listeners, "plugins": plugins}
         logging.getLogger("amqtt").setLevel(logging.WARNING)
         logging.getLogger("transitions").setLevel(logging.WARNING)
         self._thread.start()
@@ -80,7 +102,8 @@ class EmbeddedBroker:
             return broker
 
         self._broker = asyncio.run_coroutine_threadsafe(create_and_start(), self._loop).result(timeout=15)
-        log.info("embedded MQTT broker listening on %s", self.url)
+        log.info("embedded MQTT broker listening on %s", " and ".join(
+            u for u in ("" if self.tls_only else f"mqtt://{self.host}:{self.port}", self.tls_url) if u))  # fmt: skip
 
     def stop(self) -> None:
         if self._broker is not None:

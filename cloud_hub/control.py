@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -47,7 +48,8 @@ class ControlPlane:
     def __init__(self, broker_url: str, registry: Registry, store: ArtifactStore, topics: Topics,
                  max_chunk_rate: float = 0.0, fetch_window_s: float = 0.1,
                  shared_above: float = 0.5, signer: DesiredSigner | None = None,
-                 credentials: tuple[str, str] | None = None) -> None:  # fmt: skip
+                 credentials: tuple[str, str] | None = None, tls_context: ssl.SSLContext | None = None,
+                 ) -> None:  # fmt: skip
         self.registry, self.store, self.topics = registry, store, topics
         self.signer = signer  # signs desired states (docs/security.md); None: unsigned, as before issue 13
         # (device, model, version) → the B side of an A/B test for that desired model (cloud_hub/ab.py)
@@ -57,7 +59,7 @@ class ControlPlane:
         username, password = credentials if credentials is not None else (None, None)
         self.mqtt = MqttConnection(broker_url, client_id="edgefed-hub", clean_session=True,
                                    on_connect=self.republish_desired, username=username,
-                                   password=password)  # fmt: skip
+                                   password=password, tls_context=tls_context)  # fmt: skip
         self._republished_at: dict[str, float] = {}  # device → when its desired state was last sent again
         self.mqtt.route(topics.all_devices("reported"), self._on_reported)
         self.mqtt.route(topics.all_devices("status"), self._on_status)

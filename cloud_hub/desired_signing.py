@@ -127,6 +127,13 @@ class DesiredSigner:
                 db.execute("INSERT OR IGNORE INTO desired_decisions VALUES (?, ?)", [device_id, state.deployment_id])
             return signed
 
+    def rekey(self, key: Ed25519PrivateKey, public_pem: str) -> None:
+        """A rotated hub key (cloud_hub/keys.py): desired states are signed with it from now on, and each
+        device's stored message is signed again, under a new counter, the next time it is published."""
+        with self._lock:
+            self.key, self.public_pem = key, public_pem
+            self.db.execute("UPDATE desired_signed SET content = ''")
+
     def counter(self, device_id: str) -> int:
         """The counter of the device's last signed desired state (0: none yet)."""
         with self._lock:

@@ -261,9 +261,11 @@ def mosquitto_acl(root: str = DEFAULT_ROOT) -> str:
 
 
 def write_mosquitto_config(users: MqttUsers, out: Path, listeners: list[tuple[str, int]],
-                           root: str = DEFAULT_ROOT, pid_file: Path | None = None) -> Path:  # fmt: skip
+                           root: str = DEFAULT_ROOT, pid_file: Path | None = None,
+                           tls_listeners: str = "") -> Path:  # fmt: skip
     """Write ``out/mosquitto.conf``, ``out/acl`` and ``out/passwd`` (0600) and link the password file to
-    ``users`` so enrollment and removal keep it current. Returns the configuration's path."""
+    ``users`` so enrollment and removal keep it current. Returns the configuration's path.
+    ``tls_listeners``: listener blocks with TLS (cloud_hub/tls_serve.py ``mosquitto_tls_listeners``)."""
     out.mkdir(parents=True, exist_ok=True)
     out = out.resolve()
     users.hub_credentials()  # the hub's user is in the file from the start
@@ -271,7 +273,8 @@ def write_mosquitto_config(users: MqttUsers, out: Path, listeners: list[tuple[st
     atomic_write_bytes(out / "acl", mosquitto_acl(root).encode(), mode=0o644)
     users.link_mosquitto(out / PASSWD_FILE, pid)  # writes out/passwd
     text = MOSQUITTO_TEMPLATE.format(
-        listeners="\n".join(f"listener {port} {host}" for host, port in listeners),
+        listeners="\n".join([f"listener {port} {host}" for host, port in listeners] + [tls_listeners][:bool(
+            tls_listeners)]),
         passwd=out / PASSWD_FILE, acl=out / "acl", pid_file=pid, dir=out, user=getpass.getuser(),
     )  # fmt: skip
     atomic_write_bytes(out / "mosquitto.conf", text.encode(), mode=0o644)

@@ -142,6 +142,18 @@ def spec() -> dict[str, Any]:
             "/v1/tokens/{name}/revoke": {"post": {**_op("Revoke a named token: it answers 401 from now on "
                                                         "(operator)", _OBJECT), "parameters": [
                 {"name": "name", "in": "path", "required": True, "schema": _STR}]}},
+            "/v1/keys": {
+                "get": _op("The signed key set in force: version, hub keys, trusted and revoked artifact-signing "
+                           "keys, and the signed document (keyset)", _OBJECT),
+                "post": _op("Trust one more artifact-signing key (a new key set version) (operator)", _OBJECT,
+                            _props(["public_key"], public_key=_STR)),
+            },
+            "/v1/keys/{key_id}/revoke": {"post": {**_op("Revoke an artifact-signing key for good: devices and "
+                                                        "uploads refuse what it signed (operator)", _OBJECT),
+                                                  "parameters": [{"name": "key_id", "in": "path", "required": True,
+                                                                  "schema": _STR}]}},
+            "/v1/keys/rotate": {"post": _op("Replace the hub key: a key set signed by the old and the new key; "
+                                            "the old key retired (operator)", _OBJECT)},
             "/v1/drift/{model}": {"get": {**_op("A model version's drift report: features by score with reference "
                                                 "and live counts, and the windows' scores", _OBJECT), "parameters": [
                 {"name": "model", "in": "path", "required": True, "schema": _STR},

@@ -3,7 +3,8 @@ in one process that owns the hub's state directory.
 
     STATE/registry.db        SQLite registry (WAL)
     STATE/artifacts/{id}/    content-addressed artifacts
-    STATE/trust/*.pub        keys whose signatures the hub accepts on upload
+    STATE/trust/*.pub        artifact keys added with --trust; they join the signed key set on start
+    STATE/keyset/            the signed key set: trusted and revoked artifact keys, the hub key (cloud_hub/keys.py)
     STATE/operator.token     the admin API token (mode 0600), created on first start
     STATE/hub-key/           the hub's desired-state signing key (hub.key 0600, hub.pub), made on first start
     STATE/examples/          opt-in hard examples devices uploaded (cloud_hub/examples.py)
@@ -41,9 +42,11 @@ from cloud_hub.inference import (
     start_inference_server,
     token_hash,
 )
+from cloud_hub.keys import HubKeys
 from cloud_hub.mqtt_auth import RESERVED_IDS, MqttUsers
 from cloud_hub.registration import check_registration, registered_interface
 from cloud_hub.rollouts import RolloutEngine
+from cloud_hub.tls_serve import admin_context, hub_mqtt_context
 from cloud_hub.workers import USAGE_FLUSH_S, InferenceWorkers, WorkerSpec, free_port, open_store
 from device_profiles import DeviceProfile, ProfileError, get_profile, load_profiles
 from device_profiles.detect import detect_profile
@@ -86,6 +89,13 @@ class HubConfig:
     max_upload_bytes: int = 4 * 1024**3  # an uploaded artifact tar, and the sum of its members' sizes
     fetch_requests_per_s: float = 20.0  # fetch requests a device may make per second (0: no limits)
     fetch_budget_s: float = 10.0  # a device gets one full artifact per this many seconds (burst: two)
+    # TLS (docs/security.md, "TLS"); the certificate pair is inference.tls_cert/tls_key (--tls-cert/--tls-key)
+    admin_tls: bool = False  # serve the admin API over https with that pair
+    broker_tls_port: int | None = None  # the embedded broker also listens with TLS (that pair) on this port
+    broker_tls_only: bool = False  # ... and only there: no plain listener
+    broker_ca: Path | None = None  # CA the hub verifies an mqtts:// broker with (default: system CAs; its own pinned)
+    broker_cert: Path | None = None  # the hub's client certificate for an mqtts:// broker that requires one
+    broker_key: Path | None = None
 
 
 def serving_profile(profile_id: str | None) -> DeviceProfile:
@@ -120,7 +130,9 @@ class Hub:
         self.mqtt_credentials = self.mqtt_users.hub_credentials()
         self.broker = None if config.broker else EmbeddedBroker(
             config.broker_host, config.broker_port, password_file=self.mqtt_users.passwd,
-            allow_anonymous=config.allow_anonymous, topic_root=config.topic_root)  # fmt: skip
+            allow_anonymous=config.allow_anonymous, topic_root=config.topic_root,
+            tls_port=config.broker_tls_port, certfile=config.inference.tls_cert, keyfile=config.inference.tls_key,
+            tls_only=config.broker_tls_only)  # fmt: skip
         self.broker_url = config.broker or (self.broker.url if self.broker else "")
         self.serving_profile = serving_profile(config.serving_profile)
         self.repository = ModelRepository(self.registry, self.store, self.serving_profile, config.inference)
@@ -138,7 +150,9 @@ class Hub:
         if self.webhook is not None:
             self.alerts.subscribe(self.webhook)
         self.examples = ExampleStore(state / EXAMPLES_DIR, config.examples_per_device)
+        self.keys = HubKeys(state, self.registry, self.store)  # the signed key set; first: it ends a rotation
         self.desired_signer = DesiredSigner(state, str(state / "registry.db"))  # hub key, counters (security.md)
+        self.keys.signer = self.desired_signer
         self.reenroll = ReenrollGrants(str(state / "registry.db"))  # tokens that may re-enroll an id
         self._enrolling = threading.Lock()  # an enrollment's checks, token use and registration at once
         self.rollouts = RolloutEngine(self, str(state / "registry.db"), tick_s=config.rollout_tick_s)
@@ -152,11 +166,15 @@ class Hub:
             self.broker.start()
         self.control = ControlPlane(self.broker_url, self.registry, self.store, self.topics, self.config.max_chunk_rate,
                                     shared_above=self.config.shared_above, signer=self.desired_signer,
-                                    credentials=self.mqtt_credentials)  # fmt: skip
+                                    credentials=self.mqtt_credentials, tls_context=hub_mqtt_context(
+                                        self.broker_url, self.config.broker_ca, self.config.broker_cert,
+                                        self.config.broker_key, self.config.inference.tls_cert if self.broker else None,
+                                    ))  # fmt: skip
         self.control.fetch_limiter = FetchLimiter(self.config.fetch_requests_per_s, self.config.fetch_budget_s)
         self.control.ab_for = self.ab.desired_ab  # desired states name the B side of running A/B tests
         ExampleIngest(self.examples, self.control.mqtt, self.topics)  # devices/+/examples → stored, acknowledged
         self.control.start()
+        self.keys.start(self.control)  # the key set, retained on devices/{id}/keyset
         if self.config.inference.processes == 1:
             self.grpc_server = start_inference_server(
                 self.repository, self.config.grpc_host, self.config.grpc_port, __version__, self.usage, self.token_owner
@@ -174,14 +192,17 @@ class Hub:
             self.webhook.start()
         self.drift.start()
         self.rollouts.start()
+        admin_tls = admin_context(self.config.admin_tls, self.config.inference.tls_cert, self.config.inference.tls_key)
         self.admin = AdminApi(self, operator_token(self.config.state_dir), self.config.admin_host,
-                              self.config.admin_port, public_metrics=self.config.public_metrics)  # fmt: skip
+                              self.config.admin_port, public_metrics=self.config.public_metrics,
+                              ssl_context=admin_tls)  # fmt: skip
         self.admin.start()
         log.info(
-            "hub up: broker %s, gRPC %s:%d, admin http://%s:%d",
+            "hub up: broker %s, gRPC %s:%d, admin %s://%s:%d",
             self.broker_url,
             self.config.grpc_host,
             self.grpc_port,
+            self.admin.scheme,
             self.config.admin_host,
             self.admin.port,
         )
@@ -335,12 +356,13 @@ class Hub:
             self.registry.upsert_device(device_id, profile=profile, groups=grant["groups"], tags=grant["tags"],
                                         enrolled=time.time(), status="enrolled")  # fmt: skip
         self.registry.audit(device_id, "enroll", {"profile": profile, "reenroll": allowed is not None, **grant})
-        trusted = [p.read_text() for p in sorted((self.config.state_dir / "trust").glob("*.pub"))]
+        trusted = self.keys.trusted_pems()  # for agents older than key sets; newer ones install "keyset"
         answer = {
             "device_id": device_id, "profile": profile, "topic_root": self.config.topic_root,
             "broker": self.config.public_broker or self.broker_url,
             "cloud": self.config.public_grpc or f"grpc://{self.config.grpc_host}:{self.grpc_port}",
             "cloud_token": self.issue_token(device_id)["token"], "trusted_keys": trusted,
+            "keyset": self.keys.keyset.envelope,  # signed by the hub key: the device's trust comes from it
             "hub_key": self.desired_signer.public_pem,  # desired states are signed with it (docs/security.md)
             "token_sha256": digest,  # binds the signed answer to this enrollment
             # its MQTT user: a new password each (re-)enrollment, the old one stops working; the hub keeps a hash
@@ -401,7 +423,7 @@ class Hub:
         self.registry.remove_device(device_id)
         self.mqtt_users.remove(device_id)  # it cannot connect any more (docs/security.md)
         if self.control is not None:  # clear its retained messages on the broker
-            for topic in (self.topics.desired, self.topics.reported, self.topics.status):
+            for topic in (self.topics.desired, self.topics.reported, self.topics.status, self.topics.keyset):
                 self.control.mqtt.publish(topic(device_id), b"", retain=True)
         self.registry.audit("operator", "devices.remove", {"device_id": device_id})
         return {"device_id": device_id, "removed": True}
@@ -445,7 +467,7 @@ def serve(config: HubConfig) -> None:
         signal.signal(sig, lambda *_: done.set())
     print(
         f"edgefed hub ready: broker {hub.broker_url} grpc://{config.grpc_host}:{hub.grpc_port} "
-        f"admin http://{config.admin_host}:{hub.admin.port if hub.admin else 0}",
+        f"admin {hub.admin.scheme if hub.admin else 'http'}://{config.admin_host}:{hub.admin.port if hub.admin else 0}",
         flush=True,
     )
     done.wait()

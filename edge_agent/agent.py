@@ -49,11 +49,11 @@ from edge_agent.protocol.messages import (
     short_error,
     to_wire,
 )
-from edge_agent.protocol.signing import TrustStore
 from edge_agent.protocol.topics import Topics
 from edge_agent.store import ModelStore
 from edge_agent.telemetry import SPOOL_FILE, Spool
 from edge_agent.transfer import Transfer
+from edge_agent.trust import artifact_trust, held_keyset, hub_trust, take_keyset
 
 log = logging.getLogger(__name__)
 STALL_S = 3.0
@@ -66,7 +66,7 @@ class Agent(Installer):
         self.state_dir, self.config = state_dir, config
         self.profile = get_profile(config.profile)
         self.store = ModelStore(state_dir / "models")
-        self.trust = TrustStore.from_dir(state_dir / "trust")
+        self.trust = artifact_trust(state_dir)  # the signed key set's keys less the revoked (edge_agent/trust.py)
         self.spool = Spool(state_dir / SPOOL_FILE)
         self.topics = Topics(config.topic_root)
         self.device_id = config.device_id
@@ -80,12 +80,16 @@ class Agent(Installer):
             on_state=self._broker_state,
             username=config.mqtt_username,
             password=config.mqtt_password,
+            ca_file=config.broker_ca,  # mqtts:// brokers (docs/security.md, "TLS")
+            cert_file=config.broker_cert,
+            key_file=config.broker_key,
         )
         self.mqtt.route(self.topics.desired(self.device_id), self._enqueue(self._on_desired))
         self.mqtt.route(self.topics.telemetry_ack(self.device_id), self._enqueue(self._on_ack))
         self.examples = ExampleUploader(state_dir, self.mqtt, self.topics, self.device_id)  # opt-in hard examples
         self.mqtt.route(self.topics.examples_ack(self.device_id), self._enqueue(self.examples.on_ack))
         self.mqtt.route(self.topics.device_chunks(self.device_id), self._enqueue(self._on_chunk))
+        self.mqtt.route(self.topics.keyset(self.device_id), self._enqueue(self._on_keyset))
         self.events: queue.Queue[Callable[[], None]] = queue.Queue(maxsize=1024)
         self.transfers: dict[str, tuple[DesiredModel, Transfer, float]] = {}
         self.reported: dict[str, ReportedModel] = {}
@@ -97,6 +101,7 @@ class Agent(Installer):
         self.installs = 0
         self.journal = InstallJournal(state_dir / JOURNAL_DIR)
         self.guard = DesiredGuard(state_dir, self.device_id)  # hub signature and counter (docs/security.md)
+        self.refused_desired: bytes | None = None  # the last desired state refused (tried again on a new key set)
         self.watch = ActiveWatch(self.store)  # active versions switched by other processes
         self.watch_at = 0.0
         self.ab = AbFollower(self)  # the B sides of A/B tests (docs/ab.md)
@@ -139,8 +144,10 @@ class Agent(Installer):
             log.error("refused the desired state: %s", exc)
             text = str(exc) if str(exc).startswith("desired state refused") else f"desired state refused: {exc}"
             self.desired_error = short_error(text)
+            self.refused_desired = payload
             self._publish_reported()
             return
+        self.refused_desired = None
         desired = accepted.state
         self.desired_error = None
         self.applied_desired = desired_digest(m.artifact_id for m in desired.models)
@@ -151,6 +158,26 @@ class Agent(Installer):
         self.ab.follow(desired.models, accepted.signed)
         self._clean_downloads()
         self._publish_reported()
+
+    def _on_keyset(self, topic: str, payload: bytes) -> None:
+        """A signed key set from the hub: taken (stored first) when a hub key this device holds signed it and
+        it is newer; then artifacts and desired states are checked with it, and a desired state refused for
+        want of the new hub key is tried again. A refused one changes nothing (docs/security.md)."""
+        if not payload:
+            return
+        try:
+            taken = take_keyset(self.state_dir, payload)
+        except MessageError as exc:
+            log.error("%s", exc)
+            return
+        if taken is None:
+            return
+        log.info("took key set version %d: hub keys %s, %d trusted artifact keys, %d revoked", taken.version,
+                 ", ".join(sorted(taken.roots)), len(taken.artifact_trust().keys), len(taken.revoked))  # fmt: skip
+        self.trust, self.guard.hub_keys = artifact_trust(self.state_dir), hub_trust(self.state_dir)
+        self._publish_reported()
+        if self.refused_desired is not None:
+            self._on_desired(topic, self.refused_desired)
 
     def _clean_downloads(self) -> None:
         """Remove finished or abandoned downloads: anything not being fetched for the desired state."""
@@ -168,9 +195,16 @@ class Agent(Installer):
                 self.reported[name] = ReportedModel(name, "active", active.version, active.artifact_id)
         state = ReportedState(self.device_id, self.profile.id, __version__, now_text(),
                               tuple(map(self.ab.attach, self.reported.values())), self.desired_error,
-                              self.guard.counter)  # fmt: skip
+                              self.guard.counter, self._keyset_version())  # fmt: skip
         self.mqtt.publish(self.topics.reported(self.device_id), reported_to_wire(state), retain=True)
         self.journal.remove_final()
+
+    def _keyset_version(self) -> int:
+        try:
+            held = held_keyset(self.state_dir)
+        except ValueError:
+            return 0
+        return held.version if held is not None else 0
 
     def _watch_active(self) -> None:
         """Report at once an active version switched by another process (a local `edge-agent rollback`):

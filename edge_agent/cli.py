@@ -27,6 +27,8 @@ from edge_agent.protocol.atomic import atomic_write_bytes
 from edge_agent.protocol.errors import ProtocolError
 from edge_agent.protocol.signing import TrustStore, check_public_key_file
 from edge_agent.store import ModelStore
+from edge_agent.tls import AgentTls, BrokerTls, client_context
+from edge_agent.trust import artifact_trust
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 err = Console(stderr=True, soft_wrap=True)  # messages are never cut or wrapped mid-word
@@ -68,7 +70,9 @@ def detect_profile_command(as_json: AsJson = False) -> None:
 def init(
     device_id: Annotated[str, typer.Option(help="This device's id (letters, digits, '.', '_', '-')")],
     trust: Annotated[list[Path], typer.Option(help="Public signing key (.pub) to trust; repeatable")],
-    broker: Annotated[str, typer.Option(help="MQTT broker URL")] = "mqtt://127.0.0.1:1883",
+    broker: Annotated[
+        str, typer.Option(help="MQTT broker URL: mqtt://host:port, or mqtts://host:port (TLS, port 8883)")
+    ] = "mqtt://127.0.0.1:1883",
     cloud: Annotated[str | None, typer.Option(help="Cloud inference URL grpc://host:port or grpcs://host:port")] = None,
     cloud_token: Annotated[str | None, typer.Option(help="Bearer token from `cloud-hub devices token`")] = None,
     cloud_ca: Annotated[str | None, typer.Option(help="CA bundle for a grpcs:// cloud")] = None,
@@ -93,6 +97,13 @@ def init(
             "username is the device id. Without it the agent connects anonymously"
         ),
     ] = None,
+    broker_ca: Annotated[
+        Path | None, typer.Option(help="PEM CA of an mqtts:// broker's certificate (default: the system's CAs)")
+    ] = None,
+    broker_cert: Annotated[
+        Path | None, typer.Option(help="Client certificate (PEM) for an mqtts:// broker that requires one")
+    ] = None,
+    broker_key: Annotated[Path | None, typer.Option(help="PEM private key for --broker-cert")] = None,
     state_dir: StateDir = None,
 ) -> None:
     """Write the agent configuration and trusted keys into the state directory."""
@@ -104,7 +115,8 @@ def init(
         config = AgentConfig(device_id=device_id, profile=profile_id, broker=broker, cloud=cloud,
                              cloud_token=cloud_token, cloud_ca=cloud_ca, spool_max_calls=spool_max_calls,
                              spool_full=spool_full, mqtt_username=device_id if password else None,
-                             mqtt_password=password or None)  # fmt: skip
+                             mqtt_password=password or None, **_broker_tls(broker_ca, broker_cert,
+                                                                           broker_key))  # fmt: skip
         checked = [(key, check_public_key_file(key)) for key in trust]  # all checked before anything is written
         if cloud_ca is not None:
             _check_pem_file(Path(cloud_ca), "--cloud-ca", "the CA bundle (PEM) that signed the hub's gRPC certificate")
@@ -137,6 +149,16 @@ def _check_pem_file(path: Path, flag: str, what: str) -> None:
         raise ConfigError(f"{flag} {path}: not a PEM file; give {what}")
 
 
+def _broker_tls(ca: Path | None, cert: Path | None, key: Path | None) -> BrokerTls:
+    """AgentConfig's broker_ca/broker_cert/broker_key from the flags, each file checked (ConfigError naming it)."""
+    client_context(ca, cert, key, ca_flag="--broker-ca", cert_flag="--broker-cert", key_flag="--broker-key")
+
+    def absolute(path: Path | None) -> str | None:
+        return str(path.resolve()) if path is not None else None
+
+    return BrokerTls(broker_ca=absolute(ca), broker_cert=absolute(cert), broker_key=absolute(key))
+
+
 def _detected() -> str:
     found = detect_profile(load_profiles())
     if found is None:
@@ -152,6 +174,16 @@ def enroll(
     profile: Annotated[str | None, typer.Option(help="Profile id; default: detected")] = None,
     state_dir: StateDir = None,
     ca: Annotated[Path | None, typer.Option(help="PEM CA that signed the hub's certificate (https:// hubs)")] = None,
+    broker_ca: Annotated[
+        Path | None, typer.Option(help="PEM CA of the mqtts:// broker the hub names (default: the system's CAs)")
+    ] = None,
+    broker_cert: Annotated[
+        Path | None, typer.Option(help="Client certificate (PEM) for an mqtts:// broker that requires one")
+    ] = None,
+    broker_key: Annotated[Path | None, typer.Option(help="PEM private key for --broker-cert")] = None,
+    cloud_ca: Annotated[
+        Path | None, typer.Option(help="PEM CA of the grpcs:// cloud the hub names (default: the system's CAs)")
+    ] = None,
 ) -> None:
     """Register this device with the hub and store what it answers: broker and cloud endpoints, the
     device's cloud token and the hub's trusted signing keys. The hub is verified first: by the fingerprint
@@ -160,7 +192,12 @@ def enroll(
 
     state = _state(state_dir)
     try:
-        config = do_enroll(hub, token, device_id or socket.gethostname(), profile or _detected(), state, ca)
+        if cloud_ca is not None:  # every file checked before the single-use token is spent
+            _check_pem_file(cloud_ca, "--cloud-ca", "the CA bundle (PEM) that signed the hub's gRPC certificate")
+        tls = AgentTls(**_broker_tls(broker_ca, broker_cert, broker_key),
+                       cloud_ca=str(cloud_ca.resolve()) if cloud_ca is not None else None)  # fmt: skip
+        config = do_enroll(hub, token, device_id or socket.gethostname(), profile or _detected(), state, ca,
+                           broker_tls=tls)  # fmt: skip
     except (EdgefedError, ProfileError, OSError, ValueError) as exc:
         raise _fail(exc) from None
     err.print(f"enrolled {config.device_id} ({config.profile}) with {hub}; start the agent: edge-agent run")
@@ -243,7 +280,8 @@ def install(path: Annotated[Path, typer.Argument(help="Artifact directory")], st
         profile = get_profile(config.profile)
         check = partial(health_check, profile=profile)
         before = {name: active.artifact_id for name in store.names() if (active := store.active(name))}
-        manifest = store.install(path, TrustStore.from_dir(state / "trust"), profile, activate=True, check=check)
+        trust = artifact_trust(state)  # the signed key set's keys less the revoked ones (edge_agent/trust.py)
+        manifest = store.install(path, trust, profile, activate=True, check=check)
     except (EdgefedError, ProtocolError, ProfileError, OSError, ValueError) as exc:  # ValueError: a bad trusted key
         raise _fail(exc) from None
     what = f"{manifest.name}@{manifest.version} ({manifest.precision}, {manifest.artifact_id[:12]})"

@@ -1,8 +1,9 @@
 """The device's state directory and the agent configuration stored in it.
 
 STATE/agent.json              AgentConfig (mode 0640: it holds credentials; 0600 with an MQTT password)
-STATE/trust/*.pub             Ed25519 keys whose signatures the agent accepts (artifacts)
-STATE/hub-keys/*.pub          the hub's desired-state keys (desired_guard.py, docs/security.md)
+STATE/keyset.json            the signed key set: trusted and revoked artifact keys, the hub keys (trust.py)
+STATE/trust/*.pub             artifact keys added on the device (init --trust), less the key set's revoked ones
+STATE/hub-keys/*.pub          the hub's desired-state key, used while no key set is held (desired_guard.py)
 STATE/models/                 the model store (see store.py)
 STATE/downloads/{artifact}/   chunks of transfers in progress
 STATE/telemetry.db            the telemetry spool (SQLite, WAL)
@@ -44,6 +45,19 @@ def parse_endpoint(url: str, scheme: str, field_name: str, default_port: int) ->
         raise ConfigError(f"{field_name}: bad port in {url!r}") from None
 
 
+def parse_broker(url: str, field_name: str = "broker") -> tuple[str, int, bool]:
+    """(host, port, tls) of ``mqtt://host:port`` (port 1883) or ``mqtts://host:port`` (TLS, port 8883)."""
+    if url.startswith("mqtts://"):
+        host, port = parse_endpoint("mqtt://" + url[len("mqtts://") :], "mqtt", field_name, 8883)
+        return host, port, True
+    try:
+        host, port = parse_endpoint(url, "mqtt", field_name, 1883)
+    except ConfigError:
+        raise ConfigError(f"{field_name}: {url!r} is not an mqtt:// or mqtts:// URL; write it as mqtt://host:port "
+                          "or mqtts://host:port (TLS)") from None  # fmt: skip
+    return host, port, False
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     """What the agent and the SDK need to know; validated on construction."""
@@ -60,11 +74,19 @@ class AgentConfig:
     spool_full: str = DROP_OLDEST  # past the cap: drop_oldest or reject_new (both counted as dropped)
     mqtt_username: str | None = None  # the broker user (= device_id when the hub issued it at enrollment)
     mqtt_password: str | None = field(default=None, repr=False)  # its password (agent.json 0600 then); None: anonymous
+    broker_ca: str | None = None  # CA (PEM) of an mqtts:// broker's certificate; None: the system's CAs
+    broker_cert: str | None = None  # client certificate (PEM) for a broker that requires one (mTLS)
+    broker_key: str | None = None  # its private key (PEM)
 
     def __post_init__(self) -> None:
         if not valid_device_id(self.device_id):
             raise ConfigError(f"device_id: {self.device_id!r} is invalid; use letters, digits, '.', '_' and '-'")
-        parse_endpoint(self.broker, "mqtt", "broker", 1883)
+        _, _, tls = parse_broker(self.broker)
+        if not tls and (self.broker_ca or self.broker_cert or self.broker_key):
+            raise ConfigError(f"broker_ca, broker_cert and broker_key are for TLS, but broker is {self.broker}; "
+                              "write it as mqtts://host:port")  # fmt: skip
+        if (self.broker_cert is None) != (self.broker_key is None):
+            raise ConfigError("broker_cert and broker_key: give both (a client certificate and its key) or neither")
         if self.cloud is not None:
             parse_endpoint(self.cloud.replace("grpcs://", "grpc://", 1), "grpc", "cloud", 8001)
         if self.telemetry_interval_s <= 0:

@@ -1,7 +1,8 @@
 """Which desired states a device follows: the hub's signature and a counter that only grows.
 
     STATE/hub-keys/*.pub        the hub's desired-state keys (from enrollment, or `init --hub-key`);
-                                NOT trust/, which authorises artifacts
+                                NOT trust/, which authorises artifacts. Once the device holds a signed
+                                key set (STATE/keyset.json, trust.py), its hub keys are used instead
     STATE/desired-guard.json    {"counter", "decision"} of the last desired state accepted (write-fsync-rename)
     STATE/local-overrides.json  {NAME: {"version", "artifact_id", "at"}}: active versions switched on the
                                 device (edge-agent rollback/activate) since the last desired state
@@ -80,8 +81,9 @@ def decision(state: DesiredState) -> str:
 class DesiredGuard:
     def __init__(self, state_dir: Path, device_id: str) -> None:
         self.state_dir, self.device_id = state_dir, device_id
-        keys_dir = state_dir / HUB_KEYS_DIR
-        self.hub_keys = TrustStore.from_dir(keys_dir) if keys_dir.is_dir() else TrustStore({})
+        from edge_agent.trust import hub_trust  # (trust.py imports this module)
+
+        self.hub_keys: TrustStore = hub_trust(state_dir)  # the key set's hub keys; hub-keys/ while none is held
         self.path = state_dir / GUARD_FILE
         self.counter, self.decision = self._load()
 

@@ -23,9 +23,11 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from edge_agent.config import AgentConfig
 from edge_agent.desired_guard import install_hub_key
 from edge_agent.errors import ConfigError
-from edge_agent.protocol.atomic import atomic_write_bytes
-from edge_agent.protocol.errors import ArtifactRejected
+from edge_agent.protocol.errors import ArtifactRejected, KeySetRefused
+from edge_agent.protocol.keyset import KeySet
 from edge_agent.protocol.signing import TrustStore, key_id, public_key_from_pem, verify_document
+from edge_agent.tls import AgentTls
+from edge_agent.trust import enrollment_keyset, store_keyset
 
 
 def split_token(token: str) -> tuple[str, str | None]:
@@ -93,9 +95,11 @@ def verify_answer(answer: dict[str, Any], secret: str, fingerprint: str, device_
         raise ConfigError(f"the hub's signed answer was made for another token or device; {refused}")
 
 
-def enroll(hub: str, token: str, device_id: str, profile: str, state_dir: Path, ca: Path | None = None) -> AgentConfig:
+def enroll(hub: str, token: str, device_id: str, profile: str, state_dir: Path, ca: Path | None = None,
+           broker_tls: AgentTls | None = None) -> AgentConfig:  # fmt: skip
     """Enroll, authenticate the answer, then write the trusted keys, the hub's desired-state key
-    (``hub-keys/hub.pub``) and ``agent.json`` (0640) into ``state_dir``."""
+    (``hub-keys/hub.pub``) and ``agent.json`` (0640) into ``state_dir``. ``broker_tls``: AgentConfig's
+    ``broker_ca``/``broker_cert``/``broker_key`` (``--broker-ca`` ...) for an mqtts:// broker."""
     secret, fingerprint = split_token(token)
     context = _tls_context(hub, ca)
     if context is None and not fingerprint:
@@ -110,19 +114,30 @@ def enroll(hub: str, token: str, device_id: str, profile: str, state_dir: Path, 
                              cloud=answer.get("cloud"), cloud_token=answer.get("cloud_token"),
                              topic_root=answer.get("topic_root", AgentConfig.topic_root),
                              mqtt_username=answer.get("mqtt_username"),  # (a hub before issue 14 sends none)
-                             mqtt_password=answer.get("mqtt_password"))  # fmt: skip
+                             mqtt_password=answer.get("mqtt_password"), **(broker_tls or {}))  # fmt: skip
     except KeyError as exc:
         raise ConfigError(f"the hub's answer lacks {exc}") from None
-    trust = state_dir / "trust"
-    trust.mkdir(parents=True, exist_ok=True)
-    for index, pem in enumerate(answer.get("trusted_keys", [])):
-        atomic_write_bytes(trust / f"hub-{index}.pub", pem.encode())
-    if not TrustStore.from_dir(trust).keys:
-        raise ConfigError("the hub sent no signing keys to trust; give the hub one with 'cloud-hub serve --trust'")
-    if answer.get("hub_key"):  # a hub older than signed desired states sends none: unsigned ones are followed
-        try:
-            install_hub_key(state_dir, str(answer["hub_key"]).encode())
-        except ValueError as exc:
-            raise ConfigError(f"the hub's answer: hub_key: {exc}") from None
+    keyset = _answer_keyset(answer)  # every check before anything is written
+    state_dir.mkdir(parents=True, exist_ok=True)
+    install_hub_key(state_dir, str(answer["hub_key"]).encode())  # (for tools; the key set's roots decide)
+    store_keyset(state_dir, keyset)
     config.save(state_dir)
     return config
+
+
+def _answer_keyset(answer: dict[str, Any]) -> KeySet:
+    """The signed key set the answer carries, signed by its (authenticated) hub key and trusting at least
+    one artifact key: the hub's keys reach the device only through it, never as a bare answer (the
+    answer's ``trusted_keys`` are for agents older than key sets)."""
+    if "keyset" not in answer:
+        raise ConfigError("the hub's answer carries no signed key set: the hub is older than this agent; "
+                          "upgrade the hub, or set the device up with 'edge-agent init --trust KEY.pub "
+                          "--hub-key hub.pub'")  # fmt: skip
+    try:
+        hub_key = public_key_from_pem(str(answer.get("hub_key", "")).encode(), "hub_key")
+        keyset = enrollment_keyset(answer["keyset"], hub_key)
+    except (ValueError, UnsupportedAlgorithm, KeySetRefused) as exc:
+        raise ConfigError(f"the hub's answer: {exc}; refusing this hub") from None
+    if not keyset.artifact_trust().keys:
+        raise ConfigError("the hub's key set trusts no artifact-signing key; add one with 'cloud-hub keys add KEY.pub'")
+    return keyset

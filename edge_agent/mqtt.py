@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import random
+import ssl
 import threading
 import uuid
 from collections.abc import Callable
@@ -14,9 +15,10 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_agent.config import parse_endpoint
+from edge_agent.config import parse_broker
 from edge_agent.errors import ConfigError
 from edge_agent.mqtt_poll import install as install_poll_select
+from edge_agent.tls import client_context, verify_failure
 
 install_poll_select()
 
@@ -36,10 +38,17 @@ class MqttConnection:
         on_state: Callable[[bool, str | None], None] | None = None,
         username: str | None = None,
         password: str | None = None,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         """``on_state(connected, error)`` hears every connect, refusal, failed attempt and disconnect.
-        ``username``/``password``: the MQTT credentials (docs/security.md); the password is never logged."""
-        self.host, self.port = parse_endpoint(url, "mqtt", "broker", 1883)
+        ``username``/``password``: the MQTT credentials (docs/security.md); the password is never logged.
+        ``mqtts://`` URLs connect over TLS: the broker's certificate is verified against ``ca_file`` (or the
+        system's CAs) and its host name checked; ``cert_file``/``key_file``: a client certificate (mTLS);
+        ``tls_context``: a ready context instead of those three."""
+        self.host, self.port, self.tls = parse_broker(url)
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id or f"edgefed-{uuid.uuid4().hex[:10]}",
@@ -48,6 +57,11 @@ class MqttConnection:
         )
         if username is not None:
             self.client.username_pw_set(username, password)
+        if not self.tls and (ca_file or cert_file or key_file or tls_context):
+            raise ConfigError(f"broker {url}: a CA or client certificate is given but the URL is not mqtts://; "
+                              "write it as mqtts://host:port")  # fmt: skip
+        if self.tls:  # paho's tls_set with a context of ours: server verified, host name checked, clear errors
+            self.client.tls_set_context(tls_context or client_context(ca_file, cert_file, key_file))
         self.client.max_inflight_messages_set(100)
         self.client.max_queued_messages_set(10_000)
         # exponential backoff 1-30 s; a random first step keeps a fleet from reconnecting in lockstep
@@ -115,6 +129,11 @@ class MqttConnection:
         try:
             self.client.connect(self.host, self.port, keepalive=30)
         except OSError as exc:
+            reason = verify_failure(exc)
+            if reason is not None:
+                raise ConfigError(f"the MQTT broker at {self.host}:{self.port} is not trusted: its TLS certificate "
+                                  f"does not verify ({reason}); give the CA that signed it (broker_ca, "
+                                  "--broker-ca)") from None  # fmt: skip
             raise ConfigError(f"cannot reach the MQTT broker at {self.host}:{self.port}: {exc}") from None
         self.client.loop_start()
         if not self._connected_event.wait(timeout_s):

@@ -48,7 +48,7 @@ def test_enroll_then_deploy_to_groups_and_tags(hub: Hub, tmp_path: Path, keys: t
     for device, (groups, tags) in fleet.items():
         token = enroll_token(client, groups, tags)
         config = enroll(url, token, device, "x86-64-generic", tmp_path / device)
-        assert config.cloud_token and config.broker == hub.broker_url and (tmp_path / device / "trust").is_dir()
+        assert config.cloud_token and config.broker == hub.broker_url and (tmp_path / device / "keyset.json").is_file()
         with pytest.raises(ConfigError, match=r"403.*already used"):
             enroll(url, token, "dev-z", "x86-64-generic", tmp_path / "dev-z")  # single use
         agent = Agent(tmp_path / device, AgentConfig.load(tmp_path / device))

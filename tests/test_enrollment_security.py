@@ -24,6 +24,8 @@ from cloud_hub.enroll_grants import key_fingerprint, sign_answer
 from cloud_hub.server import Hub, operator_token
 from edge_agent.enroll import enroll
 from edge_agent.errors import ConfigError
+from edge_agent.protocol.keyset import build, sign
+from edge_agent.protocol.signing import public_key_from_pem
 
 PROFILE = "x86-64-generic"
 
@@ -97,7 +99,9 @@ class FakeHub:
                 pem = fake.key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode()
                 answer = {"device_id": body["device_id"], "profile": body["profile"], "topic_root": "edgefed",
                           "broker": "mqtt://evil:1883", "cloud": "grpc://evil:8001", "cloud_token": "t",
-                          "trusted_keys": [fake.signing_pub], "hub_key": pem,
+                          "trusted_keys": [fake.signing_pub], "hub_key": pem, "keyset": sign(build(
+                              1, "now", [fake.key.public_key()], [public_key_from_pem(fake.signing_pub.encode())],
+                              []), [fake.key]),
                           "token_sha256": hashlib.sha256(body["token"].encode()).hexdigest()}  # fmt: skip
                 answer = sign_answer(answer, fake.key)
                 answer = tamper(answer) if tamper else answer

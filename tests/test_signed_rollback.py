@@ -339,7 +339,11 @@ def test_enrollment_gives_the_device_the_hub_key_apart_from_the_artifact_keys(hu
     enroll(f"http://127.0.0.1:{hub.admin.port}", token, "dev-9", "x86-64-generic", state)  # type: ignore[union-attr]
     hub_pub = (hub.config.state_dir / HUB_KEY_DIR / "hub.pub").read_bytes()
     assert (state / HUB_KEYS_DIR / "hub.pub").read_bytes() == hub_pub
-    assert all(p.read_bytes() != hub_pub for p in (state / "trust").iterdir())
+    from edge_agent.protocol.signing import key_id, public_key_from_pem
+    from edge_agent.trust import artifact_trust
+
+    trusted = artifact_trust(state).keys  # from the signed key set: the hub key is never an artifact key
+    assert trusted and key_id(public_key_from_pem(hub_pub)) not in trusted
     assert (hub.config.state_dir / HUB_KEY_DIR / "hub.key").stat().st_mode & 0o777 == 0o600
 
 

@@ -103,11 +103,13 @@ from cloud_hub.cli import (  # noqa: E402  (they register their commands)
     drift,
     examples,
     fleet,
+    keys,
     models,
     mqtt,
     rollback,
     rollout,
     serve,
+    tls,
     tokens,
 )
 
@@ -121,11 +123,13 @@ __all__ = [
     "drift",
     "examples",
     "fleet",
+    "keys",
     "main",
     "models",
     "mqtt",
     "rollback",
     "rollout",
     "serve",
+    "tls",
     "tokens",
 ]

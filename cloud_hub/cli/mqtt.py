@@ -12,6 +12,8 @@ import typer
 
 from cloud_hub.cli import StateDir, app, devices_app, err, fail
 from cloud_hub.mqtt_auth import MqttUsers, write_mosquitto_config
+from cloud_hub.tls_serve import mosquitto_tls_listeners
+from edge_agent.errors import ConfigError
 from edge_agent.protocol.atomic import atomic_write_bytes
 from edge_agent.protocol.topics import DEFAULT_ROOT
 
@@ -34,14 +36,41 @@ def broker_config(
     pid_file: Annotated[
         Path | None, typer.Option(help="Mosquitto's pid file, for the reload on changes (default: OUT/mosquitto.pid)")
     ] = None,
+    tls_listen: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="TLS listener HOST:PORT (mqtts://, e.g. 0.0.0.0:8883); repeatable. Without --listen, the broker "
+            "then has no plain listener"
+        ),
+    ] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="PEM certificate of the TLS listeners (tls init: server.pem)")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key for --tls-cert")] = None,
+    tls_ca: Annotated[
+        Path | None, typer.Option(help="PEM CA that checks client certificates (tls init: ca.pem)")
+    ] = None,
+    require_certificate: Annotated[
+        bool, typer.Option(help="TLS clients must present a certificate signed by --tls-ca (mTLS), besides a password")
+    ] = False,
 ) -> None:
     """Write a Mosquitto configuration: no anonymous clients, the hub's password file (kept in step with
     enrollment and removal: rewritten, then SIGHUP to Mosquitto) and an ACL that confines each device
     to its own topics. Run `mosquitto -c OUT/mosquitto.conf -d` and `cloud-hub serve --broker mqtt://...`."""
-    listeners = [_listener(item) for item in listen or ["127.0.0.1:1883"]]
+    listeners = [_listener(item) for item in listen or ([] if tls_listen else ["127.0.0.1:1883"])]
+    tls = ""
     try:
-        conf = write_mosquitto_config(MqttUsers(state_dir), out, listeners, topic_root, pid_file)
-    except OSError as exc:
+        if tls_listen:
+            if tls_cert is None or tls_key is None:
+                raise ConfigError("--tls-listen needs --tls-cert and --tls-key (cloud-hub tls init DIR writes "
+                                  "DIR/server.pem and DIR/server.key)")  # fmt: skip
+            tls = mosquitto_tls_listeners([_listener(i) for i in tls_listen], tls_cert, tls_key, tls_ca,
+                                          require_certificate)  # fmt: skip
+        elif tls_cert or tls_key or tls_ca or require_certificate:
+            raise ConfigError("--tls-cert, --tls-key, --tls-ca and --require-certificate are for --tls-listen "
+                              "HOST:PORT; add one")  # fmt: skip
+        conf = write_mosquitto_config(MqttUsers(state_dir), out, listeners, topic_root, pid_file, tls)
+    except (OSError, ConfigError) as exc:
         raise fail(exc) from None
     err.print(f"wrote {conf} (with {out / 'acl'} and {out / 'passwd'}, 0600)")
 

@@ -19,6 +19,7 @@ from cloud_hub.cli import (
 )
 from cloud_hub.inference import InferenceOptions
 from cloud_hub.server import HubConfig, serve
+from cloud_hub.tls_serve import check_serve_flags
 from edge_agent.config import parse_endpoint
 from edge_agent.errors import ConfigError, EdgefedError
 from edge_agent.protocol.signing import check_public_key_file
@@ -28,7 +29,8 @@ from edge_agent.protocol.signing import check_public_key_file
 def serve_command(
     state_dir: StateDir = Path("hub-state"),
     broker: Annotated[
-        str | None, typer.Option(help="External broker mqtt://host:port; default: embedded broker")
+        str | None,
+        typer.Option(help="External broker mqtt://host:port or mqtts://host:port (TLS); default: embedded broker"),
     ] = None,
     broker_host: Annotated[str, typer.Option(help="Embedded broker bind address")] = "127.0.0.1",
     broker_port: Annotated[int, typer.Option(help="Embedded broker port")] = 1883,
@@ -72,8 +74,32 @@ def serve_command(
         str | None, typer.Option(help="Inference URL enrolled devices use (default: grpc://host:port)")
     ] = None,
     require_token: Annotated[bool, typer.Option(help="Refuse inference calls without a device token")] = False,
-    tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate: serve gRPC over TLS")] = None,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(
+            help="PEM certificate: serve gRPC over TLS (and the admin API with --admin-tls, the embedded broker "
+            "with --broker-tls-port); `cloud-hub tls init DIR` writes DIR/server.pem"
+        ),
+    ] = None,
     tls_key: Annotated[Path | None, typer.Option(help="PEM private key for --tls-cert")] = None,
+    admin_tls: Annotated[
+        bool, typer.Option(help="Serve the admin API over https with --tls-cert/--tls-key (clients: EDGEFED_HUB_CA)")
+    ] = False,
+    broker_tls_port: Annotated[
+        int | None,
+        typer.Option(help="The embedded broker also listens with TLS (mqtts://) on this port (--tls-cert/--tls-key)"),
+    ] = None,
+    broker_tls_only: Annotated[
+        bool, typer.Option(help="The embedded broker listens only on --broker-tls-port: plain MQTT is refused")
+    ] = False,
+    broker_ca: Annotated[
+        Path | None,
+        typer.Option(help="PEM CA the hub verifies an mqtts:// --broker with (default: the system's CAs)"),
+    ] = None,
+    broker_cert: Annotated[
+        Path | None, typer.Option(help="The hub's client certificate (PEM) for an mqtts:// broker that requires one")
+    ] = None,
+    broker_key: Annotated[Path | None, typer.Option(help="PEM private key for --broker-cert")] = None,
     serving_profile: Annotated[
         str | None,
         typer.Option(
@@ -127,6 +153,8 @@ def serve_command(
     try:  # every flag checked before anything starts: a clear error naming it, never a traceback
         keys = [(key, check_public_key_file(key)) for key in trust or []]
         _check_preflight(broker, tls_cert, tls_key, admin_host, admin_port)
+        check_serve_flags(broker, tls_cert, tls_key, admin_tls, broker_tls_port, broker_tls_only, broker_ca,
+                          broker_cert, broker_key)  # fmt: skip
     except (ValueError, EdgefedError) as exc:
         raise fail(exc) from None
     (state_dir / "trust").mkdir(parents=True, exist_ok=True)
@@ -161,6 +189,12 @@ def serve_command(
         drift_false_alarms_per_100k=drift_false_alarms,
         examples_per_device=examples_per_device,
         allow_anonymous=allow_anonymous,
+        admin_tls=admin_tls,
+        broker_tls_port=broker_tls_port,
+        broker_tls_only=broker_tls_only,
+        broker_ca=broker_ca,
+        broker_cert=broker_cert,
+        broker_key=broker_key,
     )
     try:
         run(lambda: serve(config))

@@ -5,6 +5,8 @@ ProtocolError
 │   └── DesiredStateRefused  a well-formed desired state the device must not follow: unsigned or
 │                        badly signed where the hub's signature is required, another device's,
 │                        or a counter not above the last one accepted (a replay)
+│   └── KeySetRefused    a key set the device must not take: malformed, not signed by a hub key it
+│                        holds, or not newer than its own (protocol/keyset.py)
 └── ArtifactRejected    an artifact failed verification; ``reason`` says which check:
                         signature, manifest, expired, profile, downgrade, missing-file,
                         size, sha256, chunk, too-large
@@ -23,6 +25,10 @@ class MessageError(ProtocolError):
 
 class DesiredStateRefused(MessageError):
     """A desired state refused by the signature and counter rule (docs/security.md); reported by the device."""
+
+
+class KeySetRefused(MessageError):
+    """A key set refused by the rules of ``protocol/keyset.py``; the device's trust is unchanged."""
 
 
 class ArtifactRejected(ProtocolError):

@@ -143,6 +143,7 @@ class ReportedState:
     models: tuple[ReportedModel, ...] = ()
     error: str | None = None
     desired_counter: int = 0  # the counter of the last signed desired state the device accepted (0: none)
+    keyset_version: int = 0  # the version of the signed key set the device holds (0: none; protocol/keyset.py)
 
 
 def reported_to_wire(state: ReportedState) -> bytes:

@@ -63,9 +63,10 @@ def public_key_from_pem(pem: bytes, source: str = "the key") -> Ed25519PublicKey
 
 @dataclass(frozen=True)
 class TrustStore:
-    """The public keys an agent accepts, by key id."""
+    """The public keys an agent accepts, by key id; ``revoked``: key ids refused by name (the key set's)."""
 
     keys: dict[str, Ed25519PublicKey]
+    revoked: frozenset[str] = frozenset()
 
     @classmethod
     def from_dir(cls, directory: str | Path) -> TrustStore:
@@ -129,6 +130,8 @@ def verify_document(document: dict[str, Any], signature: Any, trust: TrustStore)
         raise ArtifactRejected("signature", "signature record missing or not ed25519")
     if set(signature) != {"alg", "key_id", "sig"} or not all(isinstance(v, str) for v in signature.values()):
         raise ArtifactRejected("signature", "signature record must hold exactly the strings alg, key_id and sig")
+    if signature["key_id"] in trust.revoked:
+        raise ArtifactRejected("signature", f"signed by revoked key {signature['key_id']!r}")
     public_key = trust.keys.get(signature["key_id"])
     if public_key is None:
         raise ArtifactRejected("signature", f"signed by untrusted key {signature['key_id']!r}")

@@ -13,6 +13,7 @@ and ``pattern write`` on its own device → hub leaves only (cloud_hub/mqtt_auth
     {root}/devices/{device}/examples        device → hub   QoS 1: one opt-in hard example (binary EFX1)
     {root}/devices/{device}/examples/ack    hub → device   QoS 1: that example is stored (or refused)
     {root}/devices/{device}/chunks/{artifact}  hub → device  QoS 1: a chunk few others still need
+    {root}/devices/{device}/keyset          hub → device   retained, QoS 1: the signed key set (keyset.py)
     {root}/artifacts/{artifact}/chunks      hub → devices  QoS 1: one binary chunk per message
 """
 
@@ -65,6 +66,11 @@ class Topics:
 
     def examples_ack(self, device_id: str) -> str:
         return self.device(device_id, "examples/ack")
+
+    def keyset(self, device_id: str) -> str:
+        """The signed key set's chain for one device (retained; per device, so the broker ACL that confines
+        a device to its own subtree needs no rule for it)."""
+        return self.device(device_id, "keyset")
 
     def chunks(self, artifact_id: str) -> str:
         return f"{self.root}/artifacts/{artifact_id}/chunks"
