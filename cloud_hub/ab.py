@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from cloud_hub import ab_stats
+from cloud_hub.auth import ACTOR
 from cloud_hub.errors import Conflict, NotFound
 from cloud_hub.registration import registered_interface
 from cloud_hub.rollouts.gates import Totals
@@ -138,7 +139,7 @@ class AbTests:
             self._update(test_id, state="stopped", ended=time.time(), reason=f"could not deploy: {exc}")
             raise
         self._update(test_id, deployments=[result["deployment_id"]])
-        self.hub.registry.audit("operator", "ab.start", {"id": test_id, "model": model, "a": a, "b": b,
+        self.hub.registry.audit(ACTOR.get(), "ab.start", {"id": test_id, "model": model, "a": a, "b": b,
                                                          "split": split, "target": target})  # fmt: skip
         return self.get(test_id)
 
@@ -191,7 +192,7 @@ class AbTests:
         self._update(test["id"], deployments=[*test["deployments"], deployment_id] if deployment_id else
                      test["deployments"])  # fmt: skip
         action = "ab.stop" if state == "stopped" else "ab.promote"
-        self.hub.registry.audit("operator", action, {"id": test["id"], "deployment_id": deployment_id})
+        self.hub.registry.audit(ACTOR.get(), action, {"id": test["id"], "deployment_id": deployment_id})
         return self.get(test["id"])
 
     def _devices(self, test: dict[str, Any]) -> list[dict[str, Any]]:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from cloud_hub.auth import DEPLOYER, OPERATOR, PUBLIC, VIEWER, Principal, TokenStore, allows
+from cloud_hub.auth import ACTOR, DEPLOYER, OPERATOR, PUBLIC, VIEWER, Principal, TokenStore, allows
 from cloud_hub.errors import Conflict, HubError, NotFound
 from cloud_hub.openapi import spec
 from cloud_hub.tls_serve import TlsHTTPServer
@@ -216,17 +216,13 @@ class AdminApi:
         except ValueError:
             raise ValueError("since: give Unix seconds") from None
 
-    def _actor(self) -> str:
-        principal: Principal | None = getattr(self._local, "principal", None)
-        return principal.name if principal else "anonymous"
-
     def _rollout_action(self, rollout_id: str, action: str) -> Any:
         actions = {"pause": self.hub.rollouts.pause, "resume": self.hub.rollouts.resume,
                    "abort": self.hub.rollouts.abort, "rollback": self.hub.rollouts.rollback}  # fmt: skip
         if action not in actions:
             raise NotFound(f"no rollout action {action!r}: use {', '.join(actions)}")
         result = actions[action](rollout_id)
-        self.hub.registry.audit(self._actor(), f"rollout.{action}", {"rollout": rollout_id})
+        self.hub.registry.audit(ACTOR.get(), f"rollout.{action}", {"rollout": rollout_id})
         return result
 
     def _ab_start(self, request: BaseHTTPRequestHandler) -> Any:
@@ -291,6 +287,7 @@ class AdminApi:
         refused = self._check_length(request, route)
         if refused is not None:
             return refused
+        acting = ACTOR.set(principal.name if principal else "anonymous")
         try:
             return HTTPStatus.OK, route.handler(request, params, parse_qs(query))
         except NotFound as exc:
@@ -304,6 +301,8 @@ class AdminApi:
         except Exception:
             log.exception("admin request %s %s failed", route.method, route.path)
             return HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error; see the hub log"}
+        finally:
+            ACTOR.reset(acting)
 
     @staticmethod
     def _check_length(request: BaseHTTPRequestHandler, route: Route) -> tuple[HTTPStatus, Any] | None:
@@ -420,7 +419,7 @@ class AdminApi:
         return result
 
     def _alert_change(self, request: BaseHTTPRequestHandler, alert_id: str, action: str) -> dict[str, Any]:
-        by = self._json(request, {}).get("by", self._actor())
+        by = self._json(request, {}).get("by", ACTOR.get())
         if not isinstance(by, str) or not by:
             raise ValueError("field 'by' must be a non-empty string (who acknowledges or resolves)")
         alert = (self.hub.alerts.ack if action == "ack" else self.hub.alerts.resolve)(alert_id, by)

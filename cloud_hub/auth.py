@@ -23,10 +23,15 @@ import secrets
 import sqlite3
 import threading
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
 from cloud_hub.errors import Conflict, NotFound
+
+# who the change being made is for, as the audit log names it: the admin token's name while the admin API
+# runs a request; "operator" for calls made inside the hub's process (tests, scripts holding a Hub)
+ACTOR: ContextVar[str] = ContextVar("edgefed_audit_actor", default="operator")
 
 PUBLIC, VIEWER, DEPLOYER, OPERATOR = "public", "viewer", "deployer", "operator"
 ROLES = (VIEWER, DEPLOYER, OPERATOR)  # lowest first

@@ -26,11 +26,13 @@ from cloud_hub.ab import AbTests
 from cloud_hub.accounting import UsageCounter
 from cloud_hub.admin import AdminApi
 from cloud_hub.alerts import AlertStore, AlertWebhook
+from cloud_hub.auth import ACTOR
 from cloud_hub.broker import EmbeddedBroker
 from cloud_hub.control import ControlPlane
 from cloud_hub.desired_signing import DesiredSigner
 from cloud_hub.drift.monitor import DriftMonitor
-from cloud_hub.enroll_grants import ReenrollGrants, key_fingerprint, sign_answer
+from cloud_hub.enroll_grants import ReenrollGrants
+from cloud_hub.enrollment import DeviceEnrollment
 from cloud_hub.errors import Conflict, NotFound
 from cloud_hub.examples import EXAMPLES_DIR, MAX_PER_DEVICE, ExampleIngest, ExampleStore
 from cloud_hub.fetch_limits import FetchLimiter
@@ -40,10 +42,9 @@ from cloud_hub.inference import (
     ModelRepository,
     TokenOwners,
     start_inference_server,
-    token_hash,
 )
 from cloud_hub.keys import HubKeys
-from cloud_hub.mqtt_auth import RESERVED_IDS, MqttUsers
+from cloud_hub.mqtt_auth import MqttUsers
 from cloud_hub.registration import check_registration, registered_interface
 from cloud_hub.rollouts import RolloutEngine
 from cloud_hub.tls_serve import admin_context, hub_mqtt_context
@@ -52,7 +53,7 @@ from device_profiles import DeviceProfile, ProfileError, get_profile, load_profi
 from device_profiles.detect import detect_profile
 from edge_agent import __version__
 from edge_agent.protocol.atomic import atomic_write_bytes
-from edge_agent.protocol.topics import DEFAULT_ROOT, Topics, valid_device_id
+from edge_agent.protocol.topics import DEFAULT_ROOT, Topics
 
 log = logging.getLogger(__name__)
 TOKEN_FILE = "operator.token"
@@ -117,7 +118,7 @@ def operator_token(state_dir: Path) -> str:
     return path.read_text().strip()
 
 
-class Hub:
+class Hub(DeviceEnrollment):
     def __init__(self, config: HubConfig) -> None:
         self.config = config
         state = config.state_dir
@@ -270,7 +271,7 @@ class Hub:
         self.repository.invalidate()
         if self.grpc_server is not None:  # (workers load it themselves)
             threading.Thread(target=self.repository.warm, args=([manifest.name],), daemon=True).start()
-        self.registry.audit("operator", "models.add", {"artifact_id": manifest.artifact_id, "new": new,
+        self.registry.audit(ACTOR.get(), "models.add", {"artifact_id": manifest.artifact_id, "new": new,
                                                        "allow_interface_change": allow_interface_change})  # fmt: skip
         return {
             "artifact_id": manifest.artifact_id,
@@ -299,83 +300,12 @@ class Hub:
         return {"name": name, "version": version, "release": rows[0]["release"], "interface": interface,
                 "serving_profile": self.serving_profile.id, "artifacts": artifacts}  # fmt: skip
 
-    def issue_token(self, device_id: str) -> dict[str, Any]:
-        token = secrets.token_urlsafe(32)
-        self.registry.add_device_token(device_id, token_hash(token))
-        self.registry.audit("operator", "devices.token", {"device_id": device_id})
-        return {"device_id": device_id, "token": token}
-
     def flush_usage(self) -> None:
         self.usage.flush_to(self.registry)
 
     def _flush_usage_periodically(self) -> None:
         while not self.stopped.wait(USAGE_FLUSH_S):
             self.flush_usage()
-
-    def enroll_token(self, groups: list[str], tags: dict[str, str], ttl_s: float,
-                     reenroll: str | None = None) -> dict[str, Any]:  # fmt: skip
-        """A single-use enrollment token that expires after ``ttl_s``; devices enrolled with it join
-        ``groups`` and get ``tags``. It enrolls only a new device id, or with ``reenroll`` exactly that
-        existing one. The token is ``SECRET.FINGERPRINT``: the fingerprint pins the hub key the device
-        must find in the signed answer (docs/security.md)."""
-        if ttl_s <= 0:
-            raise ValueError("ttl_s must be positive")
-        if reenroll is not None:
-            self.registry.device(reenroll)  # NotFound: nothing to re-enroll
-        secret = secrets.token_urlsafe(24)
-        expires = time.time() + ttl_s
-        self.registry.add_enroll_token(token_hash(secret), expires, groups, tags)
-        if reenroll is not None:
-            self.reenroll.add(token_hash(secret), reenroll)
-        self.registry.audit("operator", "devices.enroll-token",
-                            {"groups": groups, "tags": tags, "expires": expires, "reenroll": reenroll})  # fmt: skip
-        fingerprint = key_fingerprint(self.desired_signer.key.public_key())
-        return {"token": f"{secret}.{fingerprint}", "fingerprint": fingerprint, "expires": expires,
-                "groups": groups, "tags": tags, "reenroll": reenroll}  # fmt: skip
-
-    def enroll(self, token: str, device_id: str, profile: str) -> dict[str, Any]:
-        """Register a device with a valid enrollment token; returns what the agent needs to run, signed
-        with the hub key (``answer_signature``) and bound to the token (``token_sha256``)."""
-        if not valid_device_id(device_id):
-            raise ValueError(f"device_id {device_id!r}: use letters, digits, '.', '_' and '-'")
-        if device_id in RESERVED_IDS:
-            raise ValueError(f"device_id {device_id!r} is reserved for the hub's own MQTT user; choose another")
-        get_profile(profile)  # ProfileError → 400 naming the known ids
-        digest = token_hash(token.partition(".")[0])  # a token given with its fingerprint is the same token
-        with self._enrolling:  # no second enrollment of the same id between the check and the registration
-            allowed = self.reenroll.device_for(digest)
-            if allowed is not None and allowed != device_id:
-                raise PermissionError(f"this enrollment token re-enrolls only {allowed!r}, not {device_id!r}")
-            if allowed is None and self._known(device_id):
-                raise PermissionError(f"device {device_id!r} is already enrolled and this token enrolls only new "
-                                      f"devices; to re-enroll it, issue a token with 'cloud-hub devices "
-                                      f"enroll-token --reenroll {device_id}'")  # fmt: skip
-            grant = self.registry.use_enroll_token(digest, device_id)
-            if grant is None:
-                raise PermissionError("enrollment token unknown, already used or expired; ask for a new one")
-            self.registry.upsert_device(device_id, profile=profile, groups=grant["groups"], tags=grant["tags"],
-                                        enrolled=time.time(), status="enrolled")  # fmt: skip
-        self.registry.audit(device_id, "enroll", {"profile": profile, "reenroll": allowed is not None, **grant})
-        trusted = self.keys.trusted_pems()  # for agents older than key sets; newer ones install "keyset"
-        answer = {
-            "device_id": device_id, "profile": profile, "topic_root": self.config.topic_root,
-            "broker": self.config.public_broker or self.broker_url,
-            "cloud": self.config.public_grpc or f"grpc://{self.config.grpc_host}:{self.grpc_port}",
-            "cloud_token": self.issue_token(device_id)["token"], "trusted_keys": trusted,
-            "keyset": self.keys.keyset.envelope,  # signed by the hub key: the device's trust comes from it
-            "hub_key": self.desired_signer.public_pem,  # desired states are signed with it (docs/security.md)
-            "token_sha256": digest,  # binds the signed answer to this enrollment
-            # its MQTT user: a new password each (re-)enrollment, the old one stops working; the hub keeps a hash
-            "mqtt_username": device_id, "mqtt_password": self.mqtt_users.issue(device_id),
-        }  # fmt: skip
-        return sign_answer(answer, self.desired_signer.key)
-
-    def _known(self, device_id: str) -> bool:
-        try:
-            self.registry.device(device_id)
-        except NotFound:
-            return False
-        return True
 
     def deployment(self, deployment_id: str) -> dict[str, Any]:
         """A deployment with each targeted device's state: active, failed (with the error), pending, or
@@ -411,27 +341,10 @@ class Hub:
             return {"state": "failed", "error": error} if error and fresh else {"state": "pending"}
         return {"state": model["state"], "error": model.get("error")}
 
-    def rotate_mqtt_password(self, device_id: str) -> dict[str, Any]:
-        """A new MQTT password for an enrolled device; the old one stops working at once. The device needs
-        the new one: re-enroll it (``enroll-token --reenroll``) or ``edge-agent init --mqtt-password-file``."""
-        self.registry.device(device_id)  # NotFound for an unknown device
-        password = self.mqtt_users.issue(device_id)
-        self.registry.audit("operator", "devices.rotate-mqtt", {"device_id": device_id})
-        return {"device_id": device_id, "mqtt_username": device_id, "mqtt_password": password}
-
-    def remove_device(self, device_id: str) -> dict[str, Any]:
-        self.registry.remove_device(device_id)
-        self.mqtt_users.remove(device_id)  # it cannot connect any more (docs/security.md)
-        if self.control is not None:  # clear its retained messages on the broker
-            for topic in (self.topics.desired, self.topics.reported, self.topics.status, self.topics.keyset):
-                self.control.mqtt.publish(topic(device_id), b"", retain=True)
-        self.registry.audit("operator", "devices.remove", {"device_id": device_id})
-        return {"device_id": device_id, "removed": True}
-
     def deploy(self, name: str, version: str, target: str) -> dict[str, Any]:
         assert self.control is not None
         result = self.control.deploy(name, version, target)
-        self.registry.audit("operator", "deploy", {"model": name, "version": version, "target": target, **result})
+        self.registry.audit(ACTOR.get(), "deploy", {"model": name, "version": version, "target": target, **result})
         return result
 
     def rollback(self, name: str, version: str, target: str) -> dict[str, Any]:
@@ -439,7 +352,7 @@ class Hub:
         signed desired states let devices go below their installed release (docs/security.md)."""
         assert self.control is not None
         result = self.control.rollback(name, version, target)
-        self.registry.audit("operator", "rollback", {"model": name, "version": version, "target": target, **result})
+        self.registry.audit(ACTOR.get(), "rollback", {"model": name, "version": version, "target": target, **result})
         return result
 
     def rollback_devices(self, name: str, version: str, device_ids: list[str], label: str) -> dict[str, Any]:

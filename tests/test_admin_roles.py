@@ -203,6 +203,8 @@ def test_audit_entry_for_each_change(hub: Any, tokens: dict[str, str]) -> None:
     enroll_token = api["POST /v1/enroll-tokens"]
     assert enroll_token["actor"] == "t-operator" and enroll_token["detail"]["outcome"] == "ok"
     assert enroll_token["detail"]["targets"]["groups"] == ["lab"]
+    own = [e for e in entries if e["action"] == "devices.enroll-token"]  # the hub's own entry: the same token
+    assert [e["actor"] for e in own] == ["t-operator"]
     deploy = api["POST /v1/deployments"]["detail"]
     assert api["POST /v1/deployments"]["actor"] == "t-deployer" and deploy["outcome"] == "error"
     assert deploy["targets"] == {"model": "ghost", "version": "1.0.0", "target": "group:lab"}

@@ -166,6 +166,7 @@ def test_agent_enrolls_over_https_and_runs_over_mqtts_on_the_embedded_broker(tls
     state = tmp_path / "dev-1"
     config = enroll_device(tls_hub, pki, state, AgentTls(broker_ca=str(pki.good.ca_cert)))
     assert config.broker == tls_hub.broker_url and AgentConfig.load(state).broker_ca == str(pki.good.ca_cert)
+    assert config.cloud == f"grpcs://{tls_hub.config.grpc_host}:{tls_hub.grpc_port}"  # its gRPC serves TLS too
     run_agent_until_online(tls_hub, state)
 
 
