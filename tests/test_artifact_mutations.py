@@ -10,7 +10,8 @@ directory, never restored), and nothing stored by the hub (its store's tree byte
 Kinds: bytes flipped, inserted and removed in ``manifest.json``, ``signature`` and the payload files;
 manifest fields edited and left with the old signature; fields edited to values the checks must
 refuse and re-signed with the *trusted* key (so the checks after the signature are reached); re-signed
-with an unknown key (its own key id, or claiming the trusted one); files swapped between valid
+with an unknown key (its own key id, or claiming the trusted one); signed by a revoked key (one the
+device's key set revokes although a copy of it sits in its trust/ directory); files swapped between valid
 artifacts; files removed, replaced by a directory or by a symlink. A mutation that leaves the signed
 content unchanged (e.g. a flipped byte that only turns a space into a newline of the manifest) is not
 a mutation: it is drawn again, and counted.
@@ -44,14 +45,17 @@ from cloud_hub.artifacts import ArtifactStore
 from edge_agent.cli import app as agent_cli
 from edge_agent.protocol.canonical import canonical_json, strict_loads
 from edge_agent.protocol.errors import ArtifactRejected
+from edge_agent.protocol.keyset import build, sign, to_message
 from edge_agent.protocol.manifest import format_time
 from edge_agent.protocol.signing import (
     TrustStore,
     generate_keypair,
+    key_id,
     load_private_key,
     load_public_key,
     sign_document,
 )
+from edge_agent.trust import take_keyset
 
 MUTATIONS = 1000
 SEED = 14
@@ -100,8 +104,8 @@ class Mutator:
     """Seeded random mutations of a few valid artifacts."""
 
     def __init__(self, rng: random.Random, bases: dict[str, dict[str, bytes]], trusted: Ed25519PrivateKey,
-                 unknown: Ed25519PrivateKey, installed_release: int) -> None:  # fmt: skip
-        self.rng, self.bases, self.trusted, self.unknown = rng, bases, trusted, unknown
+                 unknown: Ed25519PrivateKey, revoked: Ed25519PrivateKey, installed_release: int) -> None:  # fmt: skip
+        self.rng, self.bases, self.trusted, self.unknown, self.revoked = rng, bases, trusted, unknown, revoked
         self.installed_release = installed_release
         self.kinds: list[tuple[str, Callable[[dict[str, bytes]], tuple[Artifact, bool]]]] = [
             ("flip", self.flip),
@@ -110,6 +114,7 @@ class Mutator:
             ("field-unsigned", self.field_unsigned),
             ("field-resigned", self.field_resigned),
             ("unknown-key", self.unknown_key),
+            ("revoked-key", self.revoked_key),
             ("swap", self.swap),
             ("file-kind", self.file_kind),
         ]
@@ -238,6 +243,13 @@ class Mutator:
         signature = json.dumps(record).encode()
         return dict[str, Entry]({**base, "manifest.json": _dump(document), "signature": signature}), False
 
+    def revoked_key(self, base: dict[str, bytes]) -> tuple[Artifact, bool]:
+        document = json.loads(base["manifest.json"])
+        if self.rng.random() < 0.5:
+            document, _ = self._edit(document, refusable_only=False)
+        signature = json.dumps(sign_document(document, self.revoked)).encode()
+        return dict[str, Entry]({**base, "manifest.json": _dump(document), "signature": signature}), False
+
     def swap(self, base: dict[str, bytes]) -> tuple[Artifact, bool]:
         other = self.bases[self.rng.choice([n for n, b in self.bases.items() if b is not base])]
         names = list(base)
@@ -277,18 +289,26 @@ def setup(tmp_path_factory: pytest.TempPathFactory, keys: tuple[Path, Path]) -> 
     other = make_artifact(root / "v3", keys[0], version="2.0.1", release=3, seed=2, golden=True)
     state = root / "device"
     runner = CliRunner()
-    result = runner.invoke(agent_cli, ["init", "--device-id", "dev-m", "--profile", "x86-64-generic",
-                                       "--trust", str(keys[1]), "--state-dir", str(state)])  # fmt: skip
+    revoked_key, revoked_pub = generate_keypair(root / "revoked", "revoked")
+    hub_key, hub_pub = generate_keypair(root / "hub-key", "hub")
+    result = runner.invoke(agent_cli, ["init", "--device-id", "dev-m", "--profile", "x86-64-generic", "--trust",
+                                       str(keys[1]), "--trust", str(revoked_pub), "--hub-key", str(hub_pub),
+                                       "--state-dir", str(state)])  # fmt: skip
     assert result.exit_code == 0, result.output
+    # the key set the hub sent: the signing key trusted, the other revoked (its copy in trust/ is not enough)
+    keyset = build(1, "2026-12-01T00:00:00Z", [load_public_key(hub_pub)], [load_public_key(keys[1])],
+                   {key_id(load_public_key(revoked_pub))})  # fmt: skip
+    assert take_keyset(state, to_message([sign(keyset, [load_private_key(hub_key)])])) is not None
     result = runner.invoke(agent_cli, ["install", str(installed), "--state-dir", str(state)])
     assert result.exit_code == 0, result.output
-    return {"root": root, "state": state, "runner": runner, "unknown": unknown_key,
-            "dirs": {"installed": installed, "new": new, "other": other}}  # fmt: skip
+    return {"root": root, "state": state, "runner": runner, "unknown": unknown_key, "revoked": revoked_pub,
+            "revoked_key": revoked_key, "dirs": {"installed": installed, "new": new, "other": other}}  # fmt: skip
 
 
 def _mutations(keys: tuple[Path, Path], setup: dict[str, Any]) -> list[tuple[str, str, Artifact, bool]]:
     bases = {name: _load(path) for name, path in setup["dirs"].items()}
-    mutator = Mutator(random.Random(SEED), bases, load_private_key(keys[0]), load_private_key(setup["unknown"]), 1)
+    mutator = Mutator(random.Random(SEED), bases, load_private_key(keys[0]), load_private_key(setup["unknown"]),
+                      load_private_key(setup["revoked_key"]), 1)  # fmt: skip
     found: list[tuple[str, str, Artifact, bool]] = []
     redrawn = 0
     while len(found) < MUTATIONS:
@@ -306,7 +326,10 @@ def test_no_mutation_installs_on_a_device_or_reaches_the_hub_store(
 ) -> None:
     started = time.monotonic()
     runner, state, root = setup["runner"], setup["state"], setup["root"]
-    hub = ArtifactStore(root / "hub" / "artifacts", TrustStore.from_dir(keys[1].parent))
+    revoked = load_public_key(setup["revoked"])  # the hub holds it too, revoked
+    trust = TrustStore({**TrustStore.from_dir(keys[1].parent).keys, key_id(revoked): revoked},
+                       frozenset({key_id(revoked)}))  # fmt: skip
+    hub = ArtifactStore(root / "hub" / "artifacts", trust)
     hub.add(setup["dirs"]["installed"])  # the hub holds the installed version too (its re-add path)
     mutations = _mutations(keys, setup)
     device_before, hub_before = tree_digest(state), tree_digest(hub.root)
