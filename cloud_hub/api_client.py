@@ -54,6 +54,9 @@ class AdminClient:
     @property
     def context(self) -> ssl.SSLContext | None:
         """The TLS context of an https:// hub (made on first use: a bad CA file is a HubError naming it)."""
+        if self.ca and self.url.startswith("http://"):  # a CA says TLS is meant: never send the token in clear
+            raise HubError(f"{HUB_CA_ENV} (a CA for the hub's certificate) is set but the hub URL {self.url} is "
+                           "plain http://; use https:// (the hub runs with --admin-tls) or unset it")  # fmt: skip
         if self._context is None and self.url.startswith("https://"):
             try:
                 self._context = client_context(self.ca, ca_flag=HUB_CA_ENV)

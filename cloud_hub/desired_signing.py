@@ -35,7 +35,7 @@ from edge_agent.protocol.atomic import fsync_dir, fsync_tree
 from edge_agent.protocol.canonical import canonical_json
 from edge_agent.protocol.desired_signing import sign_desired
 from edge_agent.protocol.messages import DesiredState
-from edge_agent.protocol.signing import generate_keypair, load_private_key
+from edge_agent.protocol.signing import generate_keypair, key_id, load_private_key
 
 HUB_KEY_DIR = "hub-key"
 HUB_KEY_NAME = "hub"
@@ -105,8 +105,8 @@ class DesiredSigner:
         """The signed message for ``state``: the stored one when its models are unchanged and its
         deployment is one the device already had (same counter); else, for a new decision, a new message
         with a higher counter, stored before it is returned (and published)."""
-        content = _content(state)
         with self._lock:
+            content = _content(state, self.key)  # a message signed by a retired key is never sent again
             row = self.db.execute(
                 "SELECT counter, content, payload FROM desired_signed WHERE device_id = ?", [device_id]
             ).fetchone()
@@ -128,11 +128,11 @@ class DesiredSigner:
             return signed
 
     def rekey(self, key: Ed25519PrivateKey, public_pem: str) -> None:
-        """A rotated hub key (cloud_hub/keys.py): desired states are signed with it from now on, and each
-        device's stored message is signed again, under a new counter, the next time it is published."""
+        """A rotated hub key (cloud_hub/keys.py): desired states are signed with it from now on; each
+        device's stored message (its content names the old key) is signed again, under a new counter, the
+        next time it is published."""
         with self._lock:
             self.key, self.public_pem = key, public_pem
-            self.db.execute("UPDATE desired_signed SET content = ''")
 
     def counter(self, device_id: str) -> int:
         """The counter of the device's last signed desired state (0: none yet)."""
@@ -178,9 +178,10 @@ class DesiredSigner:
         return row is not None
 
 
-def _content(state: DesiredState) -> str:
-    """What a desired state decides: its models (not its deployment, issue time, counter or signature)."""
+def _content(state: DesiredState, key: Ed25519PrivateKey) -> str:
+    """What a desired state decides (its models, not its deployment, issue time, counter or signature) and
+    the key that signs it: after a rotation, even one a crash cut short, stored messages are signed anew."""
     body: dict[str, Any] = dataclasses.asdict(
         dataclasses.replace(state, deployment_id="", issued_at="", counter=0, signature={})
     )
-    return hashlib.sha256(canonical_json(body)).hexdigest()
+    return hashlib.sha256(canonical_json(body)).hexdigest() + ":" + key_id(key.public_key())

@@ -149,7 +149,12 @@ class HubKeys:
             new = self.files.new_hub_key()
             revoked = {*current.revoked, *current.roots}  # a retired hub key is never a root again
             made = self._signed(current.version + 1, [new.public_key()], dict(current.keys), revoked, [old, new])
-            self._save(made, roots_changed=True)  # the commit
+            try:
+                self._save(made, roots_changed=True)  # the commit
+            except BaseException:  # not committed (a full disk ...): the new key and its root file go
+                self.keyset = current
+                self.files.finish_rotation()
+                raise
             self.files.promote_next()
             self.key = hub_key(self.state_dir)
             if self.signer is not None:
@@ -175,7 +180,7 @@ class HubKeys:
     def message(self) -> bytes:
         """The retained message: the roots' chain, then the key set in force (when not already last)."""
         with self._lock:
-            chain = self.files.chain()
+            chain = [c for c in self.files.chain() if parse(c).version <= self.keyset.version]  # never above
             if not chain or parse(chain[-1]).version != self.keyset.version:
                 chain.append(self.keyset.envelope)
         return to_message(chain)
@@ -204,6 +209,10 @@ class HubKeys:
             return
         parsed = self.control.topics.parse_device_topic(topic)
         if parsed is None or state.device_id != parsed[0] or state.keyset_version >= self.keyset.version:
+            return
+        try:
+            self.registry.device(parsed[0])  # only enrolled devices get (and are re-sent) the key set
+        except NotFound:
             return
         now = time.monotonic()
         if now - self._sent.get(parsed[0], -REPUBLISH_EVERY_S) >= REPUBLISH_EVERY_S:

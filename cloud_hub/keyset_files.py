@@ -14,6 +14,8 @@ one a crash interrupted after the commit, and throws away one interrupted before
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +64,18 @@ class KeySetFiles:
         atomic_write_bytes(self.dir / CURRENT, data)
 
     def new_hub_key(self) -> Ed25519PrivateKey:
-        """A new hub key beside the one in force (``hub-next.key``, 0600 from creation), on disk."""
-        key_path, _ = generate_keypair(self.key_dir, NEXT_NAME)
-        fsync_tree(self.key_dir)
-        return load_private_key(key_path)
+        """A new hub key beside the one in force (``hub-next.key``, 0600 from creation), on disk: made in a
+        staging directory and renamed into place, private half first, so no half-written file is ever seen."""
+        staging = Path(tempfile.mkdtemp(prefix=".hub-next-", dir=self.state_dir))
+        try:
+            generate_keypair(staging, NEXT_NAME)
+            fsync_tree(staging)
+            for suffix in (".key", ".pub"):
+                os.replace(staging / f"{NEXT_NAME}{suffix}", self.key_dir / f"{NEXT_NAME}{suffix}")
+            fsync_dir(self.key_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return load_private_key(self.key_dir / f"{NEXT_NAME}.key")
 
     def promote_next(self) -> None:
         """The new hub key becomes the hub key (the old one is gone: retired)."""
@@ -83,10 +93,13 @@ class KeySetFiles:
         if not any(p.exists() for p in pending):
             return
         committed = False
-        if pending[0].exists() and current is not None:
-            committed = key_id(load_public_key(pending[0])) in current.roots
-        elif current is not None:  # only the private half left: the public one was renamed already
-            committed = key_id(load_private_key(pending[1]).public_key()) in current.roots
+        try:
+            if pending[0].exists() and current is not None:
+                committed = key_id(load_public_key(pending[0])) in current.roots
+            elif current is not None:  # only the private half: renamed in first, or its public one promoted
+                committed = key_id(load_private_key(pending[1]).public_key()) in current.roots
+        except (OSError, ValueError, TypeError):  # unreadable: it cannot have been committed (fsynced before)
+            committed = False
         if committed:
             self.promote_next()
             return

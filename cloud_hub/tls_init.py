@@ -4,16 +4,15 @@
     DIR/server.pem, DIR/server.key    the hub's certificate (--tls-cert/--tls-key): gRPC, admin API and MQTT
     DIR/devices/ID.pem, ID.key        a client certificate per device (CN = the device id), for mTLS brokers
 
-Keys are ECDSA P-256. Every private key is created 0600 (``os.open`` with that mode, never chmodded
-afterwards) and every file is written crash-safe: a temporary file, fsync, rename, fsync of the directory.
+Keys are ECDSA P-256. Every file is written crash-safe (``atomic_write_bytes``: a temporary file, fsync,
+rename, fsync of the directory); the temporary file is created 0600, so a private key is never readable
+by others, not even for a moment (certificates are then made 0644).
 """
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from edge_agent.errors import ConfigError
-from edge_agent.protocol.atomic import fsync_dir
+from edge_agent.protocol.atomic import atomic_write_bytes
 from edge_agent.protocol.topics import valid_device_id
 
 CA_DAYS = 3650
@@ -51,23 +50,6 @@ class TlsFiles:
             "hosts": self.hosts,
             "devices": {d: {"cert": str(c), "key": str(k)} for d, (c, k) in self.devices.items()},
         }
-
-
-def write_private(path: Path, data: bytes, mode: int) -> None:
-    """Replace ``path`` with ``data``, the file created with ``mode`` from the start; crash-safe."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -202,16 +184,16 @@ def tls_init(
         )
     (directory / "devices").mkdir(parents=True, exist_ok=True)
     ca_key, ca_cert = _new_ca(ca_name)
-    write_private(files.ca_key, _key_pem(ca_key), 0o600)
-    write_private(files.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    atomic_write_bytes(files.ca_key, _key_pem(ca_key), 0o600)
+    atomic_write_bytes(files.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
     issuer = _Issuer(ca_key, ca_cert)
     cert_pem, key_pem = issuer.issue(names[0], [_san(h) for h in names], ExtendedKeyUsageOID.SERVER_AUTH)
-    write_private(files.server_key, key_pem, 0o600)
-    write_private(files.server_cert, cert_pem, 0o644)
+    atomic_write_bytes(files.server_key, key_pem, 0o600)
+    atomic_write_bytes(files.server_cert, cert_pem, 0o644)
     for device in dict.fromkeys(devices):
         cert_pem, key_pem = issuer.issue(device, [], ExtendedKeyUsageOID.CLIENT_AUTH)
         pair = (directory / "devices" / f"{device}.pem", directory / "devices" / f"{device}.key")
-        write_private(pair[1], key_pem, 0o600)
-        write_private(pair[0], cert_pem, 0o644)
+        atomic_write_bytes(pair[1], key_pem, 0o600)
+        atomic_write_bytes(pair[0], cert_pem, 0o644)
         files.devices[device] = pair
     return files

@@ -27,7 +27,7 @@ from edge_agent.protocol.atomic import atomic_write_bytes
 from edge_agent.protocol.errors import ProtocolError
 from edge_agent.protocol.signing import TrustStore, check_public_key_file
 from edge_agent.store import ModelStore
-from edge_agent.tls import AgentTls, BrokerTls, client_context
+from edge_agent.tls import AgentTls, BrokerTls, check_pem, client_context
 from edge_agent.trust import artifact_trust
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
@@ -119,7 +119,7 @@ def init(
                                                                            broker_key))  # fmt: skip
         checked = [(key, check_public_key_file(key)) for key in trust]  # all checked before anything is written
         if cloud_ca is not None:
-            _check_pem_file(Path(cloud_ca), "--cloud-ca", "the CA bundle (PEM) that signed the hub's gRPC certificate")
+            check_pem(Path(cloud_ca), "--cloud-ca", "the CA bundle (PEM) that signed the hub's gRPC certificate")
         if (state / "trust").is_dir():
             TrustStore.from_dir(state / "trust")  # a garbage .pub already there is named before writing
         (state / "trust").mkdir(parents=True, exist_ok=True)
@@ -135,18 +135,6 @@ def init(
     except (EdgefedError, ProfileError, OSError, ValueError) as exc:
         raise _fail(exc) from None
     err.print(f"configured {device_id} ({profile_id}) in {state}")
-
-
-def _check_pem_file(path: Path, flag: str, what: str) -> None:
-    """A readable PEM file, or a ConfigError naming the flag and what to give instead."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"{flag} {path}: no such file; give {what}") from None
-    except OSError as exc:
-        raise ConfigError(f"{flag} {path}: cannot be read ({exc.strerror}); give {what}") from None
-    if b"-----BEGIN " not in data:
-        raise ConfigError(f"{flag} {path}: not a PEM file; give {what}")
 
 
 def _broker_tls(ca: Path | None, cert: Path | None, key: Path | None) -> BrokerTls:
@@ -193,7 +181,7 @@ def enroll(
     state = _state(state_dir)
     try:
         if cloud_ca is not None:  # every file checked before the single-use token is spent
-            _check_pem_file(cloud_ca, "--cloud-ca", "the CA bundle (PEM) that signed the hub's gRPC certificate")
+            check_pem(cloud_ca, "--cloud-ca", "the CA bundle (PEM) that signed the hub's gRPC certificate")
         tls = AgentTls(**_broker_tls(broker_ca, broker_cert, broker_key),
                        cloud_ca=str(cloud_ca.resolve()) if cloud_ca is not None else None)  # fmt: skip
         config = do_enroll(hub, token, device_id or socket.gethostname(), profile or _detected(), state, ca,

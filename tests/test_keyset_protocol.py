@@ -15,6 +15,7 @@ from edge_agent.protocol.keyset import (
     KeySet,
     accept,
     accept_chain,
+    bootstrap,
     build,
     from_message,
     parse,
@@ -62,7 +63,12 @@ def test_accept_rules() -> None:
     revoked = ks(2, [A], [A], revoked={key_id(OTHER.public_key())})
     with pytest.raises(KeySetRefused, match="trust again revoked"):
         accept(revoked, ks(3, [A], [A]))
-    assert accept_chain(v1, [ks(2, [B], [A, B]), ks(3, [C], [B, C])]) is not None  # missed two rotations
+    walked = accept_chain(v1, [ks(2, [B], [A, B]), ks(3, [C], [B, C])])  # missed two rotations
+    assert walked is not None and walked.version == 3 and set(walked.roots) == {key_id(C.public_key())}
+    # a device set up with only the current hub key (init --hub-key after rotations) joins where it signs
+    joined = accept_chain(bootstrap({key_id(C.public_key()): C.public_key()}),
+                          [ks(1, [A], [A]), ks(2, [B], [A, B]), ks(3, [C], [B, C]), ks(4, [C], [C])])  # fmt: skip
+    assert joined is not None and joined.version == 4
     with pytest.raises(KeySetRefused, match="not signed by a hub key"):
         accept_chain(v1, [ks(3, [C], [B, C])])  # a step of the chain missing
 

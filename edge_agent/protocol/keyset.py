@@ -194,6 +194,9 @@ def accept_chain(current: KeySet, chain: list[KeySet]) -> KeySet | None:
     """Walk ``chain`` (oldest first) from ``current``, skipping what it already has: the newest key set
     taken, or None when nothing was newer. KeySetRefused when a step is refused (nothing is taken)."""
     held, changed = current, False
+    if current.version == 0:  # only hub keys held (bootstrap): join the chain where one of them signs
+        start = next((i for i, step in enumerate(chain) if signers(step, current.roots)), 0)
+        chain = chain[start:]
     for step in chain:
         if step.version < held.version:
             continue
