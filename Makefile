@@ -14,12 +14,18 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-# Mosquitto is needed by the tests that run against a real external broker.
+# Mosquitto is needed by the tests that run against a real external broker; Chromium and its driver by the
+# dashboard's browser tests (tests/test_dashboard_browser.py) and bench/dashboard.py: Debian's packages,
+# since nothing may download a browser at run time.
 system-deps:
-	@command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || { \
-	  echo "installing mosquitto (apt-get)"; \
+	@missing=; \
+	{ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; } || missing="$$missing mosquitto"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	[ -x /usr/bin/chromedriver ] || missing="$$missing chromium-driver"; \
+	[ -z "$$missing" ] || { \
+	  echo "installing$$missing (apt-get)"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq mosquitto >/dev/null; }
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $$missing >/dev/null; }
 
 demo: $(STAMP)
 	$(BIN)/python examples/quickstart/run_demo.py
@@ -45,7 +51,7 @@ bench-drift-venvs:
 	$(PYTHON) -m venv .bench-venvs/alibi && .bench-venvs/alibi/bin/pip install --quiet alibi-detect==0.13.0
 	$(PYTHON) -m venv .bench-venvs/evidently && .bench-venvs/evidently/bin/pip install --quiet evidently==0.7.23 'pandas<3'
 
-bench: $(STAMP)
+bench: $(STAMP) system-deps
 	$(BIN)/python bench/compiler.py
 	$(BIN)/python bench/sdk_overhead.py
 	$(BIN)/python bench/cloud.py
@@ -57,6 +63,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/telemetry.py
 	$(BIN)/python bench/telemetry_soak.py
 	$(BIN)/python bench/drift.py
+	$(BIN)/python bench/dashboard.py
 
 # grpcio-tools lives in its own venv: it pins a protobuf newer than tritonclient allows.
 proto:

@@ -2,8 +2,8 @@
 
 Roles, lowest first: ``viewer`` (read-only routes), ``deployer`` (also deploy, rollback, rollouts and
 A/B tests), ``operator`` (everything). Every admin route names the lowest role that may call it
-(``admin.Route.role``); ``public`` routes need no token. A role may call a route when its rank is at
-least the route's.
+(``cloud_hub.api.routing.route``: ``x-role``); ``public`` routes need no token. A role may call a route
+when its rank is at least the route's.
 
 Tokens have a name and a role. The hub keeps only each token's sha256 (table ``admin_tokens`` in the
 registry file); the token itself is shown once, when it is created. The state directory's

@@ -1,5 +1,6 @@
-"""TLS on the hub's side: the admin API over https, the embedded broker's TLS listener, and the context the
-hub's own MQTT client uses (docs/security.md, "TLS").
+"""TLS on the hub's side: the admin API's context (uvicorn serves https with it: cloud_hub/api/serve.py),
+the embedded broker's TLS listener, and the context the hub's own MQTT client uses (docs/security.md,
+"TLS").
 
 One certificate pair (``serve --tls-cert/--tls-key``, e.g. ``server.pem``/``server.key`` of ``cloud-hub tls
 init``) serves gRPC, the admin API (``--admin-tls``) and the embedded broker's TLS listener
@@ -8,19 +9,11 @@ init``) serves gRPC, the admin API (``--admin-tls``) and the embedded broker's T
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import socket
 import ssl
-from http.server import ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 from edge_agent.errors import ConfigError
 from edge_agent.tls import check_key_pair, check_pem, client_context
-
-log = logging.getLogger(__name__)
-HANDSHAKE_TIMEOUT_S = 10.0
 
 
 def server_context(
@@ -76,30 +69,6 @@ def hub_mqtt_context(
     if ca is None and own_cert is not None:
         return pinned_context(own_cert)
     return client_context(ca, cert, key, ca_flag="--broker-ca", cert_flag="--broker-cert", key_flag="--broker-key")
-
-
-class TlsHTTPServer(ThreadingHTTPServer):
-    """A ThreadingHTTPServer whose connections are TLS: each accepted socket is wrapped in the request's own
-    thread (a slow or plain-text client never blocks the accept loop; a failed handshake just closes it)."""
-
-    def __init__(self, address: tuple[str, int], handler: Any, context: ssl.SSLContext) -> None:
-        super().__init__(address, handler)
-        self.context = context
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        sock: socket.socket = request
-        sock.settimeout(HANDSHAKE_TIMEOUT_S)
-        try:
-            tls = self.context.wrap_socket(sock, server_side=True)
-        except (ssl.SSLError, OSError) as exc:  # plain HTTP, another CA's client, a scanner
-            log.info("admin API: TLS handshake with %s failed: %s", client_address[0], exc)
-            return
-        try:
-            tls.settimeout(None)
-            super().finish_request(tls, client_address)
-        finally:
-            with contextlib.suppress(OSError):
-                tls.close()
 
 
 def check_serve_flags(

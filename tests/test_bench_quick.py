@@ -33,6 +33,7 @@ REQUIRED_KEYS = {
     "telemetry_soak": ("restarts", "generated", "delivered", "dropped_counted", "duplicates", "lost"),
     "telemetry": ("records_per_s_ratio", "lost", "hub_cpu_cores"),
     "compiler": ("int8_size_ratio", "int8_latency_ratio", "top1_agreement", "minilm_cosine", "minilm_speedup"),
+    "dashboard": ("fleet_page_ms_p95", "fleet_api_ms_p95", "devices"),
 }
 BENCHES = sorted(p for p in (Path(__file__).resolve().parents[1] / "bench").glob("*.py") if "--quick" in p.read_text())
 
