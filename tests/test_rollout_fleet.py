@@ -78,7 +78,10 @@ def run_rollout(hub: Hub, version: str) -> dict[str, Any]:
         ended.update(hub.rollouts.get(started["id"]))
         return ended["state"] in ("succeeded", "failed", "rolled-back", "aborted")
 
-    wait_until(f"rollout of {version} to end", done, 90)
+    # the rollout ends itself (a wave not judged within wave_timeout_s fails it): wait for that, 3 waves
+    # of 60 s at most, rather than a shorter guess that a loaded machine outlasts (seen: a good version
+    # still in wave 3 after 90 s with a 2-core VM at p95 86 ms for a 1 ms model)
+    wait_until(f"rollout of {version} to end", done, 3 * request["wave_timeout_s"] + 30)
     verdicts = [(w["verdict"].get("why"), w["verdict"].get("new", {}).get("p95_ms"),
                  w["verdict"].get("previous", {}).get("p95_ms")) for w in ended["waves"]]  # fmt: skip
     print(f"{time.strftime('%H:%M:%S')} {version}: {ended['state']} ({ended['reason']}); {verdicts}")
