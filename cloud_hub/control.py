@@ -54,7 +54,6 @@ class ControlPlane:
         self.signer = signer  # signs desired states (docs/security.md); None: unsigned, as before issue 13
         # (device, model, version) → the B side of an A/B test for that desired model (cloud_hub/ab.py)
         self.ab_for: Callable[[str, str, str], DesiredAB | None] | None = None
-        self.reported_listeners: list[Callable[[str, ReportedState], None]] = []  # each valid report, parsed once
         # credentials: the hub's MQTT user (cloud_hub/mqtt_auth.py); its client id is its alone on a broker
         # that confines (the embedded one, or Mosquitto as `cloud-hub broker-config` writes it)
         username, password = credentials if credentials is not None else (None, None)
@@ -128,8 +127,6 @@ class ControlPlane:
         }
         self._update_from_device(device_id, fields)
         self._republish_if_unheard(device_id, {m.name for m in state.models})
-        for listener in self.reported_listeners:
-            listener(device_id, state)
 
     def _on_desired_request(self, topic: str, payload: bytes) -> None:
         device_id = self._device(topic)

@@ -24,9 +24,10 @@ from cloud_hub.desired_signing import hub_key, hub_public_pem
 from cloud_hub.enroll_grants import key_fingerprint
 from cloud_hub.errors import Conflict, NotFound
 from cloud_hub.keyset_files import KeySetFiles
+from edge_agent.protocol.errors import MessageError
 from edge_agent.protocol.keyset import KeySet, build, parse, public_pem, sign, to_message
 from edge_agent.protocol.manifest import now_text
-from edge_agent.protocol.messages import ReportedState
+from edge_agent.protocol.messages import ReportedState, from_wire
 from edge_agent.protocol.signing import TrustStore, key_id, public_key_from_pem
 
 if TYPE_CHECKING:
@@ -173,7 +174,7 @@ class HubKeys:
     def start(self, control: ControlPlane) -> None:
         """Publish to every known device now, and again to any that reports an older key set."""
         self.control = control
-        control.reported_listeners.append(self._on_reported)
+        control.mqtt.route(control.topics.all_devices("reported"), self._on_reported)
         self.publish_all()
 
     def message(self) -> bytes:
@@ -199,14 +200,21 @@ class HubKeys:
             except Exception:  # one device must not keep the others from theirs
                 log.exception("cannot publish the key set to %s", device["device_id"])
 
-    def _on_reported(self, device_id: str, state: ReportedState) -> None:
-        if self.control is None or state.keyset_version >= self.keyset.version:
+    def _on_reported(self, topic: str, payload: bytes) -> None:
+        if not payload or self.control is None:
             return
         try:
-            self.registry.device(device_id)  # only enrolled devices get (and are re-sent) the key set
+            state = from_wire(ReportedState, payload)
+        except MessageError:  # the control plane counts it as malformed
+            return
+        parsed = self.control.topics.parse_device_topic(topic)
+        if parsed is None or state.device_id != parsed[0] or state.keyset_version >= self.keyset.version:
+            return
+        try:
+            self.registry.device(parsed[0])  # only enrolled devices get (and are re-sent) the key set
         except NotFound:
             return
         now = time.monotonic()
-        if now - self._sent.get(device_id, -REPUBLISH_EVERY_S) >= REPUBLISH_EVERY_S:
-            self._sent[device_id] = now
-            self.publish(device_id)
+        if now - self._sent.get(parsed[0], -REPUBLISH_EVERY_S) >= REPUBLISH_EVERY_S:
+            self._sent[parsed[0]] = now
+            self.publish(parsed[0])
