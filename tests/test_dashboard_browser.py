@@ -23,6 +23,8 @@ from common import artifact, gemm_onnx
 from conftest import MosquittoProcess, wait_for
 from dashboard_browser import PAGES, Browser, missing
 from rollout_fleet import Device, start_fleet
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import Select
 from typer.testing import CliRunner
 
 from cloud_hub.api_client import AdminClient
@@ -31,6 +33,7 @@ from cloud_hub.server import Hub, HubConfig, operator_token
 from edge_agent import EdgeClient
 
 DEVICES = 3
+DASH = "\u2013"  # the en dash of the fleet pager's ranges (1-25 of 63)
 MODEL = "gemm"
 
 
@@ -263,3 +266,37 @@ def scored(browser: Browser, timeout_s: float = 30.0) -> None:
         browser.wait_page("fleet")
         browser.go("drift")
         browser.wait_page("drift")
+
+
+def test_a_large_fleet_is_shown_a_page_at_a_time(stack: Stack, browser: Browser) -> None:
+    """60 more devices (registered, no agent behind them): 25 rows per page with the range, Next and
+    Previous move through them, a filter starts again from its first page, and the choice of rows per page
+    is kept when the dashboard is loaded again."""
+    assert stack.hub is not None
+    for i in range(60):
+        stack.hub.registry.upsert_device(f"paged-{i:02d}", profile="raspberry-pi-4", groups=["paged"], tags={})
+    total = DEVICES + 60
+    logged_in(browser, stack.operator, "fleet")
+    rows = "#fleet-table tr[data-device-id]"
+    Select(browser.find("#fleet-page-size")).select_by_value("25")
+    browser.wait("a page of 25 rows", lambda: browser.count(rows) == 25)
+    assert browser.text("#fleet-range") == f"1{DASH}25 of {total}" and not browser.find("#fleet-prev").is_enabled()
+    first_page = [tr.get_attribute("data-device-id") for tr in browser.driver.find_elements(By.CSS_SELECTOR, rows)]
+    browser.find("#fleet-next").click()
+    browser.wait("the second page", lambda: browser.text("#fleet-range") == f"26{DASH}50 of {total}")
+    second_page = [tr.get_attribute("data-device-id") for tr in browser.driver.find_elements(By.CSS_SELECTOR, rows)]
+    assert len(second_page) == 25 and not set(first_page) & set(second_page)
+    browser.find("#fleet-next").click()
+    browser.wait("the last page", lambda: browser.text("#fleet-range") == f"51{DASH}{total} of {total}")
+    assert browser.count(rows) == total - 50 and not browser.find("#fleet-next").is_enabled()
+
+    browser.find("#fleet-filter").send_keys("group:paged")
+    browser.wait("the filter's first page", lambda: browser.text("#fleet-range") == f"1{DASH}25 of 60")
+    assert browser.text("#fleet-count") == f"60 of {total} match"
+    browser.find("#fleet-prev").click()  # disabled on the first page: nothing moves
+    assert browser.text("#fleet-range") == f"1{DASH}25 of 60"
+
+    browser.driver.refresh()
+    browser.wait_page("fleet")
+    browser.wait("a page of 25 rows again", lambda: browser.count(rows) == 25)
+    assert Select(browser.find("#fleet-page-size")).first_selected_option.get_attribute("value") == "25"

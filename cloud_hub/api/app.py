@@ -8,18 +8,16 @@ body without a length or over the route's limit, 500 "internal error; see the hu
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from cloud_hub.api import access, dashboard, deployments, devices, events, models, observe
 from cloud_hub.api.gate import Gate
-from cloud_hub.api.routing import LIMIT_KEY, ROLE_KEY
+from cloud_hub.api.routing import LIMIT_KEY, ROLE_KEY, HubJSON
 from edge_agent import __version__
 
 if TYPE_CHECKING:
@@ -34,13 +32,6 @@ _ERRORS = {
     "409": "Conflict",
 }
 _BODY_ERRORS = {"411": "No Content-Length (chunked bodies are refused)", "413": "Body over this route's size limit"}
-
-
-class HubJSON(JSONResponse):
-    """JSON as the hub always wrote it: anything JSON cannot say written as its str()."""
-
-    def render(self, content: Any) -> bytes:
-        return json.dumps(content, default=str).encode()
 
 
 def validation_message(errors: list[Any]) -> str:

@@ -8,12 +8,17 @@ added any other way has no role: the gate refuses it to all but operators and th
 
 from __future__ import annotations
 
+import functools
+import inspect
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
+from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from starlette.responses import Response
 from starlette.routing import BaseRoute
 
 from cloud_hub.auth import PUBLIC
@@ -22,6 +27,13 @@ JSON_BODY_BYTES = 1 << 20  # the limit on a JSON request body
 ENROLL_BODY_BYTES = 16 * 1024  # /v1/enroll: the one route anyone may call
 UPLOAD = "upload"  # x-max-body-bytes of the artifact upload: the hub's --max-upload-bytes
 ROLE_KEY, LIMIT_KEY = "x-role", "x-max-body-bytes"
+
+
+class HubJSON(JSONResponse):
+    """JSON as the hub always wrote it: anything JSON cannot say written as its str()."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, default=str).encode()
 
 
 @dataclass(frozen=True)
@@ -49,8 +61,33 @@ def route(router: APIRouter, method: str, path: str, role: str, *, max_body: int
     extra: dict[str, Any] = {ROLE_KEY: role, LIMIT_KEY: limit, **options.pop("openapi_extra", {})}
     if role == PUBLIC:
         extra["security"] = []
-    options.setdefault("response_model", None)  # replies are written as they are (app.HubJSON), never re-validated
-    return router.api_route(path, methods=[method], openapi_extra=extra, **options)
+    options.setdefault("response_model", None)  # replies are written as they are, never re-validated
+    status = int(options.get("status_code") or 200)
+    add = router.api_route(path, methods=[method], openapi_extra=extra, **options)
+    return lambda endpoint: add(_written_as_json(endpoint, status))
+
+
+def _written_as_json(endpoint: Callable[..., Any], status: int) -> Callable[..., Any]:
+    """``endpoint`` with its reply already a ``HubJSON`` response: FastAPI would otherwise pass a plain
+    value through ``jsonable_encoder`` first, which walks it object by object (100 ms for the 1,000
+    devices of ``GET /v1/devices``; ``json.dumps`` takes 7). Signature and docs stay the endpoint's."""
+
+    def reply(value: Any) -> Any:
+        return value if isinstance(value, Response) else HubJSON(value, status_code=status)
+
+    if inspect.iscoroutinefunction(endpoint):
+
+        @functools.wraps(endpoint)
+        async def answer_async(*args: Any, **kwargs: Any) -> Any:
+            return reply(await endpoint(*args, **kwargs))
+
+        return answer_async
+
+    @functools.wraps(endpoint)
+    def answer(*args: Any, **kwargs: Any) -> Any:
+        return reply(endpoint(*args, **kwargs))
+
+    return answer
 
 
 def describe(candidate: BaseRoute) -> list[Route]:

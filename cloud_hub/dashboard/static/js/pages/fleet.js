@@ -83,9 +83,16 @@ export function fleetSummaryHtml(devices) {
     + `${block("By group", "group", tally((d) => d.groups || []))}${block("By tag", "tag", tally(tagPairs))}</div>`;
 }
 
-export async function renderFleet(ctx) {
-  const filter = ctx.query.get("filter") ?? state.fleetFilter ?? "";
-  page.innerHTML = `<h1 tabindex="-1">Fleet</h1><div id="fleet-summary"><p>Loading devices…</p></div>
+// The table holds one page of the matching devices (PAGE_SIZES; "all" shows every one): drawing 1,000 rows
+// costs Chromium most of a second of layout and paint, one page of 100 a few milliseconds.
+// The choice is kept in the browser's localStorage (PAGE_SIZE_KEY).
+export const PAGE_SIZES = [25, 100, 500, "all"];
+export const PAGE_SIZE_KEY = "edgefed.dashboard.fleet_page_size";
+const DEFAULT_PAGE_SIZE = 100;
+
+function fleetHtml(filter, size) {
+  const options = PAGE_SIZES.map((n) => `<option value="${n}"${String(n) === String(size) ? " selected" : ""}>${n === "all" ? "all" : n}</option>`).join("");
+  return `<h1 tabindex="-1">Fleet</h1><div id="fleet-summary"><p>Loading devices…</p></div>
     <div class="toolbar"><label for="fleet-filter">Filter devices</label>
     <input id="fleet-filter" type="search" value="${esc(filter)}" placeholder="words, or group:G tag:K=V profile:P status:online model:NAME" autocomplete="off" spellcheck="false" aria-describedby="fleet-count">
     <span id="fleet-count" role="status" aria-live="polite"></span></div>
@@ -94,40 +101,53 @@ export async function renderFleet(ctx) {
     <th scope="col"><button type="button" class="sort" data-sort="status">Status</button></th>
     <th scope="col"><button type="button" class="sort" data-sort="profile">Profile</button></th><th scope="col">Groups</th>
     <th scope="col">Tags</th><th scope="col">Active versions</th>
-    <th scope="col"><button type="button" class="sort" data-sort="last_seen">Last seen</button></th></tr></thead><tbody></tbody></table></div>`;
+    <th scope="col"><button type="button" class="sort" data-sort="last_seen">Last seen</button></th></tr></thead><tbody></tbody></table></div>
+    <nav class="pager toolbar" aria-label="Pages of devices"><button type="button" id="fleet-prev">Previous</button>
+    <span id="fleet-range"></span><button type="button" id="fleet-next">Next</button>
+    <label for="fleet-page-size" class="check">Rows per page</label><select id="fleet-page-size">${options}</select></nav>`;
+}
+
+export async function renderFleet(ctx) {
+  const filter = ctx.query.get("filter") ?? state.fleetFilter ?? "";
+  page.innerHTML = fleetHtml(filter, localStorage.getItem(PAGE_SIZE_KEY) ?? DEFAULT_PAGE_SIZE);
   const devices = await api("/v1/devices");
   if (ctx.stale()) return;
   const byId = new Map();
   for (const d of devices) { indexDevice(d); byId.set(d.device_id, d); }
-  const tbody = page.querySelector("#fleet-table tbody");
-  tbody.innerHTML = devices.map(fleetRow).join("");
-  const rows = new Map();
-  for (const tr of tbody.rows) rows.set(tr.dataset.deviceId, tr);
-  const view = { name: "fleet", byId, rows, devices, tbody };
+  const table = page.querySelector("#fleet-table");
+  const view = { name: "fleet", byId, rows: new Map(), devices, tbody: table.tBodies[0], matches: [], offset: 0 };
   state.view = view;
   const summary = document.getElementById("fleet-summary");
   view.summary = debounce(() => { if (state.view === view) summary.innerHTML = fleetSummaryHtml(view.devices); }, 500);
   summary.innerHTML = fleetSummaryHtml(devices);
   const input = document.getElementById("fleet-filter");
-  view.apply = () => {
+  const sizeSelect = document.getElementById("fleet-page-size");
+  const pageSize = () => (sizeSelect.value === "all" ? Infinity : Number(sizeSelect.value));
+  view.draw = () => drawFleetPage(view, table, pageSize());
+  // the filter again over every device; the page redrawn only when its devices changed (`first`: from the top)
+  view.apply = (first = false) => {
     state.fleetFilter = input.value;
     const match = matcher(input.value);
-    let shown = 0;
-    for (const d of view.devices) {
-      const tr = rows.get(d.device_id);
-      if (!tr) continue;
-      const ok = match(d);
-      if (tr.hidden === ok) tr.hidden = !ok;
-      if (ok) shown += 1;
-    }
-    document.getElementById("fleet-count").textContent = `${num(shown)} of ${num(view.devices.length)} shown`;
+    view.matches = view.devices.filter(match);
+    if (first) view.offset = 0;
+    const lastStart = Number.isFinite(pageSize()) ? Math.floor(Math.max(0, view.matches.length - 1) / pageSize()) * pageSize() : 0;
+    view.offset = Math.max(0, Math.min(view.offset, lastStart));
+    const wanted = view.matches.slice(view.offset, view.offset + pageSize()).map((d) => d.device_id);
+    const shown = [...view.rows.keys()];
+    if (wanted.length !== shown.length || wanted.some((id, i) => id !== shown[i])) view.draw();
+    else updateRange(view, table, pageSize());
+    document.getElementById("fleet-count").textContent = `${num(view.matches.length)} of ${num(view.devices.length)} match`;
   };
-  input.addEventListener("input", view.apply);
+  input.addEventListener("input", () => view.apply(true));
+  sizeSelect.addEventListener("change", () => { localStorage.setItem(PAGE_SIZE_KEY, sizeSelect.value); view.apply(true); view.draw(); });
+  const turn = (step) => { if (Number.isFinite(pageSize())) { view.offset = Math.max(0, view.offset + step * pageSize()); view.apply(); } };
+  document.getElementById("fleet-prev").addEventListener("click", () => turn(-1));
+  document.getElementById("fleet-next").addEventListener("click", () => turn(1));
   summary.addEventListener("click", (event) => {
     const b = event.target.closest("button[data-filter]");
     if (!b) return;
     input.value = b.dataset.filter;
-    view.apply();
+    view.apply(true);
     input.focus();
   });
   view.poll = async () => {
@@ -136,36 +156,28 @@ export async function renderFleet(ctx) {
     for (const f of fresh) {
       const d = byId.get(f.device_id);
       if (d && d.status === f.status && d.last_seen === f.last_seen) continue;
-      if (d) {
-        Object.assign(d, f);
-        delete d._active;
-        fleetLiveDevice({ device_id: f.device_id }); // redraws its cells from d
-      } else {
-        fleetLiveDevice({ device_id: f.device_id }); // adds the row, then fill it in whole
-        const nd = Object.assign(byId.get(f.device_id), f);
-        indexDevice(nd);
-        const holder = document.createElement("tbody");
-        holder.innerHTML = fleetRow(nd);
-        const tr = holder.firstElementChild;
-        rows.get(f.device_id).replaceWith(tr);
-        rows.set(f.device_id, tr);
-      }
+      if (!d) { byId.set(f.device_id, f); view.devices.push(f); }
+      const nd = Object.assign(byId.get(f.device_id), f);
+      delete nd._active;
+      indexDevice(nd);
+      redrawRow(view, nd);
     }
     view.apply();
+    view.summary();
   };
-  // sorting: a header button orders the rows (again: the other way), moving the row elements
+  // sorting: a header button orders the devices (again: the other way) and shows the first page
   const SORT_KEYS = {
     device: (d) => String(d.device_id),
     status: (d) => String(d.status ?? "~"),
     profile: (d) => String(d.profile ?? "~"),
     last_seen: (d) => Number(d.last_seen || 0),
   };
-  page.querySelector("#fleet-table thead").addEventListener("click", (event) => {
+  table.tHead.addEventListener("click", (event) => {
     const b = event.target.closest("button[data-sort]");
     if (!b) return;
     const th = b.closest("th");
     const ascending = th.getAttribute("aria-sort") !== "ascending";
-    for (const other of page.querySelectorAll("#fleet-table thead th")) other.removeAttribute("aria-sort");
+    for (const other of table.tHead.querySelectorAll("th")) other.removeAttribute("aria-sort");
     th.setAttribute("aria-sort", ascending ? "ascending" : "descending");
     const key = SORT_KEYS[b.dataset.sort];
     const sign = ascending ? 1 : -1;
@@ -173,13 +185,43 @@ export async function renderFleet(ctx) {
       const a = key(x), c = key(y);
       return sign * (a < c ? -1 : a > c ? 1 : String(x.device_id).localeCompare(String(y.device_id)));
     });
-    const fragment = document.createDocumentFragment();
-    for (const d of view.devices) { const tr = rows.get(d.device_id); if (tr) fragment.appendChild(tr); }
-    tbody.appendChild(fragment);
+    view.apply(true);
   });
-  view.apply();
-  if (!devices.length) tbody.innerHTML = `<tr><td colspan="7" class="muted">No devices yet: enroll one with 'cloud-hub devices enroll-token'.</td></tr>`;
+  view.apply(true);
   ctx.loaded();
+}
+
+// the rows of the current page, and the pager's range and buttons
+function drawFleetPage(view, table, size) {
+  const slice = view.matches.slice(view.offset, view.offset + size);
+  view.tbody.innerHTML = slice.length ? slice.map(fleetRow).join("")
+    : `<tr><td colspan="7" class="muted">${view.devices.length ? "No device matches the filter."
+      : "No devices yet: enroll one with 'cloud-hub devices enroll-token'."}</td></tr>`;
+  view.rows = new Map();
+  for (const tr of view.tbody.rows) if (tr.dataset.deviceId) view.rows.set(tr.dataset.deviceId, tr);
+  updateRange(view, table, size);
+}
+
+function updateRange(view, table, size) {
+  const total = view.matches.length;
+  const last = Math.min(total, view.offset + size);
+  document.getElementById("fleet-range").textContent = total ? `${num(view.offset + 1)}–${num(last)} of ${num(total)}` : "none";
+  document.getElementById("fleet-prev").disabled = view.offset === 0;
+  document.getElementById("fleet-next").disabled = last >= total;
+  table.dataset.total = String(view.devices.length);
+  table.dataset.shown = String(view.rows.size);
+}
+
+// a device's cells again from its data, when its row is on the current page
+function redrawRow(view, d) {
+  const tr = view.rows.get(d.device_id);
+  if (!tr) return;
+  const status = d.status ?? "unknown";
+  const cell = tr.querySelector("td.status");
+  cell.textContent = status;
+  cell.className = `status status-${cls(status)}`;
+  tr.querySelector("td.active").innerHTML = activeHtml(d);
+  tr.querySelector("td.last-seen").innerHTML = when(d.last_seen);
 }
 
 export function fleetLiveDevice(ev) {
@@ -189,28 +231,12 @@ export function fleetLiveDevice(ev) {
     d = { device_id: ev.device_id, profile: null, groups: [], tags: {}, reported: null };
     view.byId.set(d.device_id, d);
     view.devices.push(d);
-    if (view.devices.length === 1) view.tbody.innerHTML = "";
   }
   if (ev.status !== undefined) d.status = ev.status;
   if (ev.last_seen !== undefined) d.last_seen = ev.last_seen;
   if (ev.active && typeof ev.active === "object") d._active = ev.active;
   indexDevice(d);
-  let tr = view.rows.get(d.device_id);
-  if (!tr) {
-    const holder = document.createElement("tbody");
-    holder.innerHTML = fleetRow(d);
-    tr = holder.firstElementChild;
-    view.tbody.appendChild(tr);
-    view.rows.set(d.device_id, tr);
-  } else {
-    const status = d.status ?? "unknown";
-    const cell = tr.querySelector("td.status");
-    cell.textContent = status;
-    cell.className = `status status-${cls(status)}`;
-    tr.querySelector("td.active").innerHTML = activeHtml(d);
-    tr.querySelector("td.last-seen").innerHTML = when(d.last_seen);
-  }
+  redrawRow(view, d);
   view.apply();
   view.summary();
 }
-
