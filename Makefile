@@ -16,12 +16,14 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 
 # Mosquitto is needed by the tests that run against a real external broker; Chromium and its driver by the
 # dashboard's browser tests (tests/test_dashboard_browser.py) and bench/dashboard.py: Debian's packages,
-# since nothing may download a browser at run time.
+# since nothing may download a browser at run time. PostgreSQL (initdb, pg_ctl) by the registry tests: they
+# use EDGEFED_TEST_POSTGRES or the local service on 5432, else start a server of their own (tests/pg_server.py).
 system-deps:
 	@missing=; \
 	{ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; } || missing="$$missing mosquitto"; \
 	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
 	[ -x /usr/bin/chromedriver ] || missing="$$missing chromium-driver"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	[ -z "$$missing" ] || { \
 	  echo "installing$$missing (apt-get)"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \

@@ -37,6 +37,14 @@ class _Counting(io.RawIOBase):
         return chunk
 
 
+def _copy(source: BinaryIO, sink: BinaryIO) -> int:
+    copied = 0
+    while block := source.read(1 << 20):
+        sink.write(block)
+        copied += len(block)
+    return copied
+
+
 HUB_URL_ENV, HUB_TOKEN_ENV = "EDGEFED_HUB_URL", "EDGEFED_HUB_TOKEN"
 HUB_CA_ENV = "EDGEFED_HUB_CA"  # the PEM CA an https:// hub's certificate is verified with
 
@@ -65,8 +73,9 @@ class AdminClient:
         return self._context
 
     def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
-                length: int | None = None, raw: bool = False) -> Any:  # fmt: skip
-        """The reply's JSON (its bytes with ``raw``); NotFound, Conflict or HubError naming the cause."""
+                length: int | None = None, raw: bool = False, sink: BinaryIO | None = None) -> Any:  # fmt: skip
+        """The reply's JSON (its bytes with ``raw``; with ``sink``, the body is streamed there and its byte
+        count returned); NotFound, Conflict or HubError naming the cause."""
         req = urllib.request.Request(f"{self.url}{path}", data=body, method=method)
         if length is not None:
             req.add_header("Content-Length", str(length))
@@ -74,6 +83,8 @@ class AdminClient:
         req.add_header("Content-Type", content_type)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout_s, context=self.context) as response:
+                if sink is not None:
+                    return _copy(response, sink)
                 data = response.read()
                 return data if raw else json.loads(data)
         except urllib.error.HTTPError as exc:

@@ -1,6 +1,7 @@
-"""Content-addressed artifact storage on disk: ``{root}/{artifact_id}/`` holds a verified artifact.
-
-The interface is small (``add``, ``path``, ``read_chunk``) so S3-compatible storage can replace it.
+"""Content-addressed artifact storage: the ``Artifacts`` interface and its local implementation,
+``{root}/{artifact_id}/`` on disk (the default). ``cloud_hub/artifacts_s3.py`` implements the same interface
+on S3-compatible object storage (``cloud-hub serve --artifacts s3://bucket/prefix``); ``open_artifacts``
+picks one from the location.
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ import json
 import shutil
 import tarfile
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from edge_agent.protocol.artifact import (
     SIGNATURE_FILE,
@@ -26,6 +28,70 @@ from edge_agent.protocol.errors import ArtifactRejected
 from edge_agent.protocol.manifest import Manifest
 from edge_agent.protocol.signing import TrustStore
 
+MAX_UPLOAD_BYTES = 4 * 1024**3
+
+
+class Artifacts(Protocol):
+    """What the hub needs of an artifact store. Only verified artifacts are stored, addressed by the
+    sha256 of their manifest; whatever is read back is checked again against that manifest."""
+
+    trust: TrustStore  # the keys ``add`` verifies with (the hub's key set replaces it on rotation)
+
+    def add(self, source: Path) -> Manifest:
+        """Verify an artifact directory and store exactly the verified bytes; ArtifactRejected otherwise."""
+        ...
+
+    def add_tar(self, tar_path: Path, max_bytes: int = MAX_UPLOAD_BYTES) -> Manifest:
+        """``add`` an uploaded tar of an artifact directory (its members checked before anything expands)."""
+        ...
+
+    def path(self, artifact_id: str) -> Path:
+        """A local directory holding the artifact's files (for ONNX Runtime, the drift sketch); it does not
+        exist when the artifact is not stored."""
+        ...
+
+    def ids(self) -> list[str]:
+        """The ids of every complete stored artifact, sorted."""
+        ...
+
+    def discard(self, artifact_id: str) -> None:
+        """Remove a stored artifact (one the registry refused)."""
+        ...
+
+    def signature(self, artifact_id: str) -> dict[str, Any]:
+        """The artifact's signature record."""
+        ...
+
+    def read_chunk(self, manifest: Manifest, file_index: int, chunk_index: int) -> bytes:
+        """One chunk, checked against the manifest: ArtifactRejected when the stored copy has rotted."""
+        ...
+
+
+@dataclass(frozen=True)
+class ArtifactLocation:
+    """Where the hub keeps artifacts (``cloud-hub serve --artifacts``): None for ``STATE/artifacts``, a
+    directory path, or ``s3://bucket/prefix`` with an optional endpoint URL (S3-compatible servers) and
+    region; credentials come from boto3's standard chain (environment, ~/.aws, instance role)."""
+
+    url: str | None = None
+    s3_endpoint: str | None = None
+    s3_region: str | None = None
+
+    @property
+    def is_s3(self) -> bool:
+        return bool(self.url and self.url.startswith("s3://"))
+
+
+def open_artifacts(location: ArtifactLocation, state_dir: Path, trust: TrustStore) -> Artifacts:
+    """The store at ``location``; S3 keeps its read-through cache in ``STATE/artifact-cache``."""
+    if location.is_s3:
+        from cloud_hub.artifacts_s3 import S3ArtifactStore  # boto3 is imported only when S3 is used
+
+        assert location.url is not None
+        return S3ArtifactStore(location.url, trust, state_dir / "artifact-cache", location.s3_endpoint,
+                               location.s3_region)  # fmt: skip
+    return ArtifactStore(Path(location.url) if location.url else state_dir / "artifacts", trust)
+
 
 class ArtifactStore:
     def __init__(self, root: Path, trust: TrustStore) -> None:
@@ -34,6 +100,9 @@ class ArtifactStore:
 
     def path(self, artifact_id: str) -> Path:
         return self.root / artifact_id
+
+    def ids(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if not p.name.startswith(".") and p.is_dir())
 
     def add(self, source: Path) -> Manifest:
         """Verify an artifact directory with the hub's trusted keys and store exactly the verified bytes
@@ -62,22 +131,10 @@ class ArtifactStore:
             raise
         return manifest
 
-    def add_tar(self, tar_path: Path, max_bytes: int = 4 * 1024**3) -> Manifest:
-        """Unpack an uploaded tar into a temporary directory and ``add`` it. Every member is checked before
-        anything is written (``check_tar_members``); a member is copied in blocks, never held whole."""
+    def add_tar(self, tar_path: Path, max_bytes: int = MAX_UPLOAD_BYTES) -> Manifest:
+        """Unpack an uploaded tar into a temporary directory and ``add`` it (``unpack_tar``)."""
         with tempfile.TemporaryDirectory(dir=self.root, prefix=".upload-") as tmp:
-            try:
-                with tarfile.open(tar_path) as tar:
-                    members = check_tar_members(tar.getmembers(), max_bytes)
-                    for member in members:
-                        extracted = tar.extractfile(member)
-                        assert extracted is not None
-                        with extracted, (Path(tmp) / Path(member.name).name).open("xb") as out:
-                            shutil.copyfileobj(extracted, out, 1 << 20)
-            except tarfile.TarError as exc:
-                raise ArtifactRejected("manifest", f"upload is not a tar archive: {exc}") from None
-            except FileExistsError as exc:
-                raise ArtifactRejected("manifest", f"upload holds {Path(str(exc.filename)).name!r} twice") from None
+            unpack_tar(tar_path, Path(tmp), max_bytes)
             return self.add(Path(tmp))
 
     def discard(self, artifact_id: str) -> None:
@@ -93,6 +150,22 @@ class ArtifactStore:
         data = read_chunk(self.path(manifest.artifact_id), manifest, file_index, chunk_index)
         verify_chunk(manifest, file_index, chunk_index, data)
         return data
+
+
+def unpack_tar(tar_path: Path, directory: Path, max_bytes: int) -> None:
+    """Expand an uploaded tar's files flat into ``directory``. Every member is checked before anything is
+    written (``check_tar_members``); a member is copied in blocks, never held whole."""
+    try:
+        with tarfile.open(tar_path) as tar:
+            for member in check_tar_members(tar.getmembers(), max_bytes):
+                extracted = tar.extractfile(member)
+                assert extracted is not None
+                with extracted, (directory / Path(member.name).name).open("xb") as out:
+                    shutil.copyfileobj(extracted, out, 1 << 20)
+    except tarfile.TarError as exc:
+        raise ArtifactRejected("manifest", f"upload is not a tar archive: {exc}") from None
+    except FileExistsError as exc:
+        raise ArtifactRejected("manifest", f"upload holds {Path(str(exc.filename)).name!r} twice") from None
 
 
 def check_tar_members(members: list[tarfile.TarInfo], max_bytes: int) -> list[tarfile.TarInfo]:

@@ -23,6 +23,7 @@ import secrets
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +60,9 @@ def allows(role: str, needed: str) -> bool:
     return RANK[role] >= RANK[needed]
 
 
+AuditLog = Callable[[float, int], list[dict[str, Any]]]
+
+
 def token_sha256(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -66,7 +70,10 @@ def token_sha256(token: str) -> str:
 class TokenStore:
     """Named admin tokens and the audit log's reading side, on the registry's SQLite file."""
 
-    def __init__(self, path: str, bootstrap_token: str) -> None:
+    def __init__(self, path: str, bootstrap_token: str, audit_log: AuditLog | None = None) -> None:
+        """``audit_log``: where ``audit`` reads (the hub's Registry, which writes the entries, SQLite or
+        PostgreSQL); None: the ``audit`` table of ``path``."""
+        self.audit_log = audit_log
         self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
         self.db.row_factory = sqlite3.Row
         self._lock = threading.Lock()
@@ -130,6 +137,8 @@ class TokenStore:
 
     def audit(self, since: float = 0.0, limit: int = 10_000) -> list[dict[str, Any]]:
         """Audit entries since ``since`` (Unix seconds), oldest first, at most the newest ``limit``."""
+        if self.audit_log is not None:
+            return self.audit_log(since, limit)
         with self._lock:
             rows = self.db.execute(
                 "SELECT * FROM (SELECT rowid AS id, ts, actor, action, detail FROM audit WHERE ts >= ? "

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from cloud_hub.artifacts import ArtifactStore
+from cloud_hub.artifacts import Artifacts
 from cloud_hub.desired_signing import DesiredSigner
 from cloud_hub.errors import Conflict, NotFound
 from cloud_hub.fetch_limits import FetchLimiter
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 
 class ControlPlane:
-    def __init__(self, broker_url: str, registry: Registry, store: ArtifactStore, topics: Topics,
+    def __init__(self, broker_url: str, registry: Registry, store: Artifacts, topics: Topics,
                  max_chunk_rate: float = 0.0, fetch_window_s: float = 0.1,
                  shared_above: float = 0.5, signer: DesiredSigner | None = None,
                  credentials: tuple[str, str] | None = None, tls_context: ssl.SSLContext | None = None,

@@ -3,7 +3,8 @@
 HubError
 ├── BrokerError       the embedded broker cannot start (port taken, ...) or the broker is unreachable
 ├── NotFound          unknown model, version, device or deployment
-└── Conflict          the request contradicts the registry (no artifact for a device's profile, ...)
+├── Conflict          the request contradicts the registry (no artifact for a device's profile, ...)
+└── RegistryError     the registry cannot be opened: a schema newer than this edgefed, a bad database URL
 """
 
 
@@ -20,4 +21,8 @@ class NotFound(HubError):
 
 
 class Conflict(HubError):
+    pass
+
+
+class RegistryError(HubError):
     pass

@@ -31,7 +31,7 @@ from edge_agent.protocol.messages import ReportedState, from_wire
 from edge_agent.protocol.signing import TrustStore, key_id, public_key_from_pem
 
 if TYPE_CHECKING:
-    from cloud_hub.artifacts import ArtifactStore
+    from cloud_hub.artifacts import Artifacts
     from cloud_hub.control import ControlPlane
     from cloud_hub.desired_signing import DesiredSigner
     from cloud_hub.registry import Registry
@@ -41,7 +41,7 @@ REPUBLISH_EVERY_S = 30.0
 
 
 class HubKeys:
-    def __init__(self, state_dir: Path, registry: Registry, store: ArtifactStore) -> None:
+    def __init__(self, state_dir: Path, registry: Registry, store: Artifacts) -> None:
         """Finish an interrupted rotation, then load (or make) the key set; before the hub key is loaded
         by anything else. ValueError when the hub key is not a root of the key set in force."""
         self.state_dir, self.registry, self.store = state_dir, registry, store

@@ -1,7 +1,10 @@
 """The hub's registry: artifacts, devices, deployments, telemetry and the audit log.
 
-``Registry`` is the storage contract (one SQLite implementation via sqlite-utils now; a PostgreSQL one
-must pass the same tests). All methods are thread-safe. Timestamps are Unix seconds (float).
+``Registry`` is the storage contract, with two implementations that pass the same tests
+(``tests/registry_contract.py``): ``SQLiteRegistry`` here (sqlite-utils, the default: ``STATE/registry.db``)
+and ``PostgresRegistry`` (``registry_pg.py``, psycopg 3). ``open_registry`` picks one from a URL or path.
+Both bring their schema up to date on open (``migrations.py``). All methods are thread-safe.
+Timestamps are Unix seconds (float).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any, Protocol
 import sqlite_utils
 
 from cloud_hub.errors import NotFound
+from cloud_hub.migrations import migrate_sqlite
 from cloud_hub.registry_telemetry import TelemetryTables
 from edge_agent.protocol.manifest import Manifest
 from edge_agent.protocol.messages import TelemetryBatch
@@ -78,6 +82,9 @@ class Registry(Protocol):
 
     def audit(self, actor: str, action: str, detail: dict[str, Any]) -> None: ...
 
+    def audit_log(self, since: float = 0.0, limit: int = 10_000) -> list[dict[str, Any]]:
+        """Audit entries (id, ts, actor, action, detail) since ``since``, oldest first, the newest ``limit``."""
+
     def add_device_token(self, device_id: str, token_sha256: str) -> None:
         """Record a bearer token (by its sha256) that authenticates ``device_id`` on the cloud route."""
 
@@ -87,6 +94,22 @@ class Registry(Protocol):
         """Add cloud-call counts per (device, model)."""
 
     def usage(self) -> list[dict[str, Any]]: ...
+
+    def close(self) -> None:
+        """Release the connection(s); the registry is not used after."""
+
+
+def is_postgres_url(location: str) -> bool:
+    return location.startswith(("postgresql://", "postgres://"))
+
+
+def open_registry(location: str) -> Registry:
+    """A ``postgresql://`` (or ``postgres://``) URL: the PostgreSQL registry; anything else: a SQLite file."""
+    if is_postgres_url(location):
+        from cloud_hub.registry_pg import PostgresRegistry
+
+        return PostgresRegistry(location)
+    return SQLiteRegistry(location)
 
 
 class SQLiteRegistry(TelemetryTables):
@@ -98,66 +121,12 @@ class SQLiteRegistry(TelemetryTables):
         self.db = sqlite_utils.Database(connection)
         self.db.enable_wal()
         self._lock = threading.RLock()
-        self._create()
-
-    def _create(self) -> None:
-        tables: dict[str, tuple[dict[str, Any], Any]] = {
-            "artifacts": (
-                {
-                    "artifact_id": str,
-                    "name": str,
-                    "version": str,
-                    "release": int,
-                    "profile": str,
-                    "precision": str,
-                    "size": int,
-                    "manifest": str,
-                    "signature": str,
-                    "created": float,
-                },
-                "artifact_id",
-            ),
-            "devices": (
-                {
-                    "device_id": str,
-                    "profile": str,
-                    "status": str,
-                    "reported": str,
-                    "last_seen": float,
-                    "groups": str,
-                    "tags": str,
-                    "enrolled": float,
-                },
-                "device_id",
-            ),
-            "deployments": (
-                {
-                    "deployment_id": str,
-                    "name": str,
-                    "version": str,
-                    "target": str,
-                    "created": float,
-                    "devices": str,
-                },
-                "deployment_id",
-            ),
-            "device_models": (
-                {"device_id": str, "model": str, "version": str, "artifact_id": str, "deployment_id": str},
-                ("device_id", "model"),
-            ),
-            "audit": ({"ts": float, "actor": str, "action": str, "detail": str}, None),
-            "device_tokens": ({"token_sha256": str, "device_id": str, "created": float}, "token_sha256"),
-            "cloud_usage": ({"device_id": str, "model": str, "calls": int}, ("device_id", "model")),
-            "removed_devices": ({"device_id": str, "removed": float}, "device_id"),
-            "enroll_tokens": (
-                {"token_sha256": str, "expires": float, "used": float, "device_id": str, "groups": str, "tags": str},
-                "token_sha256",
-            ),
-        }
         with self._lock:
-            for name, (columns, pk) in tables.items():
-                self.db.table(name).create(columns, pk=pk, if_not_exists=True)
-            self._create_telemetry()
+            self.schema_version = migrate_sqlite(connection, path)
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.conn.close()
 
     def add_artifact(self, manifest: Manifest, signature: dict[str, Any]) -> bool:
         row = {
@@ -317,6 +286,15 @@ class SQLiteRegistry(TelemetryTables):
                     "detail": json.dumps(detail),
                 }
             )
+
+    def audit_log(self, since: float = 0.0, limit: int = 10_000) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self.db.query(
+                "SELECT * FROM (SELECT rowid AS id, ts, actor, action, detail FROM audit WHERE ts >= ? "
+                "ORDER BY rowid DESC LIMIT ?) ORDER BY id",
+                [since, limit],
+            )
+            return [{**r, "detail": json.loads(r["detail"] or "{}")} for r in rows]
 
     def add_device_token(self, device_id: str, token_sha256: str) -> None:
         with self._lock:

@@ -1,4 +1,5 @@
-"""The SQLite registry's telemetry table: device telemetry batches, stored once per (device, epoch, seq).
+"""The SQLite registry's telemetry table: device telemetry batches, stored once per (device, epoch, seq)
+(its primary key; the table is made by ``migrations.py``).
 
 ``TelemetryTables`` is a mixin of ``SQLiteRegistry`` (``registry.py``), which owns the database and the
 lock; the ``Registry`` protocol there is the contract these methods fulfil.
@@ -17,16 +18,6 @@ import sqlite_utils
 from edge_agent.protocol.messages import TelemetryBatch
 
 _TELEMETRY_COLUMNS = "device_id, epoch, seq, received, dropped, windows, histograms"
-_TELEMETRY_TABLE = """CREATE TABLE {name} (
-   "device_id" TEXT,
-   "epoch" TEXT NOT NULL DEFAULT '',
-   "seq" INTEGER,
-   "received" REAL,
-   "dropped" INTEGER,
-   "windows" TEXT,
-   "histograms" TEXT,
-   PRIMARY KEY ("device_id", "epoch", "seq")
-)"""
 
 
 class TelemetryTables:
@@ -34,29 +25,6 @@ class TelemetryTables:
 
     db: sqlite_utils.Database
     _lock: threading.RLock
-
-    def _create_telemetry(self) -> None:
-        """The telemetry table, keyed by (device, epoch, seq); a registry file from before epochs (key
-        (device, seq)) is migrated: SQLite cannot alter a primary key, so a new table is made, the rows
-        copied (epoch "": an agent older than epochs) and the tables swapped, in one transaction."""
-        conn = self.db.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            columns = {row[1] for row in conn.execute("PRAGMA table_info(telemetry)")}
-            if not columns:
-                conn.execute(_TELEMETRY_TABLE.format(name="telemetry"))
-            elif "epoch" not in columns:
-                conn.execute(_TELEMETRY_TABLE.format(name="telemetry_epochs"))
-                conn.execute(
-                    f"INSERT INTO telemetry_epochs ({_TELEMETRY_COLUMNS}) "
-                    "SELECT device_id, '', seq, received, dropped, windows, histograms FROM telemetry ORDER BY rowid"
-                )
-                conn.execute("DROP TABLE telemetry")
-                conn.execute("ALTER TABLE telemetry_epochs RENAME TO telemetry")
-            conn.commit()
-        except BaseException:
-            conn.rollback()
-            raise
 
     def add_telemetry(self, batch: TelemetryBatch) -> bool:
         row = {

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cloud_hub.accounting import Statistics
-from cloud_hub.artifacts import ArtifactStore
+from cloud_hub.artifacts import Artifacts
 from cloud_hub.batching import Batcher
 from cloud_hub.errors import NotFound
 from cloud_hub.registry import Registry
@@ -69,7 +69,7 @@ class ModelRepository:
     repository that shares it re-resolves.
     """
 
-    def __init__(self, registry: Registry, store: ArtifactStore, serving_profile: DeviceProfile,
+    def __init__(self, registry: Registry, store: Artifacts, serving_profile: DeviceProfile,
                  options: InferenceOptions | None = None, generation: Any = None) -> None:  # fmt: skip
         self.registry, self.store, self.profile = registry, store, serving_profile
         self.options = options or InferenceOptions()
@@ -110,7 +110,9 @@ class ModelRepository:
                            f"{', '.join(sorted({r['version'] for r in rows}))})")  # fmt: skip
         return wanted
 
-    def _pick(self, name: str, version: str) -> dict[str, Any]:
+    def pick(self, name: str, version: str) -> dict[str, Any]:
+        """The manifest (wire form) of the artifact that answers for (name, version) here; NotFound saying
+        what to do when no artifact of it is servable on this hub's profile."""
         rows = self.registered(name, version)
         manifests = [self.registry.artifact(r["artifact_id"])["manifest"] for r in rows]  # newest release first
         servable = [m for m in manifests if self.servable(m)]
@@ -132,7 +134,7 @@ class ModelRepository:
         served = self._resolved.get((name, version))
         if served is not None:
             return served
-        manifest = manifest_from_wire(self._pick(name, version))
+        manifest = manifest_from_wire(self.pick(name, version))
         with self._lock:
             served = self._served.get(manifest.artifact_id) or self._load(manifest)
         self._resolved[(name, version)] = served

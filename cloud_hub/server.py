@@ -1,8 +1,9 @@
 """`cloud-hub serve`: the registry, the MQTT control plane, the OIP inference server and the admin API
 in one process that owns the hub's state directory.
 
-    STATE/registry.db        SQLite registry (WAL)
-    STATE/artifacts/{id}/    content-addressed artifacts
+    STATE/registry.db        SQLite registry (WAL); with --registry postgresql://... the Registry is there and
+                             this file keeps the stores that stay on SQLite (docs/operations.md, "Registry")
+    STATE/artifacts/{id}/    content-addressed artifacts (or --artifacts DIR | s3://bucket/prefix: artifacts_s3.py)
     STATE/trust/*.pub        artifact keys added with --trust; they join the signed key set on start
     STATE/keyset/            the signed key set: trusted and revoked artifact keys, the hub key (cloud_hub/keys.py)
     STATE/operator.token     the admin API token (mode 0600), created on first start
@@ -26,6 +27,7 @@ from cloud_hub.ab import AbTests
 from cloud_hub.accounting import UsageCounter
 from cloud_hub.admin import AdminApi
 from cloud_hub.alerts import AlertStore, AlertWebhook
+from cloud_hub.artifacts import ArtifactLocation
 from cloud_hub.auth import ACTOR
 from cloud_hub.broker import EmbeddedBroker
 from cloud_hub.control import ControlPlane
@@ -97,6 +99,8 @@ class HubConfig:
     broker_ca: Path | None = None  # CA the hub verifies an mqtts:// broker with (default: system CAs; its own pinned)
     broker_cert: Path | None = None  # the hub's client certificate for an mqtts:// broker that requires one
     broker_key: Path | None = None
+    artifacts: ArtifactLocation = field(default_factory=ArtifactLocation)  # --artifacts, --s3-endpoint, --s3-region
+    registry: str | None = None  # --registry postgresql://...: the Registry there; None: SQLite STATE/registry.db
 
 
 def serving_profile(profile_id: str | None) -> DeviceProfile:
@@ -123,7 +127,7 @@ class Hub(DeviceEnrollment):
         self.config = config
         state = config.state_dir
         (state / "trust").mkdir(parents=True, exist_ok=True)
-        self.registry, self.store = open_store(state)
+        self.registry, self.store = open_store(state, config.artifacts, config.registry)
         self.topics = Topics(config.topic_root)
         # MQTT users (docs/security.md): the hub's own, made on first start, and one per enrolled device;
         # the embedded broker authenticates against them and confines each device to its own topics
@@ -186,7 +190,7 @@ class Hub(DeviceEnrollment):
             self.grpc_port = self.config.grpc_port or free_port(self.config.grpc_host)
             spec = WorkerSpec(self.config.state_dir, self.serving_profile.id, __version__,
                               f"{self.config.grpc_host}:{self.grpc_port}", self.config.inference,
-                              logging.getLogger().level)  # fmt: skip
+                              logging.getLogger().level, self.config.artifacts, self.config.registry)  # fmt: skip
             self.workers = InferenceWorkers(spec, self.config.inference.processes, self.repository.generation)
         threading.Thread(target=self._flush_usage_periodically, name="edgefed-usage", daemon=True).start()
         if self.webhook is not None:

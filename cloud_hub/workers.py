@@ -3,8 +3,9 @@
 listen on the same port (gRPC sets SO_REUSEPORT; the kernel spreads connections), and the hub's own
 process keeps to the control plane and admin API.
 
-Each worker opens the hub's registry (SQLite, WAL) and artifact store read-mostly, loads its own ONNX
-Runtime sessions (every model at start, new ones within 2 s of registration), resolves tokens itself
+Each worker opens the hub's registry (SQLite in WAL mode, or the --registry PostgreSQL database) and
+artifact store read-mostly, loads its own ONNX Runtime sessions (every model at start, new ones within
+2 s of registration), resolves tokens itself
 and writes its usage counts to the registry every 2 s and on exit. The hub's ``invalidate`` reaches
 every worker through a shared generation counter. A worker that dies is restarted; workers stop
 within 2 s when the hub's process is gone, even killed.
@@ -22,14 +23,14 @@ import signal
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any
 
 from cloud_hub.accounting import UsageCounter, peer_statistics, write_statistics
-from cloud_hub.artifacts import ArtifactStore
+from cloud_hub.artifacts import ArtifactLocation, Artifacts, open_artifacts
 from cloud_hub.inference import (
     InferenceOptions,
     InferenceServer,
@@ -37,7 +38,7 @@ from cloud_hub.inference import (
     ModelRepository,
     TokenOwners,
 )
-from cloud_hub.registry import SQLiteRegistry
+from cloud_hub.registry import Registry, open_registry
 from device_profiles import get_profile
 from edge_agent.protocol.signing import TrustStore
 
@@ -57,12 +58,18 @@ class WorkerSpec:
     address: str
     options: InferenceOptions
     log_level: int
+    artifacts: ArtifactLocation = field(default_factory=ArtifactLocation)  # serve --artifacts
+    registry: str | None = None  # serve --registry (a postgresql:// URL); None: STATE/registry.db
 
 
-def open_store(state_dir: Path) -> tuple[SQLiteRegistry, ArtifactStore]:
-    """The hub's registry and artifact store under ``state_dir``."""
-    registry = SQLiteRegistry(str(state_dir / "registry.db"))
-    return registry, ArtifactStore(state_dir / "artifacts", TrustStore.from_dir(state_dir / "trust"))
+def open_store(
+    state_dir: Path, artifacts: ArtifactLocation | None = None, registry_url: str | None = None
+) -> tuple[Registry, Artifacts]:
+    """The hub's registry (``registry_url``: a postgresql:// URL, else ``STATE/registry.db``) and its artifact
+    store (``STATE/artifacts`` unless ``artifacts``)."""
+    registry = open_registry(registry_url or str(state_dir / "registry.db"))
+    trust = TrustStore.from_dir(state_dir / "trust")
+    return registry, open_artifacts(artifacts or ArtifactLocation(), state_dir, trust)
 
 
 def free_port(host: str) -> int:
@@ -77,7 +84,7 @@ def _worker_main(spec: WorkerSpec, generation: Any, ready: Event) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the hub stops its workers itself
-    registry, store = open_store(spec.state_dir)
+    registry, store = open_store(spec.state_dir, spec.artifacts, spec.registry)
     repository = ModelRepository(registry, store, get_profile(spec.serving_profile), spec.options, generation)
     usage = UsageCounter()
     stats_dir = spec.state_dir / STATS_DIR

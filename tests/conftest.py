@@ -134,6 +134,27 @@ def digits_artifact(tmp_path_factory: pytest.TempPathFactory, keys: tuple[Path, 
     return {"path": Path(reports[0].artifact), "report": reports[0], "x": x_test, "y": y_test}
 
 
+@pytest.fixture(scope="session")
+def postgres_admin() -> Iterator[str]:
+    """A PostgreSQL server's admin URL (tests/pg_server.py: EDGEFED_TEST_POSTGRES, the local service on
+    5432, or one started from Debian's packages); skips when there is none (make system-deps installs it)."""
+    from pg_server import postgres_server
+
+    with postgres_server(free_port()) as url:
+        if url is None:
+            pytest.skip("no PostgreSQL: set EDGEFED_TEST_POSTGRES or install postgresql (make system-deps)")
+        yield url
+
+
+@pytest.fixture
+def postgres_url(postgres_admin: str) -> Iterator[str]:
+    """The URL of a new, empty database of its own for this test (dropped after)."""
+    from pg_server import fresh_database
+
+    with fresh_database(postgres_admin) as url:
+        yield url
+
+
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[MosquittoProcess]:
     broker = MosquittoProcess(tmp_path)

@@ -1,5 +1,5 @@
-"""The Registry contract as one test class: every storage implementation (SQLite now, PostgreSQL later)
-subclasses it and provides the ``registry`` fixture."""
+"""The Registry contract as one test class: every storage implementation (SQLite, PostgreSQL) subclasses
+it and provides the ``registry`` fixture (tests/test_registry.py)."""
 
 from __future__ import annotations
 
@@ -90,3 +90,9 @@ class RegistryContract:
         self.registry.add_usage({("a", "gemm"): 3})
         assert self.registry.usage() == [{"device_id": "a", "model": "gemm", "calls": 5}]
         self.registry.audit("operator", "deploy", {"x": 1})
+        self.registry.audit("rollouts", "rollback", {"y": [2]})
+        log = self.registry.audit_log()
+        assert [(e["actor"], e["action"], e["detail"]) for e in log] == [
+            ("operator", "deploy", {"x": 1}), ("rollouts", "rollback", {"y": [2]})]  # fmt: skip
+        assert self.registry.audit_log(limit=1) == log[1:] and log[0]["id"] < log[1]["id"]
+        assert self.registry.audit_log(since=time.time() + 60) == []

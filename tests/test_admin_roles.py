@@ -26,7 +26,8 @@ from cloud_hub.errors import HubError
 ROOT = Path(__file__).resolve().parents[1]
 # The policy. Deployers change what runs where; viewers read everything but secrets.
 DEPLOYER_ROUTES = {"POST /v1/deployments", "POST /v1/rollbacks", "POST /v1/rollouts", "POST /v1/rollouts/{id}/{action}",
-                   "POST /v1/ab", "POST /v1/ab/{id}/{action}"}  # fmt: skip
+                   "POST /v1/ab", "POST /v1/ab/{id}/{action}",
+                   "GET /v1/artifacts/{artifact_id}/files/{path}"}  # fmt: skip  # the last: a model's weights
 SECRET_READS = {"GET /v1/tokens", "GET /v1/examples/{id}/npz"}  # operator only
 PUBLIC_ROUTES = {"GET /v1/openapi.json", "POST /v1/enroll", "GET /", "GET /static/{path}"}  # the dashboard's files
 STREAMS = {"/v1/events"}  # answers text/event-stream until the client leaves

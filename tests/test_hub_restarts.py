@@ -87,6 +87,43 @@ def test_the_hub_restarts_at_once_and_a_deploy_made_before_reaches_the_device(
         hub.stop()
 
 
+def test_a_hub_on_postgresql_keeps_its_registry_there_across_a_restart(
+    tmp_path: Path, keys: tuple[Path, Path], ports: dict[str, int], postgres_url: str
+) -> None:
+    """`serve --registry postgresql://...`: devices, artifacts, deployments and the audit log live in
+    PostgreSQL (none in STATE/registry.db, which keeps only the stores that stay on SQLite); a restarted
+    hub finds them there and the deployment converges."""
+    import sqlite3
+
+    import psycopg
+
+    hub = start_hub(tmp_path / "hub", keys, registry=postgres_url, **ports)
+    broker = f"mqtt://127.0.0.1:{ports['broker_port']}"
+    agent = RunningAgent(tmp_path / "device", broker, keys)
+    try:
+        wait_for("the hub to know the device", lambda: known(hub))
+        agent.stop()
+        admin(hub).add_artifact(make_artifact(tmp_path / "gemm", keys[0]))
+        deployment = admin(hub).deploy("gemm", "1.0.0", "device:dev-1")["deployment_id"]
+        audit = admin(hub).request("GET", "/v1/audit")  # read from PostgreSQL, where the hub wrote it
+        assert {"deploy", "POST /v1/deployments"} <= {entry["action"] for entry in audit}
+        hub.stop()
+        hub.registry.close()
+        hub = start_hub(tmp_path / "hub", keys, registry=postgres_url, **ports)
+        agent = RunningAgent(tmp_path / "device", broker, keys)
+        wait_for("the deployment to converge", lambda: state_of(hub, deployment) == "active", 30)
+    finally:
+        agent.stop()
+        hub.stop()
+        hub.registry.close()
+    with psycopg.connect(postgres_url) as conn:
+        assert conn.execute("SELECT device_id FROM device_models").fetchall() == [("dev-1",)]
+        assert conn.execute("SELECT COUNT(*) FROM deployments").fetchone() == (1,)
+    with sqlite3.connect(tmp_path / "hub" / "registry.db") as local:
+        tables = {row[0] for row in local.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert not tables & {"devices", "artifacts", "deployments", "telemetry"}
+
+
 def test_a_broker_that_lost_its_retained_messages_gets_the_desired_state_again(
     tmp_path: Path, keys: tuple[Path, Path]
 ) -> None:

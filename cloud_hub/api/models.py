@@ -7,12 +7,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from cloud_hub.api.routing import UPLOAD, route
-from cloud_hub.auth import OPERATOR, VIEWER
+from cloud_hub.auth import DEPLOYER, OPERATOR, VIEWER
 from cloud_hub.errors import NotFound
+from edge_agent.protocol.manifest import manifest_from_wire
 
 if TYPE_CHECKING:
     from cloud_hub.admin import AdminApi
@@ -20,8 +22,9 @@ if TYPE_CHECKING:
 UPLOAD_BLOCK_BYTES = 1 << 20  # an upload is written to disk in blocks of this size
 _TAR = {"requestBody": {"required": True, "content": {"application/x-tar": {
     "schema": {"type": "string", "format": "binary"}}}}}  # fmt: skip
-_NPZ = {200: {"description": "OK", "content": {"application/octet-stream": {
+_BINARY = {200: {"description": "OK", "content": {"application/octet-stream": {
     "schema": {"type": "string", "format": "binary"}}}}}  # fmt: skip
+_NPZ = _BINARY
 
 
 async def upload(api: AdminApi, request: Request, allow_interface_change: bool) -> Any:
@@ -66,6 +69,25 @@ def add(routes: APIRouter, api: AdminApi) -> None:
            summary="One version: release, interface and artifact per profile")  # fmt: skip
     def model_version(name: str, version: str) -> Any:
         return hub.model_version(name, version)
+
+    @route(routes, "GET", "/v1/models/{name}/{version}/served", VIEWER,
+           summary="The artifact this hub's inference server runs for a version (cloud-hub export-triton)")  # fmt: skip
+    def served(name: str, version: str) -> Any:
+        manifest = hub.repository.pick(name, version)
+        return {"artifact_id": manifest_from_wire(manifest).artifact_id, "serving_profile": hub.serving_profile.id,
+                "manifest": manifest}  # fmt: skip
+
+    @route(routes, "GET", "/v1/artifacts/{artifact_id}/files/{path}", DEPLOYER, responses=_BINARY,
+           summary="One file of a registered artifact as stored: a model's weights, so deployers and operators "
+                   "only (callers check it against the manifest)")  # fmt: skip
+    def artifact_file(artifact_id: str, path: str) -> Response:
+        manifest = manifest_from_wire(hub.registry.artifact(artifact_id)["manifest"])
+        if path not in [f.path for f in manifest.files]:
+            raise NotFound(f"artifact {artifact_id} has no file {path!r}")
+        stored = hub.store.path(artifact_id) / path  # (S3: downloaded and checked into the cache first)
+        if not stored.is_file():
+            raise NotFound(f"{path} of artifact {artifact_id} is missing from the hub's store; add it again")
+        return FileResponse(stored, media_type="application/octet-stream")
 
     @route(routes, "POST", "/v1/artifacts", OPERATOR, max_body=UPLOAD, openapi_extra=_TAR,
            summary="Upload a signed artifact directory as a tar (streamed to disk; size-limited)")  # fmt: skip

@@ -111,6 +111,7 @@ from cloud_hub.cli import (  # noqa: E402  (they register their commands)
     serve,
     tls,
     tokens,
+    triton,
 )
 
 __all__ = [
@@ -132,4 +133,5 @@ __all__ = [
     "serve",
     "tls",
     "tokens",
+    "triton",
 ]

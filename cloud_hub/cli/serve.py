@@ -10,6 +10,8 @@ from typing import Annotated
 import typer
 from cryptography.hazmat.primitives import serialization
 
+from cloud_hub.artifacts import ArtifactLocation
+from cloud_hub.artifacts_s3 import S3_ENDPOINT_ENV, S3_REGION_ENV, parse_s3_url
 from cloud_hub.cli import (
     StateDir,
     app,
@@ -143,6 +145,33 @@ def serve_command(
             "per-device credentials; docs/security.md). Enrolled devices stay confined either way"
         ),
     ] = False,
+    artifacts: Annotated[
+        str | None,
+        typer.Option(
+            help="Where artifacts are stored: a directory, or s3://BUCKET/PREFIX on S3-compatible storage "
+            "(credentials: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or ~/.aws; a local read-through cache in "
+            "STATE/artifact-cache); default: STATE/artifacts"
+        ),
+    ] = None,
+    s3_endpoint: Annotated[
+        str | None,
+        typer.Option(
+            envvar=S3_ENDPOINT_ENV,
+            help="Endpoint URL of an S3-compatible server (MinIO, Ceph, ...) for --artifacts s3://...; default: AWS S3",
+        ),
+    ] = None,
+    s3_region: Annotated[
+        str | None,
+        typer.Option(envvar=S3_REGION_ENV, help="Region of the --artifacts bucket (default: AWS_REGION or ~/.aws)"),
+    ] = None,
+    registry: Annotated[
+        str | None,
+        typer.Option(
+            help="The registry (artifacts, devices, deployments, telemetry, audit): a postgresql://USER@HOST:PORT/DB "
+            "URL (password: PGPASSWORD or ~/.pgpass; its schema is migrated on start) or a SQLite file; default: "
+            "STATE/registry.db. The hub's other stores stay in STATE/registry.db (docs/operations.md)"
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
 ) -> None:
     """Run the hub: registry, MQTT control plane, OIP gRPC inference and the admin API."""
@@ -153,6 +182,8 @@ def serve_command(
     try:  # every flag checked before anything starts: a clear error naming it, never a traceback
         keys = [(key, check_public_key_file(key)) for key in trust or []]
         _check_preflight(broker, tls_cert, tls_key, admin_host, admin_port)
+        if artifacts is not None and artifacts.startswith("s3://"):
+            parse_s3_url(artifacts)
         check_serve_flags(broker, tls_cert, tls_key, admin_tls, broker_tls_port, broker_tls_only, broker_ca,
                           broker_cert, broker_key)  # fmt: skip
     except (ValueError, EdgefedError) as exc:
@@ -195,6 +226,8 @@ def serve_command(
         broker_ca=broker_ca,
         broker_cert=broker_cert,
         broker_key=broker_key,
+        artifacts=ArtifactLocation(artifacts, s3_endpoint, s3_region),
+        registry=registry,
     )
     try:
         run(lambda: serve(config))

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from cloud_hub.alerts import AlertStore
-from cloud_hub.artifacts import ArtifactStore
+from cloud_hub.artifacts import Artifacts
 from cloud_hub.drift.operations import OperationsBaseline, window_counts
 from cloud_hub.drift.scores import g_test, js_distance, psi
 from cloud_hub.drift.sequential import SequentialDetector, WindowResult
@@ -67,7 +67,7 @@ def device_scopes(device: dict[str, Any]) -> list[str]:
 
 
 class DriftMonitor:
-    def __init__(self, registry: Registry, artifacts: ArtifactStore, alerts: AlertStore, db_path: str, *,
+    def __init__(self, registry: Registry, artifacts: Artifacts, alerts: AlertStore, db_path: str, *,
                  window_calls: int = 200, false_alarms_per_100k: float = 1.0,
                  interval_s: float = 10.0) -> None:  # fmt: skip
         self.registry, self.artifacts, self.alerts = registry, artifacts, alerts
