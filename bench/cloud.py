@@ -11,7 +11,8 @@
 4. Dynamic batching on vs off: throughput at 32 clients (`batching_throughput_ratio`, ≥ 1) and the
    1-client median latency it adds.
 
-KServe runs from `.bench-venv` (`make bench-venv`); without it its figures are null.
+KServe runs from `.kserve-venv` (`make bench-venv`; tests/kserve_peer.py starts it); without it its
+figures are null.
     python bench/cloud.py [--quick]
 """
 
@@ -32,10 +33,11 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/kserve_peer.py: the KServe peer
 
-from common import ROOT, HubProcess, artifact, digits_cnn_onnx, free_port
+from common import HubProcess, artifact, digits_cnn_onnx
+from kserve_peer import KServeProcess, kserve_installed
 
-KSERVE_PYTHON = ROOT / ".bench-venv" / "bin" / "python"
 X = np.random.default_rng(0).random((1, 1, 8, 8), np.float32)
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]  # gRPC would share one connection per target
 PROCESSES = str(len(os.sched_getaffinity(0)))  # the hub's --inference-processes: one per CPU
@@ -132,15 +134,12 @@ def wait_ready(port: int, timeout_s: float = 60) -> None:
     raise RuntimeError(f"no server ready on port {port}")
 
 
-def kserve(model: Path, work: Path) -> tuple[subprocess.Popen[bytes], int] | None:
-    if not KSERVE_PYTHON.exists():
+def kserve(model: Path, work: Path) -> KServeProcess | None:
+    """KServe's Python ModelServer serving ``model`` as digits-cnn (tests/kserve_server.py), or None
+    when `.kserve-venv` is not built."""
+    if not kserve_installed():
         return None
-    port = free_port()
-    log = open(work / "kserve.log", "wb")  # noqa: SIM115 - lives as long as the server
-    process = subprocess.Popen([str(KSERVE_PYTHON), str(ROOT / "bench/kserve_server.py"), str(model), str(port),
-                                str(free_port())], stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
-    wait_ready(port)
-    return process, port
+    return KServeProcess(work, {"digits-cnn": model})
 
 
 def main() -> None:
@@ -168,8 +167,8 @@ def main() -> None:
         peer = kserve(model_dir / "model.onnx", work)
         ports = {"hub": hub.grpc_port, "unbatched": unbatched.grpc_port}
         if peer is not None:
-            servers.append(peer[0])
-            ports["kserve"] = peer[1]
+            servers.append(peer)
+            ports["kserve"] = peer.grpc_port
         calls = {"sdk": sdk_call(work / "device", hub.url)} | {name: triton_call(port) for name, port in ports.items()}
         ms = interleaved(calls, blocks, n)
         print(f"1 client: SDK {ms['sdk']:.3f} ms vs tritonclient {ms['hub']:.3f} ms "
@@ -200,11 +199,7 @@ def main() -> None:
         results["rps_rounds"] = {name: [round(v) for v in values] for name, values in rps.items()}
     finally:
         for server in servers:
-            if isinstance(server, HubProcess):
-                server.stop()
-            else:
-                server.terminate()
-                server.wait(timeout=30)
+            server.stop()
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(results))
 

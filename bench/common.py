@@ -202,11 +202,12 @@ class HubProcess:
     """`cloud-hub serve` in its own process (embedded broker, free ports), with artifacts uploaded."""
 
     def __init__(self, work: Path, trust: Path, *extra: str, grpc_port: int = 0, admin_port: int = 0,
-                 broker: str | None = None) -> None:  # fmt: skip
+                 broker: str | None = None, state: Path | None = None) -> None:  # fmt: skip
         """``broker``: an external one (default: embedded on a free port). The same ``grpc_port`` again
-        reuses the state (and its artifacts): a restart."""
+        reuses the state (and its artifacts): a restart. ``state``: the state directory (default: one per
+        gRPC port under ``work``)."""
         self.grpc_port, self.admin_port = grpc_port or free_port(), admin_port or free_port()
-        state = work / f"hub-{self.grpc_port}"
+        self.state = state = state or work / f"hub-{self.grpc_port}"
         self.log = work / f"hub-{self.grpc_port}-{self.admin_port}.log"
         where = ["--broker", broker] if broker else ["--broker-port", str(free_port())]
         command = [sys.executable, "-c", "from cloud_hub.cli import main; main()", "serve", "--state-dir", str(state),
@@ -232,6 +233,11 @@ class HubProcess:
 
     def stop(self) -> None:
         self.process.terminate()
+        self.process.wait(timeout=30)
+
+    def kill(self) -> None:
+        """SIGKILL: no clean shutdown (a crashed or powered-off hub)."""
+        self.process.kill()
         self.process.wait(timeout=30)
 
 

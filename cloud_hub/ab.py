@@ -1,9 +1,10 @@
 """A/B tests (docs/ab.md): two versions of one model live on a target's devices, the calls split on each
 device by the SDK, both versions' telemetry kept apart and compared.
 
-    registry.db   table ``ab_tests``: id, model, a, b, split (percent of calls to B), target, devices
-                  ({device: {"a": artifact, "b": artifact}}), state (running | promoted | stopped), created,
-                  ended, deployments (the deployments it made), reason
+    ab_tests   a table in the registry's database (``Registry.sql_db()``: SQLite's registry.db or
+               PostgreSQL): id, model, a, b, split (percent of calls to B), target, devices
+               ({device: {"a": artifact, "b": artifact}}), state (running | promoted | stopped), created,
+               ended, deployments (the deployments it made), reason
 
 ``start`` records the test and deploys A to its devices with the B side in each device's signed desired
 state (``DesiredModel.ab``, filled by ``desired_ab`` whenever the hub builds a desired state); ``promote``
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import sqlite3
 import threading
 import time
 from collections import defaultdict
@@ -29,15 +29,15 @@ from cloud_hub.auth import ACTOR
 from cloud_hub.errors import Conflict, NotFound
 from cloud_hub.registration import registered_interface
 from cloud_hub.rollouts.gates import Totals
+from cloud_hub.sqldb import Row, SqlDb, open_db
 from edge_agent.protocol.messages import DesiredAB
 
 MIN_CALLS = 100  # per version, before the verdict judges
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS ab_tests (
-    id TEXT PRIMARY KEY, model TEXT NOT NULL, a TEXT NOT NULL, b TEXT NOT NULL, split REAL NOT NULL,
-    target TEXT NOT NULL, devices TEXT NOT NULL, state TEXT NOT NULL, created REAL NOT NULL, ended REAL,
-    deployments TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '');
-"""
+RUNNING_REREAD_S = 2.0  # how stale this hub's view of running tests may get (another replica may change them)
+_SCHEMA = """CREATE TABLE IF NOT EXISTS ab_tests (
+    id TEXT PRIMARY KEY, model TEXT NOT NULL, a TEXT NOT NULL, b TEXT NOT NULL, split {real} NOT NULL,
+    target TEXT NOT NULL, devices TEXT NOT NULL, state TEXT NOT NULL, created {real} NOT NULL, ended {real},
+    deployments TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '')"""
 
 
 class Figures:
@@ -49,57 +49,60 @@ class Figures:
 
 
 class AbTests:
-    def __init__(self, hub: Any, db_path: str) -> None:
+    def __init__(self, hub: Any, db: SqlDb | str) -> None:
+        """``db``: the registry's ``sql_db()``, or a SQLite file's path."""
         self.hub = hub
-        self.db = sqlite3.connect(db_path, timeout=30, isolation_level=None, check_same_thread=False)
-        self.db.row_factory = sqlite3.Row
-        self._lock = threading.RLock()
-        with self._lock:
-            self.db.executescript(_SCHEMA)
+        self.db, self._owned = open_db(db)
+        self._lock = threading.RLock()  # the running tests and the figures read so far
+        self.db.ddl(sqlite=[_SCHEMA.format(real="REAL")], postgresql=[_SCHEMA.format(real="DOUBLE PRECISION")])
         self._running: dict[str, dict[str, Any]] = {}  # model → its running test
+        self._read_at = 0.0
         self._load_running()
         self._cursor = 0
         self._figures: dict[str, Figures] = defaultdict(Figures)
 
     def close(self) -> None:
-        with self._lock:
+        if self._owned:
             self.db.close()
 
     # records -------------------------------------------------------------------------------------
-    def _row(self, row: sqlite3.Row) -> dict[str, Any]:
+    def _row(self, row: Row) -> dict[str, Any]:
         test = dict(row)
         test["devices"], test["deployments"] = json.loads(test["devices"]), json.loads(test["deployments"])
         return test
 
     def _load_running(self) -> None:
+        rows = self.db.execute("SELECT * FROM ab_tests WHERE state = 'running'")
         with self._lock:
-            rows = self.db.execute("SELECT * FROM ab_tests WHERE state = 'running'").fetchall()
             self._running = {r["model"]: self._row(r) for r in rows}
+            self._read_at = time.monotonic()
+
+    def _running_test(self, model: str) -> dict[str, Any] | None:
+        if time.monotonic() - self._read_at > RUNNING_REREAD_S:
+            self._load_running()
+        return self._running.get(model)
 
     def tests(self) -> list[dict[str, Any]]:
-        with self._lock:
-            rows = self.db.execute("SELECT * FROM ab_tests ORDER BY created DESC").fetchall()
+        rows = self.db.execute("SELECT * FROM ab_tests ORDER BY created DESC")
         return [self._row(r) for r in rows]
 
     def get(self, test_id: str) -> dict[str, Any]:
-        with self._lock:
-            row = self.db.execute("SELECT * FROM ab_tests WHERE id = ?", [test_id]).fetchone()
-        if row is None:
+        rows = self.db.execute("SELECT * FROM ab_tests WHERE id = ?", [test_id])
+        if not rows:
             raise NotFound(f"A/B test {test_id!r} is unknown; see 'cloud-hub ab list'")
-        return self._row(row)
+        return self._row(rows[0])
 
     def _update(self, test_id: str, **fields: Any) -> None:
         fields = {k: json.dumps(v) if k in ("devices", "deployments") else v for k, v in fields.items()}
-        with self._lock:
-            self.db.execute(f"UPDATE ab_tests SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?",
-                            [*fields.values(), test_id])  # fmt: skip
-            self._load_running()
+        self.db.execute(f"UPDATE ab_tests SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?",
+                        [*fields.values(), test_id])  # fmt: skip
+        self._load_running()
 
     # the desired-state hook -------------------------------------------------------------------------
     def desired_ab(self, device_id: str, model: str, version: str) -> DesiredAB | None:
         """The B side for ``device_id``'s desired state of ``model@version``: a running test whose A is
         that version and that covers the device; None otherwise."""
-        test = self._running.get(model)
+        test = self._running_test(model)
         if test is None or test["a"] != version or device_id not in test["devices"]:
             return None
         artifact_id = test["devices"][device_id]["b"]
@@ -115,7 +118,7 @@ class AbTests:
         if not 0 < split < 100:
             raise ValueError(f"split {split:g}: give the percent of calls for B, above 0 and below 100")
         self._check_interfaces(model, a, b)
-        running = self._running.get(model)
+        running = self._running_test(model)
         if running is not None:
             raise Conflict(f"A/B test {running['id']} of {model} ({running['a']} vs {running['b']}) is running; "
                            f"promote or stop it first ('cloud-hub ab stop {running['id']}')")  # fmt: skip

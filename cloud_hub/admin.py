@@ -41,7 +41,7 @@ class AdminApi:
         port (``self.port`` is the one bound)."""
         self.hub, self.token, self.public_metrics = hub, token, public_metrics
         self.upload_limit = int(getattr(hub.config, "max_upload_bytes", MAX_UPLOAD_BYTES))
-        self.tokens = TokenStore(str(hub.config.state_dir / "registry.db"), token, hub.registry.audit_log)
+        self.tokens = TokenStore(hub.registry.sql_db(), token, hub.registry.audit_log)
         self.events = Events(hub)
         self.app = create_app(self)
         self.scheme = "http" if ssl_context is None else "https"

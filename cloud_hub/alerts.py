@@ -1,10 +1,13 @@
-"""Alerts: records with a state, deduplicated by a key, stored in the hub's registry file.
+"""Alerts: records with a state, deduplicated by a key, stored in the hub's registry database
+(``Registry.sql_db()``: SQLite's registry.db or PostgreSQL, shared by hub replicas).
 
 An alert's life is ``open`` → ``acknowledged`` (optional) → ``resolved``. Raising an alert whose key
 already has an open or acknowledged alert updates that one (``last_seen``, ``count`` + 1, the latest
 summary and details) instead of opening another; once it is resolved, the same key opens a new alert.
-A partial unique index holds at most one unresolved alert per key, and every change is one SQLite
-transaction (``BEGIN IMMEDIATE`` … ``COMMIT``), so a crash leaves either the old or the new record.
+A partial unique index holds at most one unresolved alert per key (raising is one ``INSERT ... ON CONFLICT
+(key) WHERE state != 'resolved' DO UPDATE``, so two replicas raising the same key together make one
+alert), and every change is one transaction (an acknowledgement or resolution locks its row: ``SELECT
+... FOR UPDATE``; SQLite: ``BEGIN IMMEDIATE``), so a crash leaves either the old or the new record.
 
 Listeners (``AlertStore.subscribe``) hear ``opened``, ``acknowledged`` and ``resolved`` after the
 change is committed; ``AlertWebhook`` is one: it POSTs each event as JSON from a background thread.
@@ -15,26 +18,25 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import sqlite3
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from cloud_hub.errors import Conflict, HubError, NotFound
+from cloud_hub.sqldb import Row, SqlDb, Tx, open_db
 
 log = logging.getLogger(__name__)
 STATES = ("open", "acknowledged", "resolved")
 SEVERITIES = ("info", "warning", "critical")
 MAX_DETAILS_BYTES = 64 * 1024
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS alerts (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+_TABLE = """CREATE TABLE IF NOT EXISTS alerts (
+    id {id},
     key TEXT NOT NULL,
     kind TEXT NOT NULL,
     severity TEXT NOT NULL,
@@ -44,17 +46,26 @@ CREATE TABLE IF NOT EXISTS alerts (
     summary TEXT NOT NULL,
     details TEXT NOT NULL,
     state TEXT NOT NULL,
-    first_seen REAL NOT NULL,
-    last_seen REAL NOT NULL,
+    first_seen {real} NOT NULL,
+    last_seen {real} NOT NULL,
     count INTEGER NOT NULL,
-    acknowledged_at REAL,
+    acknowledged_at {real},
     acknowledged_by TEXT,
-    resolved_at REAL,
+    resolved_at {real},
     resolved_by TEXT
-);
-CREATE UNIQUE INDEX IF NOT EXISTS alerts_unresolved_key ON alerts (key) WHERE state != 'resolved';
-CREATE INDEX IF NOT EXISTS alerts_state ON alerts (state, last_seen);
-"""
+)"""
+_INDEXES = (
+    "CREATE UNIQUE INDEX IF NOT EXISTS alerts_unresolved_key ON alerts (key) WHERE state != 'resolved'",
+    "CREATE INDEX IF NOT EXISTS alerts_state ON alerts (state, last_seen)",
+)
+_SQLITE = (_TABLE.format(id="INTEGER PRIMARY KEY AUTOINCREMENT", real="REAL"), *_INDEXES)
+_POSTGRES = (_TABLE.format(id="BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY", real="DOUBLE PRECISION"), *_INDEXES)
+_RAISE = (
+    "INSERT INTO alerts (key, kind, severity, model, version, scope, summary, details, state, first_seen, last_seen, "
+    "count) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'open', ?, ?, 1) ON CONFLICT (key) WHERE state != 'resolved' DO UPDATE "
+    "SET severity = excluded.severity, summary = excluded.summary, details = excluded.details, "
+    "last_seen = excluded.last_seen, count = alerts.count + 1 RETURNING id, count"
+)
 
 
 @dataclass(frozen=True)
@@ -85,38 +96,22 @@ Listener = Callable[[str, Alert], None]
 
 
 class AlertStore:
-    """Alerts in the ``alerts`` table of a SQLite file (the hub's ``registry.db``; created if missing).
-    Thread-safe. Timestamps are Unix seconds."""
+    """Alerts in the ``alerts`` table of the registry's database (``db``: its ``sql_db()``, or a SQLite
+    file's path, created if missing). Thread-safe. Timestamps are Unix seconds."""
 
-    def __init__(self, path: str) -> None:
-        self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self._lock = threading.RLock()
+    def __init__(self, db: SqlDb | str) -> None:
+        self.db, self._owned = open_db(db)
         self._listeners: list[Listener] = []
-        with self._transaction():
-            for statement in filter(str.strip, _SCHEMA.split(";")):
-                self.db.execute(statement)
+        self.db.ddl(sqlite=_SQLITE, postgresql=_POSTGRES)
 
     def close(self) -> None:
-        with self._lock:
+        if self._owned:
             self.db.close()
 
     def subscribe(self, listener: Listener) -> None:
         """Call ``listener(event, alert)`` after each committed open, ack and resolve (not for updates
         of an alert already open). A listener must not block; its exceptions are logged."""
         self._listeners.append(listener)
-
-    @contextmanager
-    def _transaction(self) -> Iterator[None]:
-        with self._lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-            self.db.execute("COMMIT")
 
     def raise_alert(self, key: str, kind: str, severity: str, model: str, version: str, scope: str, summary: str,
                     details: dict[str, Any] | None = None) -> tuple[Alert, bool]:  # fmt: skip
@@ -131,58 +126,45 @@ class AlertStore:
             raise ValueError(f"alert field 'details' is {len(encoded)} bytes of JSON, over {MAX_DETAILS_BYTES}; "
                              "keep only the top findings")  # fmt: skip
         now = time.time()
-        with self._transaction():
-            row = self.db.execute("SELECT id FROM alerts WHERE key = ? AND state != 'resolved'", [key]).fetchone()
-            if row is None:
-                cursor = self.db.execute(
-                    "INSERT INTO alerts (key, kind, severity, model, version, scope, summary, details, state, "
-                    "first_seen, last_seen, count) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'open', ?, ?, 1)",
-                    [key, kind, severity, model, version, scope, summary, encoded, now, now],
-                )
-                alert_id = int(cursor.lastrowid or 0)
-            else:
-                alert_id = int(row["id"])
-                self.db.execute(
-                    "UPDATE alerts SET severity = ?, summary = ?, details = ?, last_seen = ?, count = count + 1 "
-                    "WHERE id = ?",
-                    [severity, summary, encoded, now, alert_id],
-                )
-            alert = self._get(alert_id)
-        if row is None:
+        with self.db.transaction() as tx:
+            row = tx.execute(_RAISE, [key, kind, severity, model, version, scope, summary, encoded, now, now])[0]
+            alert = _get(tx, row["id"])
+        opened = int(row["count"]) == 1
+        if opened:
             self._notify("opened", alert)
-        return alert, row is None
+        return alert, opened
 
     def ack(self, alert_id: int | str, by: str) -> Alert:
         """Acknowledge an open alert; Conflict when it is already acknowledged or resolved."""
-        with self._transaction():
-            alert = self._get(alert_id)
+        with self.db.transaction() as tx:
+            alert = _get(tx, alert_id, lock=True)
             if alert.state != "open":
                 who = alert.acknowledged_by if alert.state == "acknowledged" else alert.resolved_by
                 raise Conflict(f"alert {alert.id} is already {alert.state} (by {who}); nothing to acknowledge")
-            self.db.execute("UPDATE alerts SET state = 'acknowledged', acknowledged_at = ?, acknowledged_by = ? "
-                            "WHERE id = ?", [time.time(), by, alert.id])  # fmt: skip
-            alert = self._get(alert.id)
+            tx.execute("UPDATE alerts SET state = 'acknowledged', acknowledged_at = ?, acknowledged_by = ? "
+                       "WHERE id = ?", [time.time(), by, alert.id])  # fmt: skip
+            alert = _get(tx, alert.id)
         self._notify("acknowledged", alert)
         return alert
 
     def resolve(self, alert_id: int | str, by: str) -> Alert:
         """Resolve an open or acknowledged alert; Conflict when it is already resolved. The next alert
         raised with its key opens a new record."""
-        with self._transaction():
-            alert = self._get(alert_id)
+        with self.db.transaction() as tx:
+            alert = _get(tx, alert_id, lock=True)
             if alert.state == "resolved":
                 raise Conflict(f"alert {alert.id} is already resolved (by {alert.resolved_by}); a new occurrence "
                                "opens a new alert")  # fmt: skip
-            self.db.execute("UPDATE alerts SET state = 'resolved', resolved_at = ?, resolved_by = ? WHERE id = ?",
-                            [time.time(), by, alert.id])  # fmt: skip
-            alert = self._get(alert.id)
+            tx.execute("UPDATE alerts SET state = 'resolved', resolved_at = ?, resolved_by = ? WHERE id = ?",
+                       [time.time(), by, alert.id])  # fmt: skip
+            alert = _get(tx, alert.id)
         self._notify("resolved", alert)
         return alert
 
     def get(self, alert_id: int | str) -> Alert:
         """One alert; NotFound when unknown."""
-        with self._lock:
-            return self._get(alert_id)
+        with self.db.transaction(read_only=True) as tx:
+            return _get(tx, alert_id)
 
     def list(self, state: str | None = None) -> list[Alert]:
         """Alerts, most recently seen first; ``state``: open, acknowledged, resolved, ``active`` (open or
@@ -196,27 +178,15 @@ class AlertStore:
             where, args = "WHERE state = ?", [state]
         else:
             raise ValueError(f"state {state!r} is not one of open, acknowledged, resolved, active, all")
-        with self._lock:
-            rows = self.db.execute(f"SELECT * FROM alerts {where} ORDER BY last_seen DESC, id DESC", args).fetchall()
+        rows = self.db.execute(f"SELECT * FROM alerts {where} ORDER BY last_seen DESC, id DESC", args)
         return [_alert(row) for row in rows]
 
     def counts(self) -> Counter[tuple[str, str, str]]:
         """Unresolved alerts per (kind, severity, state)."""
-        with self._lock:
-            rows = self.db.execute(
-                "SELECT kind, severity, state, COUNT(*) FROM alerts WHERE state != 'resolved' GROUP BY 1, 2, 3"
-            ).fetchall()
-        return Counter({(r[0], r[1], r[2]): int(r[3]) for r in rows})
-
-    def _get(self, alert_id: int | str) -> Alert:
-        try:
-            number = int(alert_id)
-        except (TypeError, ValueError):
-            number = -1
-        row = self.db.execute("SELECT * FROM alerts WHERE id = ?", [number]).fetchone()
-        if row is None:
-            raise NotFound(f"alert {alert_id!r} is unknown; see 'cloud-hub alerts list --state all'")
-        return _alert(row)
+        rows = self.db.execute(
+            "SELECT kind, severity, state, COUNT(*) AS n FROM alerts WHERE state != 'resolved' GROUP BY 1, 2, 3"
+        )
+        return Counter({(r["kind"], r["severity"], r["state"]): int(r["n"]) for r in rows})
 
     def _notify(self, event: str, alert: Alert) -> None:
         for listener in self._listeners:
@@ -226,9 +196,20 @@ class AlertStore:
                 log.exception("alert listener failed on %s of alert %d", event, alert.id)
 
 
-def _alert(row: sqlite3.Row) -> Alert:
-    fields = dict(row)
-    return Alert(**{**fields, "details": json.loads(fields["details"])})
+def _get(tx: Tx, alert_id: int | str, lock: bool = False) -> Alert:
+    """One alert (``lock``: its row held until the transaction ends); NotFound when unknown."""
+    try:
+        number = int(alert_id)
+    except (TypeError, ValueError):
+        number = -1
+    rows = tx.execute("SELECT * FROM alerts WHERE id = ?" + (" FOR UPDATE" if lock else ""), [number])
+    if not rows:
+        raise NotFound(f"alert {alert_id!r} is unknown; see 'cloud-hub alerts list --state all'")
+    return _alert(rows[0])
+
+
+def _alert(row: Row) -> Alert:
+    return Alert(**{**row, "id": int(row["id"]), "details": json.loads(row["details"])})
 
 
 class AlertWebhook:

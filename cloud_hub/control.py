@@ -1,6 +1,5 @@
 """The MQTT control plane: desired state out, reported state / status / telemetry in, and artifact
-chunks served on request. Chunk requests are coalesced per artifact, so one publish of a chunk reaches
-every device fetching it at that moment (the broker does the fan-out)."""
+chunks served on request (``chunk_rounds.py``)."""
 
 from __future__ import annotations
 
@@ -13,9 +12,9 @@ from collections.abc import Callable
 from typing import Any
 
 from cloud_hub.artifacts import Artifacts
+from cloud_hub.chunk_rounds import ChunkRounds
 from cloud_hub.desired_signing import DesiredSigner
 from cloud_hub.errors import Conflict, NotFound
-from cloud_hub.fetch_limits import FetchLimiter
 from cloud_hub.registry import Registry
 from device_profiles import DeviceProfile, ProfileError, get_profile
 from edge_agent.errors import ConfigError
@@ -23,12 +22,10 @@ from edge_agent.mqtt import MqttConnection
 from edge_agent.protocol.errors import ArtifactRejected, MessageError
 from edge_agent.protocol.manifest import Manifest, manifest_from_wire, now_text
 from edge_agent.protocol.messages import (
-    Chunk,
     DesiredAB,
     DesiredModel,
     DesiredRequest,
     DesiredState,
-    FetchRequest,
     ReportedState,
     Status,
     TelemetryAck,
@@ -39,17 +36,18 @@ from edge_agent.protocol.messages import (
     to_wire,
 )
 from edge_agent.protocol.topics import Topics
+from edge_agent.protocol.topics import shared as shared_subscription
 from edge_agent.store import check_compatible
 
 log = logging.getLogger(__name__)
 
 
-class ControlPlane:
+class ControlPlane(ChunkRounds):
     def __init__(self, broker_url: str, registry: Registry, store: Artifacts, topics: Topics,
                  max_chunk_rate: float = 0.0, fetch_window_s: float = 0.1,
                  shared_above: float = 0.5, signer: DesiredSigner | None = None,
                  credentials: tuple[str, str] | None = None, tls_context: ssl.SSLContext | None = None,
-                 ) -> None:  # fmt: skip
+                 replica: str | None = None) -> None:  # fmt: skip
         self.registry, self.store, self.topics = registry, store, topics
         self.signer = signer  # signs desired states (docs/security.md); None: unsigned, as before issue 13
         # (device, model, version) → the B side of an A/B test for that desired model (cloud_hub/ab.py)
@@ -57,33 +55,29 @@ class ControlPlane:
         # credentials: the hub's MQTT user (cloud_hub/mqtt_auth.py); its client id is its alone on a broker
         # that confines (the embedded one, or Mosquitto as `cloud-hub broker-config` writes it)
         username, password = credentials if credentials is not None else (None, None)
-        self.mqtt = MqttConnection(broker_url, client_id="edgefed-hub", clean_session=True,
+        # replica: one of several hubs (cloud_hub/leader.py): its own client id, device messages through the
+        # replicas' shared subscriptions, chunk requests answered only while it leads
+        self.replica = replica
+        self.leading: Callable[[], bool] = lambda: True
+        client_id = f"edgefed-hub.{replica}" if replica else "edgefed-hub"
+        self.mqtt = MqttConnection(broker_url, client_id=client_id, clean_session=True,
                                    on_connect=self.republish_desired, username=username,
                                    password=password, tls_context=tls_context)  # fmt: skip
         self._republished_at: dict[str, float] = {}  # device → when its desired state was last sent again
-        self.mqtt.route(topics.all_devices("reported"), self._on_reported)
-        self.mqtt.route(topics.all_devices("status"), self._on_status)
-        self.mqtt.route(topics.all_devices("fetch"), self._on_fetch)
-        self.mqtt.route(topics.all_devices("desired/get"), self._on_desired_request)
-        self.mqtt.route(topics.all_devices("telemetry"), self._on_telemetry)
-        self._pending: dict[str, dict[tuple[int, int], set[str]]] = {}  # artifact → chunk → devices
-        self._pending_whole: dict[str, set[str]] = {}  # artifact → devices that asked for all of it
-        self._sending: dict[str, set[tuple[int, int]]] = {}  # this round's chunks not yet published
-        self._pending_lock = threading.Condition()
+        self.device_route("reported", self._on_reported)
+        self.device_route("status", self._on_status)
+        self.mqtt.route(topics.all_devices("fetch"), self._on_fetch)  # every replica hears it; the leader acts
+        self.device_route("desired/get", self._on_desired_request)
+        self.device_route("telemetry", self._on_telemetry)
         self._desired_lock = threading.Lock()  # one desired state read, signed and published at a time
         self._stop = threading.Event()
-        self._sender = threading.Thread(target=self._send_chunks, name="edgefed-chunks", daemon=True)
-        self.chunks_sent = 0
-        self.unicast_chunks_sent = 0
-        self.corrupt_chunks = 0  # chunks not sent because the hub's copy fails its sha256
-        # a chunk that a device fetching the whole artifact wants, or more than this share of a round's
-        # devices, goes on the shared topic; another (a re-ask after loss) to each of its askers on their
-        # own topics (0: always shared; 1: per device unless a whole-artifact fetch wants it)
-        self.shared_above = shared_above
-        self.bytes_sent = 0
-        self.chunk_interval_s = 1.0 / max_chunk_rate if max_chunk_rate > 0 else 0.0  # a cap for thin uplinks
-        self.fetch_window_s = fetch_window_s
-        self.fetch_limiter = FetchLimiter()  # per-device chunk request limits (the hub sets its own)
+        self.telemetry_stored = 0  # batches this hub stored (a replica: its share)
+        self.init_chunk_rounds(max_chunk_rate, fetch_window_s, shared_above)
+
+    def device_route(self, leaf: str, handler: Callable[[str, bytes], None]) -> None:
+        """Hear ``leaf`` of every device: alone, or as one of the replicas' shared subscription."""
+        pattern = self.topics.all_devices(leaf)
+        self.mqtt.route(pattern, handler, shared_as=shared_subscription(pattern) if self.replica else None)
 
     def start(self, connect_timeout_s: float = 5.0) -> None:
         """Connect to the broker; one that cannot be reached within ``connect_timeout_s`` (restarting
@@ -101,12 +95,6 @@ class ControlPlane:
             self._pending_lock.notify_all()
         self._sender.join(timeout=5)
         self.mqtt.stop()
-
-    def _device(self, topic: str) -> str:
-        parsed = self.topics.parse_device_topic(topic)
-        if parsed is None:
-            raise ValueError(f"not a device topic: {topic}")
-        return parsed[0]
 
     def _on_reported(self, topic: str, payload: bytes) -> None:
         device_id = self._device(topic)
@@ -160,117 +148,9 @@ class ControlPlane:
         batch = from_wire(TelemetryBatch, payload)
         if batch.device_id != device_id:
             raise ValueError(f"telemetry for {batch.device_id} on {device_id}'s topic")
-        self.registry.add_telemetry(batch)  # a duplicate is acknowledged again, never stored twice
+        if self.registry.add_telemetry(batch):  # a duplicate is acknowledged again, never stored twice
+            self.telemetry_stored += 1
         self.mqtt.publish(self.topics.telemetry_ack(device_id), to_wire(TelemetryAck(batch.seq, batch.epoch)))
-
-    def _on_fetch(self, topic: str, payload: bytes) -> None:
-        device_id = self._device(topic)
-        request = from_wire(FetchRequest, payload)
-        manifest = manifest_from_wire(self.registry.artifact(request.artifact_id)["manifest"])
-        wanted = {(c[0], c[1]) for c in request.chunks if len(c) == 2} or {
-            (f, c) for f, entry in enumerate(manifest.files) for c in range(len(entry.chunks))
-        }
-        valid = {(f, c) for f, c in wanted if 0 <= f < len(manifest.files) and 0 <= c < len(manifest.files[f].chunks)}
-        total = sum(len(entry.chunks) for entry in manifest.files)
-        admitted = self.fetch_limiter.admit(device_id, request.artifact_id, valid, total)
-        if len(admitted) < len(valid):
-            log.info("device %s: %d of %d chunks of %s over its fetch limit, not sent", device_id,
-                     len(valid) - len(admitted), len(valid), request.artifact_id[:12])  # fmt: skip
-            if not admitted:
-                return
-            request, valid = FetchRequest(request.artifact_id, tuple(sorted(admitted))), admitted
-        with self._pending_lock:
-            # the device subscribed to the chunk topic before it asked, so what this round has yet to
-            # publish reaches it anyway: only the rest waits for the next round
-            coming = valid & self._sending.get(request.artifact_id, set())
-            if valid - coming:
-                askers = self._pending.setdefault(request.artifact_id, {})
-                for chunk in valid - coming:
-                    askers.setdefault(chunk, set()).add(device_id)
-                if not request.chunks:
-                    self._pending_whole.setdefault(request.artifact_id, set()).add(device_id)
-                self._pending_lock.notify()
-        log.info("device %s fetches %d chunks of %s (%d already on their way)", device_id, len(valid),
-                 request.artifact_id[:12], len(coming))  # fmt: skip
-
-    def _send_chunks(self) -> None:
-        """Rounds: wait for a request, let ``fetch_window_s`` gather the others (a fleet asks at about the
-        same time), then publish what was asked, each chunk once on the artifact's topic; a chunk that
-        only a few of the round's devices ask for again (independent loss) goes to each of them on its
-        own topic instead, so the others are not sent it again. A request that arrives during a round
-        is served by what the round has still to publish on the shared topic; the rest forms the next."""
-        while not self._stop.is_set():
-            with self._pending_lock:
-                while not self._pending and not self._stop.is_set():
-                    self._pending_lock.wait(timeout=1)
-            self._stop.wait(self.fetch_window_s)
-            with self._pending_lock:
-                work, whole, self._pending, self._pending_whole = self._pending, self._pending_whole, {}, {}
-                plans = {aid: self._split(wanted, whole.get(aid, set())) for aid, wanted in work.items()}
-                self._sending = {artifact_id: set(shared) for artifact_id, (shared, _) in plans.items()}
-            for artifact_id, (shared, own) in plans.items():
-                try:
-                    self._publish_chunks(artifact_id, shared, own)
-                except Exception:  # this thread must outlive any one round
-                    log.exception("chunk round for %s failed", artifact_id[:12])
-                with self._pending_lock:
-                    self._sending.pop(artifact_id, None)
-
-    def _split(
-        self, wanted: dict[tuple[int, int], set[str]], whole: set[str]
-    ) -> tuple[list[tuple[int, int]], dict[str, list[tuple[int, int]]]]:
-        """(chunks for the shared topic, chunks per device for their own topics)."""
-        devices = len(set().union(*wanted.values()))
-        shared: list[tuple[int, int]] = []
-        own: dict[str, list[tuple[int, int]]] = {}
-        for chunk, askers in sorted(wanted.items()):
-            if askers & whole or len(askers) > self.shared_above * devices:
-                shared.append(chunk)
-            else:
-                for device_id in askers:
-                    own.setdefault(device_id, []).append(chunk)
-        return shared, own
-
-    def _publish_chunks(self, artifact_id: str, shared: list[tuple[int, int]],
-                        own: dict[str, list[tuple[int, int]]]) -> None:  # fmt: skip
-        try:
-            manifest = manifest_from_wire(self.registry.artifact(artifact_id)["manifest"])
-        except (NotFound, ArtifactRejected) as exc:
-            log.warning("cannot serve chunks of %s: %s", artifact_id, exc)
-            return
-        topic = self.topics.chunks(artifact_id)
-        for chunk in shared:
-            with self._pending_lock:  # from here on, a request for this chunk needs another round
-                self._sending[artifact_id].discard(chunk)
-            if not self._publish_chunk(topic, manifest, chunk):
-                return
-        for device_id, chunks in own.items():
-            for chunk in chunks:
-                if not self._publish_chunk(self.topics.device_chunks(device_id, artifact_id), manifest, chunk):
-                    return
-                self.unicast_chunks_sent += 1
-
-    def _publish_chunk(self, topic: str, manifest: Manifest, chunk: tuple[int, int]) -> bool:
-        """Publish one chunk (at most ``max_chunk_rate`` a second); False when the round must end (the hub
-        is stopping, the broker is gone)."""
-        if self._stop.is_set():
-            return False
-        try:
-            data = self.store.read_chunk(manifest, *chunk)
-        except (ArtifactRejected, OSError) as exc:  # never publish what devices would refuse; say so loudly
-            self.corrupt_chunks += 1
-            log.error("artifact %s is unreadable in the hub's store (%s): add it again", manifest.artifact_id[:12], exc)
-            return True
-        try:
-            self.mqtt.publish(topic, Chunk(*chunk, data).to_wire(), qos=1).wait_for_publish(timeout=30)
-        except RuntimeError as exc:  # the broker is gone: end the round; agents ask again once reconnected
-            log.warning("chunk round for %s stopped: %s", manifest.artifact_id[:12], exc)
-            return False
-        if self.chunk_interval_s:
-            self._stop.wait(self.chunk_interval_s)
-        self.chunks_sent += 1
-        self.bytes_sent += len(data)
-        return True
 
     def deploy(self, name: str, version: str, target: str) -> dict[str, Any]:
         """Resolve the target, pick each device's artifact, record the deployment, publish desired state."""

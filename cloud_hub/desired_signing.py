@@ -3,16 +3,20 @@
     STATE/hub-key/hub.key   the hub's Ed25519 key for desired states (0600, made on first start); not an
                             artifact-signing key: it is never in trust/
     STATE/hub-key/hub.pub   its public half, sent to devices at enrollment (``hub_key``)
-    registry.db             tables ``desired_signed`` (the last signed message per device),
+    the registry's database tables ``desired_signed`` (the last signed message per device),
                             ``desired_decisions`` (the deployments each device's messages carried) and
-                            ``rollback_marks`` / ``rollback_deployments`` (signed rollbacks)
+                            ``rollback_marks`` / ``rollback_deployments`` (signed rollbacks); SQLite
+                            (STATE/registry.db) or PostgreSQL, shared by every hub replica
 
 A device's desired state is signed once per decision (a deployment or rollback reaching it): publishing
 the same models again for a deployment it already had (every broker reconnection, a hub restart, a device
 asking) sends the very same signed message, so a device sees the
 same counter and treats it as a repeat (idempotent; a local rollback stands), while any new decision gets
 a counter above every earlier one: ``max(last + 1, the clock in ms)``, so even a hub that lost its
-registry signs counters above those its devices hold (unless its clock went back).
+registry signs counters above those its devices hold (unless its clock went back). Replicas sharing a
+PostgreSQL registry sign one device's state one at a time: each signing holds the device's row
+(``SELECT ... FOR UPDATE``; SQLite: ``BEGIN IMMEDIATE``) from reading the last counter to storing the new
+one, so no two messages ever carry the same counter and a later one never carries a lower counter.
 """
 
 from __future__ import annotations
@@ -20,17 +24,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import sqlite3
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from cloud_hub.sqldb import SqlDb, open_db
 from edge_agent.protocol.atomic import fsync_dir, fsync_tree
 from edge_agent.protocol.canonical import canonical_json
 from edge_agent.protocol.desired_signing import sign_desired
@@ -40,16 +41,17 @@ from edge_agent.protocol.signing import generate_keypair, key_id, load_private_k
 HUB_KEY_DIR = "hub-key"
 HUB_KEY_NAME = "hub"
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS desired_signed (
-    device_id TEXT PRIMARY KEY, counter INTEGER NOT NULL, content TEXT NOT NULL, payload BLOB NOT NULL,
-    signed REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS desired_decisions (
-    device_id TEXT NOT NULL, deployment_id TEXT NOT NULL, PRIMARY KEY (device_id, deployment_id));
-CREATE TABLE IF NOT EXISTS rollback_marks (
-    device_id TEXT NOT NULL, model TEXT NOT NULL, artifact_id TEXT NOT NULL, PRIMARY KEY (device_id, model));
-CREATE TABLE IF NOT EXISTS rollback_deployments (deployment_id TEXT PRIMARY KEY, created REAL NOT NULL);
-"""
+_TABLES = (
+    "CREATE TABLE IF NOT EXISTS desired_signed (device_id TEXT PRIMARY KEY, counter {int} NOT NULL, "
+    "content TEXT NOT NULL, payload {blob} NOT NULL, signed {real} NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS desired_decisions (device_id TEXT NOT NULL, deployment_id TEXT NOT NULL, "
+    "PRIMARY KEY (device_id, deployment_id))",
+    "CREATE TABLE IF NOT EXISTS rollback_marks (device_id TEXT NOT NULL, model TEXT NOT NULL, "
+    "artifact_id TEXT NOT NULL, PRIMARY KEY (device_id, model))",
+    "CREATE TABLE IF NOT EXISTS rollback_deployments (deployment_id TEXT PRIMARY KEY, created {real} NOT NULL)",
+)
+_SQLITE = tuple(t.format(int="INTEGER", blob="BLOB", real="REAL") for t in _TABLES)
+_POSTGRES = tuple(t.format(int="BIGINT", blob="BYTEA", real="DOUBLE PRECISION") for t in _TABLES)
 
 
 def hub_key(state_dir: Path) -> Ed25519PrivateKey:
@@ -75,107 +77,84 @@ def hub_public_pem(state_dir: Path) -> str:
 
 
 class DesiredSigner:
-    """Signs each device's desired state with the hub key and keeps the counters (``registry.db``)."""
+    """Signs each device's desired state with the hub key and keeps the counters (the registry's database:
+    its ``sql_db()``, or a SQLite file's path)."""
 
-    def __init__(self, state_dir: Path, db_path: str) -> None:
+    def __init__(self, state_dir: Path, db: SqlDb | str) -> None:
         self.key = hub_key(state_dir)
         self.public_pem = hub_public_pem(state_dir)
-        self.db = sqlite3.connect(db_path, timeout=30, isolation_level=None, check_same_thread=False)
-        self._lock = threading.Lock()
-        with self._lock:
-            self.db.executescript(_SCHEMA)
+        self.db, self._owned = open_db(db)
+        self.db.ddl(sqlite=_SQLITE, postgresql=_POSTGRES)
 
     def close(self) -> None:
-        with self._lock:
+        if self._owned:
             self.db.close()
-
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN … COMMIT, rolled back on any error (the connection is never left inside a transaction);
-        the caller holds ``_lock``."""
-        self.db.execute("BEGIN")
-        try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
 
     def payload(self, device_id: str, state: DesiredState) -> bytes:
         """The signed message for ``state``: the stored one when its models are unchanged and its
         deployment is one the device already had (same counter); else, for a new decision, a new message
         with a higher counter, stored before it is returned (and published)."""
-        with self._lock:
-            content = _content(state, self.key)  # a message signed by a retired key is never sent again
-            row = self.db.execute(
-                "SELECT counter, content, payload FROM desired_signed WHERE device_id = ?", [device_id]
-            ).fetchone()
-            known = self.db.execute(
-                "SELECT 1 FROM desired_decisions WHERE device_id = ? AND deployment_id = ?",
-                [device_id, state.deployment_id],
-            ).fetchone()
-            if row is not None and row[1] == content and known is not None:
-                return bytes(row[2])
-            counter = max((row[0] if row else 0) + 1, int(time.time() * 1000))
-            signed = sign_desired(dataclasses.replace(state, device_id=device_id, counter=counter), self.key)
-            with self._transaction() as db:
-                db.execute(
-                    "INSERT OR REPLACE INTO desired_signed (device_id, counter, content, payload, signed) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    [device_id, counter, content, signed, time.time()],
-                )
-                db.execute("INSERT OR IGNORE INTO desired_decisions VALUES (?, ?)", [device_id, state.deployment_id])
-            return signed
+        key = self.key
+        content = _content(state, key)  # a message signed by a retired key is never sent again
+        with self.db.transaction() as tx:
+            # the device's row, locked until commit (made first if missing: there is then a row to lock)
+            tx.execute("INSERT INTO desired_signed VALUES (?, 0, '', ?, 0) ON CONFLICT DO NOTHING", [device_id, b""])
+            row = tx.execute("SELECT counter, content, payload FROM desired_signed WHERE device_id = ? FOR UPDATE",
+                             [device_id])[0]  # fmt: skip
+            known = tx.execute("SELECT 1 AS known FROM desired_decisions WHERE device_id = ? AND deployment_id = ?",
+                               [device_id, state.deployment_id])  # fmt: skip
+            if row["content"] == content and known:
+                return bytes(row["payload"])
+            counter = max(int(row["counter"]) + 1, int(time.time() * 1000))
+            signed = sign_desired(dataclasses.replace(state, device_id=device_id, counter=counter), key)
+            tx.execute("UPDATE desired_signed SET counter = ?, content = ?, payload = ?, signed = ? "
+                       "WHERE device_id = ?", [counter, content, signed, time.time(), device_id])  # fmt: skip
+            tx.execute("INSERT INTO desired_decisions VALUES (?, ?) ON CONFLICT DO NOTHING",
+                       [device_id, state.deployment_id])  # fmt: skip
+        return signed
 
     def rekey(self, key: Ed25519PrivateKey, public_pem: str) -> None:
         """A rotated hub key (cloud_hub/keys.py): desired states are signed with it from now on; each
         device's stored message (its content names the old key) is signed again, under a new counter, the
         next time it is published."""
-        with self._lock:
-            self.key, self.public_pem = key, public_pem
+        self.key, self.public_pem = key, public_pem
 
     def counter(self, device_id: str) -> int:
         """The counter of the device's last signed desired state (0: none yet)."""
-        with self._lock:
-            row = self.db.execute("SELECT counter FROM desired_signed WHERE device_id = ?", [device_id]).fetchone()
-        return int(row[0]) if row else 0
+        rows = self.db.execute("SELECT counter FROM desired_signed WHERE device_id = ?", [device_id])
+        return int(rows[0]["counter"]) if rows else 0
 
     def mark_rollback(self, model: str, assignments: dict[str, str]) -> None:
         """These devices may go below their installed release of ``model``, to these artifacts (set before
         the rollback's desired states are signed; any later deploy of that model to them ends it:
         ``clear_rollback``)."""
-        with self._lock, self._transaction() as db:
-            for device_id, artifact_id in assignments.items():
-                db.execute(
-                    "INSERT OR REPLACE INTO rollback_marks (device_id, model, artifact_id) VALUES (?, ?, ?)",
-                    [device_id, model, artifact_id],
-                )
+        with self.db.transaction() as tx:
+            tx.executemany(
+                "INSERT INTO rollback_marks (device_id, model, artifact_id) VALUES (?, ?, ?) "
+                "ON CONFLICT (device_id, model) DO UPDATE SET artifact_id = excluded.artifact_id",
+                [(device_id, model, artifact_id) for device_id, artifact_id in assignments.items()],
+            )
 
     def clear_rollback(self, model: str, device_ids: list[str]) -> None:
         """An ordinary deploy of ``model`` to these devices: no rollback authorised any more (a later
         deploy of an old version is refused as a downgrade, never taken as a rollback)."""
-        with self._lock, self._transaction() as db:
-            db.executemany("DELETE FROM rollback_marks WHERE device_id = ? AND model = ?",
+        with self.db.transaction() as tx:
+            tx.executemany("DELETE FROM rollback_marks WHERE device_id = ? AND model = ?",
                            [(device_id, model) for device_id in device_ids])  # fmt: skip
 
     def record_rollback_deployment(self, deployment_id: str) -> None:
-        with self._lock:
-            self.db.execute("INSERT OR REPLACE INTO rollback_deployments VALUES (?, ?)", [deployment_id, time.time()])
+        self.db.execute("INSERT INTO rollback_deployments VALUES (?, ?) ON CONFLICT (deployment_id) "
+                        "DO UPDATE SET created = excluded.created", [deployment_id, time.time()])  # fmt: skip
 
     def is_rollback(self, device_id: str, model: str, artifact_id: str) -> bool:
         """Whether the hub decided to roll ``device_id`` back to this artifact of ``model``."""
-        with self._lock:
-            row = self.db.execute(
-                "SELECT artifact_id FROM rollback_marks WHERE device_id = ? AND model = ?", [device_id, model]
-            ).fetchone()
-        return row is not None and row[0] == artifact_id
+        rows = self.db.execute("SELECT artifact_id FROM rollback_marks WHERE device_id = ? AND model = ?",
+                               [device_id, model])  # fmt: skip
+        return bool(rows) and rows[0]["artifact_id"] == artifact_id
 
     def rollback_deployment(self, deployment_id: str) -> bool:
-        with self._lock:
-            row = self.db.execute(
-                "SELECT 1 FROM rollback_deployments WHERE deployment_id = ?", [deployment_id]
-            ).fetchone()
-        return row is not None
+        return bool(self.db.execute("SELECT 1 AS found FROM rollback_deployments WHERE deployment_id = ?",
+                                    [deployment_id]))  # fmt: skip
 
 
 def _content(state: DesiredState, key: Ed25519PrivateKey) -> str:

@@ -2,19 +2,19 @@
 ID``), and the pinned, signed enrollment answer (docs/security.md, "Enrollment").
 
 A plain token enrolls only a device id the hub does not know; a token issued for re-enrollment enrolls
-exactly the one id it names. The table lives in ``registry.db`` beside the registry's own.
+exactly the one id it names. The table lives in the registry's database (``Registry.sql_db()``: SQLite's
+``registry.db`` or PostgreSQL) beside the registry's own.
 """
 
 from __future__ import annotations
 
 import hashlib
-import sqlite3
-import threading
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from cloud_hub.sqldb import SqlDb, open_db
 from edge_agent.protocol.signing import sign_document
 
 MAX_ENROLL_BODY = 4096  # bytes: a token, a device id and a profile id
@@ -32,24 +32,19 @@ def sign_answer(answer: dict[str, Any], key: Ed25519PrivateKey) -> dict[str, Any
 
 
 class ReenrollGrants:
-    def __init__(self, db_path: str) -> None:
-        self.db = sqlite3.connect(db_path, timeout=30, isolation_level=None, check_same_thread=False)
-        self.lock = threading.Lock()
-        with self.lock:
-            self.db.execute(_SCHEMA)
+    def __init__(self, db: SqlDb | str) -> None:
+        """``db``: the registry's ``sql_db()``, or a SQLite file's path."""
+        self.db, self._owned = open_db(db)
+        self.db.ddl(sqlite=[_SCHEMA], postgresql=[_SCHEMA])
 
     def add(self, token_sha256: str, device_id: str) -> None:
-        with self.lock:
-            self.db.execute("INSERT INTO enroll_reenroll VALUES (?, ?)", (token_sha256, device_id))
+        self.db.execute("INSERT INTO enroll_reenroll VALUES (?, ?)", (token_sha256, device_id))
 
     def device_for(self, token_sha256: str) -> str | None:
         """The device id this token may re-enroll; None for a plain token."""
-        with self.lock:
-            found = self.db.execute(
-                "SELECT device_id FROM enroll_reenroll WHERE token_sha256 = ?", (token_sha256,)
-            ).fetchone()
-        return None if found is None else str(found[0])
+        found = self.db.execute("SELECT device_id FROM enroll_reenroll WHERE token_sha256 = ?", (token_sha256,))
+        return str(found[0]["device_id"]) if found else None
 
     def close(self) -> None:
-        with self.lock:
+        if self._owned:
             self.db.close()

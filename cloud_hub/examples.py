@@ -147,9 +147,10 @@ class ExampleStore:
 class ExampleIngest:
     """Subscribes the hub's MQTT connection to every device's examples, stores and acknowledges them."""
 
-    def __init__(self, store: ExampleStore, mqtt: MqttConnection, topics: Topics) -> None:
+    def __init__(self, store: ExampleStore, mqtt: MqttConnection, topics: Topics, shared_as: str | None = None) -> None:
+        """``shared_as``: the replicas' shared subscription to the examples topic (``topics.shared``)."""
         self.store, self.mqtt, self.topics = store, mqtt, topics
-        mqtt.route(topics.all_devices("examples"), self._on_example)
+        mqtt.route(topics.all_devices("examples"), self._on_example, shared_as=shared_as)
 
     def _on_example(self, topic: str, payload: bytes) -> None:
         parsed = self.topics.parse_device_topic(topic)

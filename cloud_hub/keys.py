@@ -174,7 +174,7 @@ class HubKeys:
     def start(self, control: ControlPlane) -> None:
         """Publish to every known device now, and again to any that reports an older key set."""
         self.control = control
-        control.mqtt.route(control.topics.all_devices("reported"), self._on_reported)
+        control.device_route("reported", self._on_reported)
         self.publish_all()
 
     def message(self) -> bytes:

@@ -1,8 +1,10 @@
-"""The hub's Prometheus metrics (``GET /metrics`` on the admin port), read from the registry at scrape
-time by one custom collector. The registry stores each telemetry batch once per (device, epoch, seq);
-the collector reads each stored batch once (by rowid, only those stored since the last scrape, so a
+"""The hub's Prometheus metrics (``GET /metrics`` on the admin port), read from the registry's database
+(``Registry.sql_db()``: SQLite or PostgreSQL) at scrape time by one custom collector. The registry stores
+each telemetry batch once per (device, epoch, seq); the collector reads each stored batch once (by its
+arrival order, SQLite's rowid or PostgreSQL's ``cursor``, only those stored since the last scrape, so a
 scrape costs what arrived since the one before), so nothing is counted twice, and a restarted hub
-re-reads them all and exports the same totals.
+re-reads them all and exports the same totals. On PostgreSQL each replica exports the fleet's totals
+(every replica reads the one telemetry table).
 
 Label cardinality is bounded: model/version/route series are capped at ``MAX_MODEL_SERIES`` (the most
 recently active kept), per-device series at ``MAX_DEVICE_SERIES``, drift series at
@@ -14,7 +16,6 @@ docs/operations.md.
 from __future__ import annotations
 
 import math
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -25,6 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+from cloud_hub.sqldb import SqlDb, Tx
 from edge_agent.protocol.messages import LATENCY_EDGES_MS
 
 LATENCY_PERIOD_S = 300.0  # the recent period whose windows give the latency percentiles
@@ -33,14 +35,28 @@ MAX_MODEL_SERIES = 500  # (model, version, route) label sets
 MAX_DEVICE_SERIES = 10_000
 MAX_DRIFT_SERIES = 1_000
 _BINS = len(LATENCY_EDGES_MS) + 1
-_HIST = ", ".join(f"SUM(COALESCE(json_extract(w.value, '$.latency_hist[{i}]'), 0))" for i in range(_BINS))
-_WINDOWS = f"""
-SELECT json_extract(w.value, '$.model'), json_extract(w.value, '$.version'), json_extract(w.value, '$.route'),
-       SUM(json_extract(w.value, '$.count')), SUM(json_extract(w.value, '$.errors')),
-       SUM(COALESCE(json_extract(w.value, '$.budget_breaches'), 0)), SUM(json_extract(w.value, '$.latency_ms_sum')),
-       MAX(t.rowid), {_HIST}
-FROM telemetry t, json_each(t.windows) w WHERE {{where}} GROUP BY 1, 2, 3
-"""
+_SUMS = ("calls", "errors", "breaches", "ms", "newest", *(f"h{i}" for i in range(_BINS)))
+# per dialect: a window's text field, a window's number field, a latency bin, the windows of a batch, the
+# column that orders batches by arrival
+_DIALECTS = {
+    "sqlite": ("json_extract(w.value, '$.{0}')", "json_extract(w.value, '$.{0}')",
+               "json_extract(w.value, '$.latency_hist[{0}]')", "json_each(t.windows) w", "rowid"),
+    "postgresql": ("(w ->> '{0}')", "(w ->> '{0}')::float8", "(w -> 'latency_hist' ->> {0})::float8",
+                   "jsonb_array_elements(t.windows) w", "cursor"),
+}  # fmt: skip
+
+
+def _windows_sql(kind: str) -> tuple[str, str]:
+    """The per-(model, version, route) sums of windows (``{where}`` to fill) and the arrival column."""
+    text, number, hist_bin, windows, arrival = _DIALECTS[kind]
+    hist = ", ".join(f"SUM(COALESCE({hist_bin.format(i)}, 0)) AS h{i}" for i in range(_BINS))
+    return (f"SELECT {text.format('model')} AS model, {text.format('version')} AS version, "
+            f"{text.format('route')} AS route, SUM({number.format('count')}) AS calls, "
+            f"SUM({number.format('errors')}) AS errors, SUM(COALESCE({number.format('budget_breaches')}, 0)) AS "
+            f"breaches, SUM({number.format('latency_ms_sum')}) AS ms, MAX(t.{arrival}) AS newest, {hist} "
+            f"FROM telemetry t, {windows} WHERE {{where}} GROUP BY 1, 2, 3", arrival)  # fmt: skip
+
+
 DriftScores = Callable[[], Sequence[tuple[str, str, str, str, float]]]
 
 
@@ -62,15 +78,16 @@ def quantile_ms(hist: Sequence[float], q: float) -> float:
 
 
 class HubCollector(Collector):
-    """Reads the registry file (its own read-only connection per scrape), the alert store, the
-    webhook's counters and the drift provider."""
+    """Reads the registry's database (``db``: ``Registry.sql_db()``; one read-only transaction per
+    scrape), the alert store, the webhook's counters and the drift provider."""
 
-    def __init__(self, registry_path: str, alert_counts: Callable[[], Any], webhook: Any | None,
+    def __init__(self, db: SqlDb, alert_counts: Callable[[], Any], webhook: Any | None,
                  drift_scores: DriftScores, before_scrape: Callable[[], None] = lambda: None) -> None:  # fmt: skip
-        self.registry_path, self.alert_counts, self.webhook = registry_path, alert_counts, webhook
+        self.db, self.alert_counts, self.webhook = db, alert_counts, webhook
+        self._windows, self._arrival = _windows_sql(db.kind)
         self.drift_scores, self.before_scrape = drift_scores, before_scrape
         self._lock = threading.Lock()  # one scrape reads and adds at a time
-        self._read_up_to = 0  # telemetry rowid
+        self._read_up_to = 0  # telemetry's arrival order (SQLite: rowid, PostgreSQL: cursor)
         self._totals: dict[tuple[str, str, str], list[float]] = {}  # count, errors, breaches, ms, newest, *hist
         self._dropped: dict[str, list[int]] = {}  # device → [dropped, newest rowid]
 
@@ -78,60 +95,55 @@ class HubCollector(Collector):
         self.before_scrape()
         omitted = GaugeMetricFamily("edgefed_hub_metric_series_omitted",
                                     "Label sets left out by a cardinality cap", labels=["metric"])  # fmt: skip
-        db = sqlite3.connect(f"file:{self.registry_path}?mode=ro", uri=True, timeout=10, isolation_level=None)
-        try:
-            with self._lock:
-                self._read_new(db)
-                families = [*self._devices(db, omitted), *self._calls(db, omitted)]
-        finally:
-            db.close()
+        with self._lock, self.db.transaction(read_only=True) as db:  # one snapshot
+            self._read_new(db)
+            families = [*self._devices(db, omitted), *self._calls(db, omitted)]
         yield from families
         yield from self._alerts()
         yield from self._drift(omitted)
         yield omitted
 
-    def _read_new(self, db: sqlite3.Connection) -> None:
-        """Add the batches stored since the last scrape (rowids grow: the registry only inserts)."""
-        db.execute("BEGIN")  # one snapshot for both queries
-        try:
-            newest = db.execute("SELECT COALESCE(MAX(rowid), 0) FROM telemetry").fetchone()[0]
-            if newest <= self._read_up_to:
-                return
-            span = [self._read_up_to, newest]
-            for model, version, route, *sums in db.execute(_WINDOWS.format(where="t.rowid > ? AND t.rowid <= ?"),
-                                                            span):  # fmt: skip
-                total = self._totals.setdefault((str(model), str(version), str(route)), [0.0] * len(sums))
-                for i, add in enumerate(sums):
-                    total[i] = max(total[i], add) if i == 4 else total[i] + (add or 0)
-            for device, dropped, last in db.execute("SELECT device_id, SUM(dropped), MAX(rowid) FROM telemetry "
-                                                    "WHERE rowid > ? AND rowid <= ? GROUP BY 1", span):  # fmt: skip
-                seen = self._dropped.setdefault(device, [0, 0])
-                seen[0], seen[1] = seen[0] + (dropped or 0), last
-            self._read_up_to = newest
-        finally:
-            db.execute("COMMIT")
+    def _read_new(self, db: Tx) -> None:
+        """Add the batches stored since the last scrape (their order only grows: the registry only inserts)."""
+        arrival = self._arrival
+        newest = int(db.execute(f"SELECT COALESCE(MAX({arrival}), 0) AS newest FROM telemetry")[0]["newest"])
+        if newest <= self._read_up_to:
+            return
+        span = [self._read_up_to, newest]
+        for row in db.execute(self._windows.format(where=f"t.{arrival} > ? AND t.{arrival} <= ?"), span):
+            total = self._totals.setdefault((str(row["model"]), str(row["version"]), str(row["route"])),
+                                            [0.0] * len(_SUMS))  # fmt: skip
+            for i, name in enumerate(_SUMS):
+                add = float(row[name] or 0)
+                total[i] = max(total[i], add) if name == "newest" else total[i] + add
+        for row in db.execute(f"SELECT device_id, SUM(dropped) AS dropped, MAX({arrival}) AS last FROM telemetry "
+                              f"WHERE {arrival} > ? AND {arrival} <= ? GROUP BY 1", span):  # fmt: skip
+            seen = self._dropped.setdefault(row["device_id"], [0, 0])
+            seen[0], seen[1] = seen[0] + int(row["dropped"] or 0), int(row["last"])
+        self._read_up_to = newest
 
-    def _devices(self, db: sqlite3.Connection, omitted: GaugeMetricFamily) -> Iterator[Metric]:
-        statuses = dict(db.execute("SELECT COALESCE(status, ''), COUNT(*) FROM devices GROUP BY 1").fetchall())
+    def _devices(self, db: Tx, omitted: GaugeMetricFamily) -> Iterator[Metric]:
+        rows = db.execute("SELECT COALESCE(status, '') AS status, COUNT(*) AS n FROM devices GROUP BY 1")
+        statuses = {r["status"]: int(r["n"]) for r in rows}
         yield GaugeMetricFamily("edgefed_hub_devices_known", "Devices in the registry", value=sum(statuses.values()))
         yield GaugeMetricFamily("edgefed_hub_devices_online", "Devices whose last status was online",
                                 value=statuses.get("online", 0))  # fmt: skip
         dropped = CounterMetricFamily("edgefed_hub_spool_dropped", "Calls a device's spool dropped (reported)",
                                       labels=["device"])  # fmt: skip
-        rows = sorted(self._dropped.items(), key=lambda item: -item[1][1])  # the most recently heard first
-        for device, (count, _) in rows[:MAX_DEVICE_SERIES]:
+        recent = sorted(self._dropped.items(), key=lambda item: -item[1][1])  # the most recently heard first
+        for device, (count, _) in recent[:MAX_DEVICE_SERIES]:
             dropped.add_metric([device], count)
-        omitted.add_metric(["edgefed_hub_spool_dropped"], max(len(rows) - MAX_DEVICE_SERIES, 0))
+        omitted.add_metric(["edgefed_hub_spool_dropped"], max(len(recent) - MAX_DEVICE_SERIES, 0))
         yield dropped
         cloud = CounterMetricFamily("edgefed_hub_cloud_calls", "Cloud inference calls per device",
                                     labels=["device"])  # fmt: skip
-        usage = db.execute("SELECT device_id, SUM(calls) FROM cloud_usage GROUP BY 1 ORDER BY 2 DESC").fetchall()
-        for device, count in usage[:MAX_DEVICE_SERIES]:
-            cloud.add_metric([device], count or 0)
+        usage = db.execute("SELECT device_id, SUM(calls) AS calls FROM cloud_usage GROUP BY 1 ORDER BY 2 DESC")
+        for row in usage[:MAX_DEVICE_SERIES]:
+            cloud.add_metric([row["device_id"]], float(row["calls"] or 0))
         omitted.add_metric(["edgefed_hub_cloud_calls"], max(len(usage) - MAX_DEVICE_SERIES, 0))
         yield cloud
 
-    def _calls(self, db: sqlite3.Connection, omitted: GaugeMetricFamily) -> Iterator[Metric]:
+    def _calls(self, db: Tx, omitted: GaugeMetricFamily) -> Iterator[Metric]:
         labels = ["model", "version", "route"]
         calls = CounterMetricFamily("edgefed_hub_calls", "Calls reported by devices", labels=labels)
         errors = CounterMetricFamily("edgefed_hub_call_errors", "Calls that failed", labels=labels)
@@ -154,11 +166,12 @@ class HubCollector(Collector):
                                    f"Latency percentiles over the last {LATENCY_PERIOD_S:g} s of windows received "
                                    "(estimated from their histograms)", labels=[*labels, "quantile"])  # fmt: skip
         since = [time.time() - LATENCY_PERIOD_S]
-        for row in db.execute(_WINDOWS.format(where="t.received >= ?"), since).fetchall()[:MAX_MODEL_SERIES]:
+        for row in db.execute(self._windows.format(where="t.received >= ?"), since)[:MAX_MODEL_SERIES]:
+            hist = [float(row[f"h{i}"] or 0) for i in range(_BINS)]
             for q in QUANTILES:
-                value = quantile_ms(row[8:], q)
+                value = quantile_ms(hist, q)
                 if not math.isnan(value):
-                    recent.add_metric([str(row[0]), str(row[1]), str(row[2]), f"{q:g}"], value)
+                    recent.add_metric([str(row["model"]), str(row["version"]), str(row["route"]), f"{q:g}"], value)
         yield recent
 
     def _alerts(self) -> Iterator[Metric]:

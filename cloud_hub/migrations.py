@@ -70,7 +70,15 @@ def _sqlite_1_baseline(conn: sqlite3.Connection) -> None:
         conn.execute("ALTER TABLE telemetry_epochs RENAME TO telemetry")
 
 
-SQLITE_MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_sqlite_1_baseline,)
+_LEASES = """CREATE TABLE leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires {real} NOT NULL)"""
+
+
+def _sqlite_2_leases(conn: sqlite3.Connection) -> None:
+    """The leader lease of hub replicas (cloud_hub/leader.py)."""
+    conn.execute(_LEASES.format(real="REAL"))
+
+
+SQLITE_MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_sqlite_1_baseline, _sqlite_2_leases)
 
 # PostgreSQL: JSON as JSONB except the signed manifest and its signature (TEXT: kept byte for byte);
 # telemetry's ``cursor`` (identity) is the arrival order telemetry_after reads by.
@@ -104,7 +112,12 @@ _PG_1_BASELINE: tuple[LiteralString, ...] = (
     CONSTRAINT telemetry_once UNIQUE (device_id, epoch, seq))""",
 )
 
-PG_MIGRATIONS: tuple[tuple[LiteralString, ...], ...] = (_PG_1_BASELINE,)
+# 2: the leader lease of hub replicas (cloud_hub/leader.py)
+_PG_2_LEASES: tuple[LiteralString, ...] = (
+    "CREATE TABLE leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires DOUBLE PRECISION NOT NULL)",
+)
+
+PG_MIGRATIONS: tuple[tuple[LiteralString, ...], ...] = (_PG_1_BASELINE, _PG_2_LEASES)
 
 
 def pending(found: int, migrations: Sequence[T], where: str) -> Sequence[T]:

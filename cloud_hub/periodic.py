@@ -15,6 +15,7 @@ class Periodic:
         self.name, self.interval_s, self._run = name, interval_s, run
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"edgefed-{name}", daemon=True)
+        self.active: Callable[[], bool] = lambda: True  # a beat runs the job only while this says so (leader)
 
     def start(self) -> None:
         self._thread.start()
@@ -26,6 +27,8 @@ class Periodic:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
+            if not self.active():
+                continue
             try:
                 self._run()
             except Exception:  # the job must outlive one bad run; the next one repeats it

@@ -21,6 +21,7 @@ import sqlite_utils
 from cloud_hub.errors import NotFound
 from cloud_hub.migrations import migrate_sqlite
 from cloud_hub.registry_telemetry import TelemetryTables
+from cloud_hub.sqldb import SqlDb, SqliteDb
 from edge_agent.protocol.manifest import Manifest
 from edge_agent.protocol.messages import TelemetryBatch
 
@@ -95,8 +96,20 @@ class Registry(Protocol):
 
     def usage(self) -> list[dict[str, Any]]: ...
 
+    def try_lead(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Take or renew the lease ``name`` for ``holder`` until ``ttl_s`` from now, in one statement: True
+        when ``holder`` holds it (it was free, expired or already its own), False when another does."""
+
+    def resign(self, name: str, holder: str) -> None:
+        """Give the lease ``name`` up if ``holder`` holds it (another replica may take it at once)."""
+
     def close(self) -> None:
         """Release the connection(s); the registry is not used after."""
+
+    def sql_db(self) -> SqlDb:
+        """The registry's database as the handle the hub's other stores (tokens, desired-state counters,
+        rollouts, alerts, ...) keep their tables in (``cloud_hub/sqldb.py``): the same SQLite file, or the
+        same PostgreSQL database and pool; one handle per registry, closed with it."""
 
 
 def is_postgres_url(location: str) -> bool:
@@ -123,10 +136,15 @@ class SQLiteRegistry(TelemetryTables):
         self._lock = threading.RLock()
         with self._lock:
             self.schema_version = migrate_sqlite(connection, path)
+        self._sql_db = SqliteDb(path)
 
     def close(self) -> None:
         with self._lock:
             self.db.conn.close()
+        self._sql_db.close()
+
+    def sql_db(self) -> SqlDb:
+        return self._sql_db
 
     def add_artifact(self, manifest: Manifest, signature: dict[str, Any]) -> bool:
         row = {
@@ -321,3 +339,19 @@ class SQLiteRegistry(TelemetryTables):
     def usage(self) -> list[dict[str, Any]]:
         with self._lock:
             return list(self.db.table("cloud_usage").rows_where(order_by="device_id, model"))
+
+    def try_lead(self, name: str, holder: str, ttl_s: float) -> bool:
+        now = time.time()
+        with self._lock:
+            row = self.db.execute(
+                "INSERT INTO leases (name, holder, expires) VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
+                "holder = excluded.holder, expires = excluded.expires "
+                "WHERE leases.holder = excluded.holder OR leases.expires < ? RETURNING holder",
+                [name, holder, now + ttl_s, now],
+            ).fetchone()
+            self.db.conn.commit()
+        return row is not None
+
+    def resign(self, name: str, holder: str) -> None:
+        with self._lock, self.db.conn:
+            self.db.execute("DELETE FROM leases WHERE name = ? AND holder = ?", [name, holder])

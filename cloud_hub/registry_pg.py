@@ -26,6 +26,7 @@ from psycopg_pool import ConnectionPool
 from cloud_hub.errors import NotFound, RegistryError
 from cloud_hub.migrations import migrate_postgres
 from cloud_hub.registry_pg_telemetry import PostgresTelemetry
+from cloud_hub.sqldb import PostgresDb, SqlDb
 from edge_agent.protocol.manifest import Manifest
 
 DEVICE_FIELDS = ("profile", "status", "reported", "last_seen", "groups", "tags", "enrolled")
@@ -56,9 +57,13 @@ class PostgresRegistry(PostgresTelemetry):
                                 "--registry URL and that the server runs and accepts this user") from None  # fmt: skip
         self._pool = ConnectionPool(url, min_size=1, max_size=max_connections, open=True, name="edgefed-registry",
                                     timeout=connect_timeout_s * 3)  # fmt: skip
+        self._sql_db = PostgresDb(self._pool)
 
     def close(self) -> None:
         self._pool.close()
+
+    def sql_db(self) -> SqlDb:
+        return self._sql_db
 
     def _rows(self, query: LiteralString | sql.Composed, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cursor:
@@ -215,3 +220,16 @@ class PostgresRegistry(PostgresTelemetry):
 
     def usage(self) -> list[dict[str, Any]]:
         return self._rows("SELECT * FROM cloud_usage ORDER BY device_id, model")
+
+    def try_lead(self, name: str, holder: str, ttl_s: float) -> bool:
+        # the database's clock, not the replicas': their clocks may disagree, the lease's must not
+        return bool(self._rows(
+            "INSERT INTO leases (name, holder, expires) VALUES (%s, %s, extract(epoch FROM clock_timestamp()) + %s) "
+            "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires = excluded.expires "
+            "WHERE leases.holder = excluded.holder OR leases.expires < extract(epoch FROM clock_timestamp()) "
+            "RETURNING holder",
+            [name, holder, ttl_s],
+        ))  # fmt: skip
+
+    def resign(self, name: str, holder: str) -> None:
+        self._execute("DELETE FROM leases WHERE name = %s AND holder = %s", [name, holder])

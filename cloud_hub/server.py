@@ -46,6 +46,7 @@ from cloud_hub.inference import (
     start_inference_server,
 )
 from cloud_hub.keys import HubKeys
+from cloud_hub.leader import DEFAULT_TTL_S, LeaderLease
 from cloud_hub.mqtt_auth import MqttUsers
 from cloud_hub.registration import check_registration, registered_interface
 from cloud_hub.rollouts import RolloutEngine
@@ -54,8 +55,9 @@ from cloud_hub.workers import USAGE_FLUSH_S, InferenceWorkers, WorkerSpec, free_
 from device_profiles import DeviceProfile, ProfileError, get_profile, load_profiles
 from device_profiles.detect import detect_profile
 from edge_agent import __version__
+from edge_agent.errors import ConfigError
 from edge_agent.protocol.atomic import atomic_write_bytes
-from edge_agent.protocol.topics import DEFAULT_ROOT, Topics
+from edge_agent.protocol.topics import DEFAULT_ROOT, Topics, shared
 
 log = logging.getLogger(__name__)
 TOKEN_FILE = "operator.token"
@@ -101,6 +103,8 @@ class HubConfig:
     broker_key: Path | None = None
     artifacts: ArtifactLocation = field(default_factory=ArtifactLocation)  # --artifacts, --s3-endpoint, --s3-region
     registry: str | None = None  # --registry postgresql://...: the Registry there; None: SQLite STATE/registry.db
+    replica: str | None = None  # --replica NAME: one of several hubs on one broker and database (leader.py)
+    leader_ttl_s: float = DEFAULT_TTL_S  # how long a killed leader's lease outlives it
 
 
 def serving_profile(profile_id: str | None) -> DeviceProfile:
@@ -128,6 +132,7 @@ class Hub(DeviceEnrollment):
         state = config.state_dir
         (state / "trust").mkdir(parents=True, exist_ok=True)
         self.registry, self.store = open_store(state, config.artifacts, config.registry)
+        db = self.registry.sql_db()  # the other stores' tables: the registry's database (SQLite or PostgreSQL)
         self.topics = Topics(config.topic_root)
         # MQTT users (docs/security.md): the hub's own, made on first start, and one per enrolled device;
         # the embedded broker authenticates against them and confines each device to its own topics
@@ -146,27 +151,29 @@ class Hub(DeviceEnrollment):
         self.workers: InferenceWorkers | None = None
         self.control: ControlPlane | None = None
         self.admin: AdminApi | None = None
+        self.leader: LeaderLease | None = None  # with --replica (start())
         self.grpc_server: InferenceServer | None = None
         self.grpc_port = 0
         self.stopped = threading.Event()
         self._registering = threading.Lock()  # one upload's checks and registration at a time
-        self.alerts = AlertStore(str(state / "registry.db"))  # the drift job raises alerts here
+        self.alerts = AlertStore(db)  # the drift job raises alerts here
         self.webhook = AlertWebhook(config.alert_webhook) if config.alert_webhook else None
         if self.webhook is not None:
             self.alerts.subscribe(self.webhook)
         self.examples = ExampleStore(state / EXAMPLES_DIR, config.examples_per_device)
         self.keys = HubKeys(state, self.registry, self.store)  # the signed key set; first: it ends a rotation
-        self.desired_signer = DesiredSigner(state, str(state / "registry.db"))  # hub key, counters (security.md)
+        self.desired_signer = DesiredSigner(state, db)  # hub key, counters (security.md)
         self.keys.signer = self.desired_signer
-        self.reenroll = ReenrollGrants(str(state / "registry.db"))  # tokens that may re-enroll an id
+        self.reenroll = ReenrollGrants(db)  # tokens that may re-enroll an id
         self._enrolling = threading.Lock()  # an enrollment's checks, token use and registration at once
-        self.rollouts = RolloutEngine(self, str(state / "registry.db"), tick_s=config.rollout_tick_s)
-        self.ab = AbTests(self, str(state / "registry.db"))  # A/B tests (docs/ab.md)
-        self.drift = DriftMonitor(self.registry, self.store, self.alerts, str(state / "registry.db"),
+        self.rollouts = RolloutEngine(self, db, tick_s=config.rollout_tick_s)
+        self.ab = AbTests(self, db)  # A/B tests (docs/ab.md)
+        self.drift = DriftMonitor(self.registry, self.store, self.alerts, db,
                                   window_calls=config.drift_window_calls, interval_s=config.drift_interval_s,
                                   false_alarms_per_100k=config.drift_false_alarms_per_100k)  # fmt: skip
 
     def start(self) -> None:
+        self.leader = self._leader_lease()
         if self.broker is not None:
             self.broker.start()
         self.control = ControlPlane(self.broker_url, self.registry, self.store, self.topics, self.config.max_chunk_rate,
@@ -174,10 +181,12 @@ class Hub(DeviceEnrollment):
                                     credentials=self.mqtt_credentials, tls_context=hub_mqtt_context(
                                         self.broker_url, self.config.broker_ca, self.config.broker_cert,
                                         self.config.broker_key, self.config.inference.tls_cert if self.broker else None,
-                                    ))  # fmt: skip
+                                    ), replica=self.config.replica)  # fmt: skip
+        self.control.leading = self.leading
         self.control.fetch_limiter = FetchLimiter(self.config.fetch_requests_per_s, self.config.fetch_budget_s)
         self.control.ab_for = self.ab.desired_ab  # desired states name the B side of running A/B tests
-        ExampleIngest(self.examples, self.control.mqtt, self.topics)  # devices/+/examples → stored, acknowledged
+        examples = self.topics.all_devices("examples")  # devices/+/examples → stored, acknowledged
+        ExampleIngest(self.examples, self.control.mqtt, self.topics, shared(examples) if self.config.replica else None)
         self.control.start()
         self.keys.start(self.control)  # the key set, retained on devices/{id}/keyset
         if self.config.inference.processes == 1:
@@ -195,6 +204,10 @@ class Hub(DeviceEnrollment):
         threading.Thread(target=self._flush_usage_periodically, name="edgefed-usage", daemon=True).start()
         if self.webhook is not None:
             self.webhook.start()
+        self.drift.only_while(self.leading)
+        self.rollouts.only_while(self.leading)
+        if self.leader is not None:
+            self.leader.start()
         self.drift.start()
         self.rollouts.start()
         admin_tls = admin_context(self.config.admin_tls, self.config.inference.tls_cert, self.config.inference.tls_key)
@@ -212,7 +225,26 @@ class Hub(DeviceEnrollment):
             self.admin.port,
         )
 
+    def _leader_lease(self) -> LeaderLease | None:
+        """With --replica, the lease that decides which replica leads; ConfigError for a setup replicas
+        cannot share (the embedded broker has no shared subscriptions; SQLite is one machine's file)."""
+        if self.config.replica is None:
+            return None
+        if self.broker is not None:
+            raise ConfigError("--replica needs an external broker with shared subscriptions (Mosquitto 2, EMQX, "
+                              "HiveMQ): pass --broker mqtt://HOST:PORT; the embedded one serves one hub")  # fmt: skip
+        if not (self.config.registry or "").startswith(("postgresql://", "postgres://")):
+            raise ConfigError("--replica needs a registry every replica shares: pass --registry "
+                              "postgresql://USER@HOST/DB (SQLite is one machine's file)")  # fmt: skip
+        return LeaderLease(self.registry, self.config.replica, self.config.leader_ttl_s)
+
+    def leading(self) -> bool:
+        """Whether this hub drives rollouts, the drift job and chunk rounds: always when it runs alone."""
+        return self.leader is None or self.leader.leading()
+
     def stop(self) -> None:
+        if self.leader is not None:
+            self.leader.stop()
         if self.admin is not None:
             self.admin.stop()
         if self.workers is not None:
@@ -244,9 +276,12 @@ class Hub(DeviceEnrollment):
             "grpc": f"grpc://{self.config.grpc_host}:{self.grpc_port}",
             "serving_profile": self.serving_profile.id,
             "topic_root": self.config.topic_root,
+            "replica": self.config.replica,
+            "leader": self.leading(),
             "devices": len(self.registry.devices()),
             "artifacts": len(self.registry.artifacts()),
             "chunks_sent": control.chunks_sent if control else 0,
+            "telemetry_stored": control.telemetry_stored if control else 0,
             "corrupt_chunks": control.corrupt_chunks if control else 0,
             "malformed_messages": control.mqtt.malformed if control else 0,
             "hard_examples": dict(self.examples.counters),

@@ -167,7 +167,7 @@ class CloudClient:
 
     def interface(self, model: str, version: str = "", timeout_s: float | None = None) -> Interface | None:
         """The model's interface from the server's ModelMetadata (dynamic dimensions are ``-1`` there);
-        None when the server has no ModelMetadata."""
+        None when the server has no ModelMetadata or describes no inputs (KServe's default)."""
         request = pb.ModelMetadataRequest(name=model, version=version)
         try:
             reply = self.stub.ModelMetadata(request, timeout=timeout_s or self.timeout_s, metadata=self.metadata)
@@ -175,6 +175,10 @@ class CloudClient:
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
                 return None
             raise _mapped(self.endpoint, exc.code(), exc.details() or "") from None
+        if not reply.inputs:
+            # KServe's Python ModelServer answers a model that does not override get_input_types with no
+            # inputs (and no outputs): that describes nothing, it does not mean "takes no inputs"
+            return None
         try:
             return Interface(tuple(_spec(t) for t in reply.inputs), tuple(_spec(t) for t in reply.outputs))
         except KeyError as exc:

@@ -73,20 +73,25 @@ class MqttConnection:
         self.client.on_disconnect = self._disconnected
         self.client.on_message = self._message
         self._on_state = on_state or (lambda connected, error: None)
-        self._handlers: list[tuple[str, int, Handler]] = []
+        self._handlers: list[tuple[str, str, int, Handler]] = []  # (filter, subscription, QoS, handler)
         self._on_connect = on_connect
         self._connected_event = threading.Event()
         self.malformed = 0
 
-    def route(self, pattern: str, handler: Handler, qos: int = 1) -> None:
-        """Call ``handler(topic, payload)`` for messages matching ``pattern``; subscribes on (re)connect."""
-        self._handlers.append((pattern, qos, handler))
+    def route(self, pattern: str, handler: Handler, qos: int = 1, shared_as: str | None = None) -> None:
+        """Call ``handler(topic, payload)`` for messages matching ``pattern``; subscribes on (re)connect.
+        ``shared_as``: subscribe as that shared subscription instead (``topics.shared``), so the broker
+        hands each message to one member of its group."""
+        subscription = shared_as or pattern
+        self._handlers.append((pattern, subscription, qos, handler))
         if self._connected_event.is_set():
-            self.client.subscribe(pattern, qos)
+            self.client.subscribe(subscription, qos)
 
     def unroute(self, pattern: str) -> None:
+        gone = {h[1] for h in self._handlers if h[0] == pattern}
         self._handlers = [h for h in self._handlers if h[0] != pattern]
-        self.client.unsubscribe(pattern)
+        for subscription in gone:
+            self.client.unsubscribe(subscription)
 
     def _connected(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if reason.is_failure:
@@ -95,8 +100,8 @@ class MqttConnection:
             return
         log.info("connected to the MQTT broker at %s:%d", self.host, self.port)
         self._on_state(True, None)
-        for pattern, qos, _ in self._handlers:
-            client.subscribe(pattern, qos)
+        for subscription in dict.fromkeys((h[1], h[2]) for h in self._handlers):
+            client.subscribe(*subscription)
         self._connected_event.set()
         if self._on_connect is not None:
             self._on_connect()
@@ -111,7 +116,7 @@ class MqttConnection:
             self._on_state(False, f"disconnected: {reason}")
 
     def _message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        for pattern, _, handler in list(self._handlers):
+        for pattern, _, _, handler in list(self._handlers):
             if mqtt.topic_matches_sub(pattern, message.topic):
                 try:
                     handler(message.topic, bytes(message.payload))

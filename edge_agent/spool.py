@@ -282,6 +282,11 @@ class Spool:
         with self._connect() as db:
             return {name: int(value) for name, value in db.execute("SELECT name, value FROM counters ORDER BY 1")}
 
+    def unacknowledged(self) -> int:
+        """Batches built and not yet acknowledged by the hub (sent, or waiting to be)."""
+        with self._connect() as db:
+            return int(db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
     def pending_calls(self) -> int:
         with self._connect() as db:
             return int(db.execute("SELECT COALESCE(SUM(n), 0) FROM calls").fetchone()[0])

@@ -54,10 +54,15 @@ class Device:
                 except EdgefedError:  # no model yet, or a failing version: the telemetry counts it
                     self.errors += 1
 
-    def stop(self) -> None:
+    def stop_app(self) -> None:
+        """The app stops calling (the agent runs on); ``start_app`` starts it again."""
         self._stop.set()
         if self._app is not None:
             self._app.join(timeout=10)
+        self._app, self._stop = None, threading.Event()
+
+    def stop(self) -> None:
+        self.stop_app()
         self.agent.stop_event.set()
         self.agent_thread.join(timeout=10)
 

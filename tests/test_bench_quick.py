@@ -34,7 +34,9 @@ REQUIRED_KEYS = {
     "telemetry": ("records_per_s_ratio", "lost", "hub_cpu_cores"),
     "compiler": ("int8_size_ratio", "int8_latency_ratio", "top1_agreement", "minilm_cosine", "minilm_speedup"),
     "dashboard": ("fleet_page_ms_p95", "fleet_api_ms_p95", "devices"),
+    "replicas": ("replicas", "records_per_s", "cpu_ms_per_1k_records", "duplicates", "lost"),
 }
+MUST_BE_ZERO = {"replicas": ("duplicates", "lost")}  # what a smoke run must already get right
 BENCHES = sorted(p for p in (Path(__file__).resolve().parents[1] / "bench").glob("*.py") if "--quick" in p.read_text())
 
 
@@ -46,6 +48,8 @@ def test_bench_quick_mode(script: Path) -> None:
     assert figures["quick"] is True
     assert all(v > 0 for k, v in figures.items() if k.endswith(("raw_us", "sdk_us")))
     assert set(REQUIRED_KEYS.get(script.stem, ())) <= set(figures)
+    zero = MUST_BE_ZERO.get(script.stem, ())
+    assert {k: figures[k] for k in zero} == dict.fromkeys(zero, 0)
 
 
 def test_every_bench_an_issue_names_exists() -> None:

@@ -91,7 +91,7 @@ def test_a_hub_on_postgresql_keeps_its_registry_there_across_a_restart(
     tmp_path: Path, keys: tuple[Path, Path], ports: dict[str, int], postgres_url: str
 ) -> None:
     """`serve --registry postgresql://...`: devices, artifacts, deployments and the audit log live in
-    PostgreSQL (none in STATE/registry.db, which keeps only the stores that stay on SQLite); a restarted
+    PostgreSQL (none in STATE/registry.db; the hub's other stores too: test_shared_stores.py); a restarted
     hub finds them there and the deployment converges."""
     import sqlite3
 

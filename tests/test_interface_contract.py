@@ -183,8 +183,8 @@ def test_inputs_are_checked_before_either_route(tmp_path: Path, keys: tuple[Path
 
 class ThirdPartyServicer:
     """An OIP server that behaves as KServe's Python ModelServer does by default (names its output
-    ``output-0``, answers with an empty model version, ignores the outputs asked for); KServe itself is
-    not installable in the test environment (it pins its own dependencies), so this stands in for it."""
+    ``output-0``, answers with an empty model version, ignores the outputs asked for), in-process; the
+    real KServe, in a venv of its own, is tests/test_kserve_cloud.py's peer."""
 
     def __init__(self, weights: np.ndarray) -> None:
         self.weights = weights

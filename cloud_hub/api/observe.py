@@ -35,7 +35,7 @@ class Metrics:
         with self._lock:
             if self._registry is None:
                 hub = self.api.hub
-                collector = HubCollector(str(hub.config.state_dir / "registry.db"), hub.alerts.counts, hub.webhook,
+                collector = HubCollector(hub.registry.sql_db(), hub.alerts.counts, hub.webhook,
                                          hub.drift_scores, hub.flush_usage)  # fmt: skip
                 self._registry = metrics_registry(collector)
             registry = self._registry

@@ -25,6 +25,7 @@ from cloud_hub.tls_serve import check_serve_flags
 from edge_agent.config import parse_endpoint
 from edge_agent.errors import ConfigError, EdgefedError
 from edge_agent.protocol.signing import check_public_key_file
+from edge_agent.protocol.topics import valid_device_id
 
 
 @app.command("serve")
@@ -169,9 +170,22 @@ def serve_command(
         typer.Option(
             help="The registry (artifacts, devices, deployments, telemetry, audit): a postgresql://USER@HOST:PORT/DB "
             "URL (password: PGPASSWORD or ~/.pgpass; its schema is migrated on start) or a SQLite file; default: "
-            "STATE/registry.db. The hub's other stores stay in STATE/registry.db (docs/operations.md)"
+            "STATE/registry.db. The hub's other stores (tokens, rollouts, alerts, drift, signing counters) live in "
+            "the same database (docs/operations.md)"
         ),
     ] = None,
+    replica: Annotated[
+        str | None,
+        typer.Option(
+            help="Run as replica NAME of several hubs on one broker (--broker: Mosquitto 2, EMQX or HiveMQ; shared "
+            "subscriptions) and one --registry postgresql://...: each takes its share of the device messages and "
+            "answers the admin API and inference; one at a time, the leader (a lease in the database), drives "
+            "rollouts, the drift job and artifact chunk rounds (docs/production.md)"
+        ),
+    ] = None,
+    leader_ttl: Annotated[
+        float, typer.Option(min=1.0, help="Seconds a replica's leader lease outlives its last renewal (--replica)")
+    ] = 5.0,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
 ) -> None:
     """Run the hub: registry, MQTT control plane, OIP gRPC inference and the admin API."""
@@ -184,6 +198,8 @@ def serve_command(
         _check_preflight(broker, tls_cert, tls_key, admin_host, admin_port)
         if artifacts is not None and artifacts.startswith("s3://"):
             parse_s3_url(artifacts)
+        if replica is not None and not valid_device_id(replica):
+            raise ValueError(f"--replica {replica!r}: a replica's name is letters, digits, '.', '_' and '-'")
         check_serve_flags(broker, tls_cert, tls_key, admin_tls, broker_tls_port, broker_tls_only, broker_ca,
                           broker_cert, broker_key)  # fmt: skip
     except (ValueError, EdgefedError) as exc:
@@ -228,6 +244,8 @@ def serve_command(
         broker_key=broker_key,
         artifacts=ArtifactLocation(artifacts, s3_endpoint, s3_region),
         registry=registry,
+        replica=replica,
+        leader_ttl_s=leader_ttl,
     )
     try:
         run(lambda: serve(config))

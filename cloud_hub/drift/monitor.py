@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,7 @@ from cloud_hub.drift.sequential import SequentialDetector, WindowResult
 from cloud_hub.drift.store import ClosedWindow, DriftStore, SavedStream, StreamKey
 from cloud_hub.periodic import Periodic
 from cloud_hub.registry import Registry
+from cloud_hub.sqldb import SqlDb
 from edge_agent.protocol.sketch import Sketch
 
 log = logging.getLogger(__name__)
@@ -67,7 +69,7 @@ def device_scopes(device: dict[str, Any]) -> list[str]:
 
 
 class DriftMonitor:
-    def __init__(self, registry: Registry, artifacts: Artifacts, alerts: AlertStore, db_path: str, *,
+    def __init__(self, registry: Registry, artifacts: Artifacts, alerts: AlertStore, db_path: SqlDb | str, *,
                  window_calls: int = 200, false_alarms_per_100k: float = 1.0,
                  interval_s: float = 10.0) -> None:  # fmt: skip
         self.registry, self.artifacts, self.alerts = registry, artifacts, alerts
@@ -80,6 +82,10 @@ class DriftMonitor:
         self._job = Periodic("drift job", interval_s, self._run_all)
         for saved in self.store.streams():
             self._restore(saved)
+
+    def only_while(self, active: Callable[[], bool]) -> None:
+        """Run the periodic job only while ``active()`` (the replica that leads, cloud_hub/leader.py)."""
+        self._job.active = active
 
     def start(self) -> None:
         self._job.start()

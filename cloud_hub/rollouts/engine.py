@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from cloud_hub.errors import Conflict, NotFound
@@ -22,18 +23,23 @@ from cloud_hub.periodic import Periodic
 from cloud_hub.rollouts.gates import Tally, Totals, judge
 from cloud_hub.rollouts.spec import RolloutSpec
 from cloud_hub.rollouts.store import FINAL, Rollout, RolloutStore
+from cloud_hub.sqldb import SqlDb
 
 log = logging.getLogger(__name__)
 
 
 class RolloutEngine:
-    def __init__(self, hub: Any, db_path: str, tick_s: float = 1.0) -> None:
+    def __init__(self, hub: Any, db: SqlDb | str, tick_s: float = 1.0) -> None:
         self.hub = hub  # deploy_devices, deployment, rollback, drift, registry
-        self.store = RolloutStore(db_path)
+        self.store = RolloutStore(db)
         self.tally = Tally(hub.registry)
         self.tick_s = tick_s
         self._lock = threading.RLock()
         self._job = Periodic("rollout tick", tick_s, self.tick)
+
+    def only_while(self, active: Callable[[], bool]) -> None:
+        """Run the periodic job only while ``active()`` (the replica that leads, cloud_hub/leader.py)."""
+        self._job.active = active
 
     def start(self) -> None:
         self._job.start()

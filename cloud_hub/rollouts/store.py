@@ -1,27 +1,27 @@
-"""Rollout records in the hub's registry file: one row per rollout, each change one transaction, so a
-restarted hub resumes every rollout from the state it last recorded."""
+"""Rollout records in the hub's registry database (``Registry.sql_db()``: SQLite or PostgreSQL): one row
+per rollout, each change one statement, so a restarted hub, or another replica on the same PostgreSQL
+database, resumes every rollout from the state it last recorded."""
 
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from cloud_hub.errors import NotFound
+from cloud_hub.sqldb import Row, SqlDb, open_db
 
 STATES = ("pending", "running", "paused", "succeeded", "failed", "rolled-back", "aborted")
 FINAL = ("succeeded", "failed", "rolled-back", "aborted")
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS rollouts (
-    id TEXT PRIMARY KEY, created REAL NOT NULL, updated REAL NOT NULL, state TEXT NOT NULL,
+_COLUMNS = ("id", "created", "updated", "state", "spec", "waves", "previous", "current", "reason", "events")
+_TABLE = """CREATE TABLE IF NOT EXISTS rollouts (
+    id TEXT PRIMARY KEY, created {real} NOT NULL, updated {real} NOT NULL, state TEXT NOT NULL,
     spec TEXT NOT NULL, waves TEXT NOT NULL, previous TEXT NOT NULL, current INTEGER NOT NULL,
-    reason TEXT, events TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS rollouts_state ON rollouts (state);
-"""
+    reason TEXT, events TEXT NOT NULL)"""
+_INDEX = "CREATE INDEX IF NOT EXISTS rollouts_state ON rollouts (state)"
+_SAVE = (f"INSERT INTO rollouts ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) ON CONFLICT (id) "
+         f"DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in _COLUMNS[1:])}")  # fmt: skip
 
 
 @dataclass
@@ -63,14 +63,14 @@ class Rollout:
 
 
 class RolloutStore:
-    def __init__(self, path: str) -> None:
-        self.db = sqlite3.connect(path, check_same_thread=False, timeout=30, isolation_level=None)
-        self.db.row_factory = sqlite3.Row
-        self.db.executescript(_SCHEMA)
-        self._lock = threading.Lock()
+    def __init__(self, db: SqlDb | str) -> None:
+        """``db``: the registry's ``sql_db()``, or a SQLite file's path."""
+        self.db, self._owned = open_db(db)
+        self.db.ddl(sqlite=[_TABLE.format(real="REAL"), _INDEX],
+                    postgresql=[_TABLE.format(real="DOUBLE PRECISION"), _INDEX])  # fmt: skip
 
     def close(self) -> None:
-        with self._lock:
+        if self._owned:
             self.db.close()
 
     def create(self, spec: dict[str, Any], waves: list[list[str]], previous: dict[str, str | None],
@@ -86,25 +86,21 @@ class RolloutStore:
         row = (rollout.id, rollout.created, rollout.updated, rollout.state, json.dumps(rollout.spec),
                json.dumps([w.__dict__ for w in rollout.waves]), json.dumps(rollout.previous), rollout.current,
                rollout.reason, json.dumps(rollout.events))  # fmt: skip
-        with self._lock:
-            self.db.execute("INSERT OR REPLACE INTO rollouts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+        self.db.execute(_SAVE, row)
 
     def get(self, rollout_id: str) -> Rollout:
-        with self._lock:
-            row = self.db.execute("SELECT * FROM rollouts WHERE id = ?", [rollout_id]).fetchone()
-        if row is None:
+        rows = self.db.execute("SELECT * FROM rollouts WHERE id = ?", [rollout_id])
+        if not rows:
             raise NotFound(f"rollout {rollout_id!r} is unknown; see 'cloud-hub rollout list'")
-        return _rollout(row)
+        return _rollout(rows[0])
 
     def list(self, states: tuple[str, ...] = STATES) -> list[Rollout]:
         marks = ", ".join("?" * len(states))
-        with self._lock:
-            rows = self.db.execute(f"SELECT * FROM rollouts WHERE state IN ({marks}) ORDER BY created DESC",
-                                   states).fetchall()  # fmt: skip
+        rows = self.db.execute(f"SELECT * FROM rollouts WHERE state IN ({marks}) ORDER BY created DESC", states)
         return [_rollout(r) for r in rows]
 
 
-def _rollout(row: sqlite3.Row) -> Rollout:
+def _rollout(row: Row) -> Rollout:
     waves = [Wave(**w) for w in json.loads(row["waves"])]
     return Rollout(row["id"], row["created"], row["state"], json.loads(row["spec"]), waves, json.loads(row["previous"]),
                    row["current"], row["reason"], json.loads(row["events"]), row["updated"])  # fmt: skip

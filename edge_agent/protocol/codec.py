@@ -9,6 +9,7 @@ A message type may set a smaller limit than MAX_MESSAGE_BYTES with a ``max_bytes
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import types
 import typing
@@ -46,13 +47,20 @@ def check_size(cls: type[Any], payload: bytes) -> None:
         raise MessageError(f"{cls.__name__}: message of {len(payload)} bytes is over the limit of {limit} bytes")
 
 
+@functools.cache
+def _type_hints(kind: type[Any]) -> dict[str, Any]:
+    """A message type's resolved field types (``get_type_hints`` evaluates every annotation again on each
+    call: most of what decoding a telemetry batch cost)."""
+    return typing.get_type_hints(kind)
+
+
 def decode(kind: Any, value: Any, where: str) -> Any:
     """``value`` (parsed JSON) as the type ``kind``; MessageError naming ``where`` when it is not one."""
     origin = typing.get_origin(kind)
     if dataclasses.is_dataclass(kind) and isinstance(kind, type):
         if not isinstance(value, dict):
             raise MessageError(f"{where}: expected an object")
-        hints = typing.get_type_hints(kind)
+        hints = _type_hints(kind)
         args = {}
         for f in dataclasses.fields(kind):
             if f.name in value:

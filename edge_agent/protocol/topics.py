@@ -23,6 +23,16 @@ import re
 from dataclasses import dataclass
 
 DEFAULT_ROOT = "edgefed/v1"
+# Hub replicas consume device → hub topics through this MQTT shared subscription group: the broker hands
+# each message to one replica of the group (``$share/{group}/{filter}``; Mosquitto 2, EMQX, HiveMQ).
+HUB_SHARE_GROUP = "edgefed-hubs"
+
+
+def shared(topic_filter: str, group: str = HUB_SHARE_GROUP) -> str:
+    """The shared subscription of ``group`` to ``topic_filter``."""
+    return f"$share/{group}/{topic_filter}"
+
+
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
