@@ -32,6 +32,9 @@ from edge_agent.cloud import CloudClient
 AGENTS = 20
 MODEL = "gemm"
 LEADER_TTL_S = 2.0
+# 20 agents, 2 hubs, PostgreSQL and S3 on 2 cores: a 1 ms model's p95 swings 2x from one second to the
+# next, so the rollout here is judged on its errors (what this test is about is who drives it)
+LOOSE_LATENCY = {"max_p95_ratio": 20.0, "max_breach_ratio": 20.0, "max_fallback_ratio": 20.0, "max_drift_score": None}
 
 
 class Replicas:
@@ -187,8 +190,9 @@ def test_a_killed_leader_is_replaced_and_the_other_replica_finishes_the_rollout(
     other = "b" if leader == "a" else "a"
     for device in replicas.devices:
         device.start_app(MODEL, rate=40.0)
+    gates = {"min_calls": 50, "min_soak_s": 2, **LOOSE_LATENCY}
     request = {"model": MODEL, "version": "1.1.0", "target": "group:fleet", "strategy": "waves",
-               "waves": ["10%", "50%", "100%"], "gates": {"min_calls": 50, "min_soak_s": 2}}  # fmt: skip
+               "waves": ["10%", "50%", "100%"], "gates": gates}  # fmt: skip
     rollout = replicas.admin(other).request("POST", "/v1/rollouts", json.dumps(request).encode())  # the follower
     rollout_id = rollout["id"]
 
@@ -200,6 +204,7 @@ def test_a_killed_leader_is_replaced_and_the_other_replica_finishes_the_rollout(
     replicas.hubs[leader].kill()
     wait_until(f"replica {other} to lead", lambda: replicas.leader() == other, 5 * LEADER_TTL_S + 10)
     took_over_s = time.monotonic() - killed_at
+    print(f"replica {other} leads {took_over_s:.1f} s after the leader was killed (lease {LEADER_TTL_S} s)")
     assert took_over_s <= 3 * LEADER_TTL_S + 5, f"the lease passed after {took_over_s:.1f} s"
 
     def finished() -> bool:
@@ -208,7 +213,7 @@ def test_a_killed_leader_is_replaced_and_the_other_replica_finishes_the_rollout(
 
     wait_until("the rollout to finish on the surviving replica", finished, 240)
     final = replicas.admin(other).request("GET", f"/v1/rollouts/{rollout_id}")
-    assert final["state"] == "succeeded", final
+    assert final["state"] == "succeeded", (final["reason"], final["events"][-6:])
     wait_until("1.1.0 active on every agent", lambda: replicas.active_everywhere("1.1.0"), 120)
     for device in replicas.devices:
         device.stop_app()
