@@ -260,9 +260,15 @@ class ControlPlane(ChunkRounds):
     def publish_desired(self, device_id: str, deployment_id: str) -> None:
         """Publish the device's desired state, signed (``signer``): the same signed message again when
         nothing changed for a deployment the device already had, a new counter for a new decision."""
+
+        def state() -> DesiredState:
+            return DesiredState(deployment_id, now_text(), tuple(self._desired_models(device_id)))
+
         with self._desired_lock:  # read, sign, publish as one: the newest content always goes out last
-            state = DesiredState(deployment_id, now_text(), tuple(self._desired_models(device_id)))
-            payload = self.signer.payload(device_id, state) if self.signer is not None else to_wire(state)
+            # replicas: read under the signer's row lock (another replica may deploy meanwhile); one hub reads
+            # first (on SQLite the registry's connection must not wait inside the stores' write transaction)
+            wanted = state if self.replica else state()
+            payload = self.signer.payload(device_id, wanted) if self.signer is not None else to_wire(state())
             self.mqtt.publish(self.topics.desired(device_id), payload, qos=1, retain=True)
 
     def rollback(self, name: str, version: str, target: str) -> dict[str, Any]:

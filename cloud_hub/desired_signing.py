@@ -26,6 +26,7 @@ import hashlib
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,17 +91,20 @@ class DesiredSigner:
         if self._owned:
             self.db.close()
 
-    def payload(self, device_id: str, state: DesiredState) -> bytes:
+    def payload(self, device_id: str, state: DesiredState | Callable[[], DesiredState]) -> bytes:
         """The signed message for ``state``: the stored one when its models are unchanged and its
         deployment is one the device already had (same counter); else, for a new decision, a new message
-        with a higher counter, stored before it is returned (and published)."""
+        with a higher counter, stored before it is returned (and published). ``state`` as a function is
+        read while the device's row is locked, so across hub replicas a higher counter never carries
+        older content (one replica's republish read before another's deploy, signed after it)."""
         key = self.key
-        content = _content(state, key)  # a message signed by a retired key is never sent again
         with self.db.transaction() as tx:
             # the device's row, locked until commit (made first if missing: there is then a row to lock)
             tx.execute("INSERT INTO desired_signed VALUES (?, 0, '', ?, 0) ON CONFLICT DO NOTHING", [device_id, b""])
             row = tx.execute("SELECT counter, content, payload FROM desired_signed WHERE device_id = ? FOR UPDATE",
                              [device_id])[0]  # fmt: skip
+            state = state() if callable(state) else state
+            content = _content(state, key)  # a message signed by a retired key is never sent again
             known = tx.execute("SELECT 1 AS known FROM desired_decisions WHERE device_id = ? AND deployment_id = ?",
                                [device_id, state.deployment_id])  # fmt: skip
             if row["content"] == content and known:

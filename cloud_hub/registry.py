@@ -342,15 +342,14 @@ class SQLiteRegistry(TelemetryTables):
 
     def try_lead(self, name: str, holder: str, ttl_s: float) -> bool:
         now = time.time()
-        with self._lock:
+        with self._lock, self.db.conn:  # committed, or rolled back when it fails
             row = self.db.execute(
                 "INSERT INTO leases (name, holder, expires) VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
                 "holder = excluded.holder, expires = excluded.expires "
                 "WHERE leases.holder = excluded.holder OR leases.expires < ? RETURNING holder",
                 [name, holder, now + ttl_s, now],
-            ).fetchone()
-            self.db.conn.commit()
-        return row is not None
+            ).fetchall()  # every row read: the statement is done before the commit
+        return bool(row)
 
     def resign(self, name: str, holder: str) -> None:
         with self._lock, self.db.conn:

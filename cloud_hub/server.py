@@ -1,8 +1,8 @@
 """`cloud-hub serve`: the registry, the MQTT control plane, the OIP inference server and the admin API
 in one process that owns the hub's state directory.
 
-    STATE/registry.db        SQLite registry (WAL); with --registry postgresql://... the Registry is there and
-                             this file keeps the stores that stay on SQLite (docs/operations.md, "Registry")
+    STATE/registry.db        SQLite registry and the hub's other stores (WAL); with --registry postgresql://...
+                             all of them are in that database instead (docs/operations.md, "The registry")
     STATE/artifacts/{id}/    content-addressed artifacts (or --artifacts DIR | s3://bucket/prefix: artifacts_s3.py)
     STATE/trust/*.pub        artifact keys added with --trust; they join the signed key set on start
     STATE/keyset/            the signed key set: trusted and revoked artifact keys, the hub key (cloud_hub/keys.py)
@@ -236,15 +236,17 @@ class Hub(DeviceEnrollment):
         if not (self.config.registry or "").startswith(("postgresql://", "postgres://")):
             raise ConfigError("--replica needs a registry every replica shares: pass --registry "
                               "postgresql://USER@HOST/DB (SQLite is one machine's file)")  # fmt: skip
-        return LeaderLease(self.registry, self.config.replica, self.config.leader_ttl_s)
+        return LeaderLease(self.registry, self.config.replica, self.config.leader_ttl_s, self._leadership_changed)
+
+    def _leadership_changed(self, leading: bool) -> None:
+        if leading:  # the drift job goes on from what the previous leader saved, not from this hub's memory
+            self.drift.reload()
 
     def leading(self) -> bool:
         """Whether this hub drives rollouts, the drift job and chunk rounds: always when it runs alone."""
         return self.leader is None or self.leader.leading()
 
     def stop(self) -> None:
-        if self.leader is not None:
-            self.leader.stop()
         if self.admin is not None:
             self.admin.stop()
         if self.workers is not None:
@@ -260,6 +262,8 @@ class Hub(DeviceEnrollment):
             self.webhook.stop()
         if self.control is not None:
             self.control.stop()
+        if self.leader is not None:  # given up once this hub's rollouts, drift job and chunk rounds stopped
+            self.leader.stop()
         self.examples.close()
         self.desired_signer.close()
         self.reenroll.close()

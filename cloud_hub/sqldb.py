@@ -104,6 +104,8 @@ class SqliteDb:
         with self._lock:
             self.conn.execute("PRAGMA journal_mode=WAL")
         self._tx = _SqliteTx(self.conn)
+        self._reader: sqlite3.Connection | None = None  # read-only snapshots (transaction(read_only=True))
+        self._reader_lock = threading.Lock()
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         with self._lock:
@@ -111,14 +113,33 @@ class SqliteDb:
 
     @contextmanager
     def transaction(self, read_only: bool = False) -> Iterator[Tx]:
+        """All or nothing. ``read_only``: one snapshot on a reader connection of its own (WAL lets it read
+        beside the writer), so a long read, such as a metrics scrape, holds up no store's writes."""
+        if read_only:
+            with self._reading() as tx:
+                yield tx
+            return
         with self._lock:
-            self.conn.execute("BEGIN" if read_only else "BEGIN IMMEDIATE")
+            self.conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self._tx
+                self.conn.execute("COMMIT")
             except BaseException:
-                self.conn.execute("ROLLBACK")
+                if self.conn.in_transaction:  # a failed COMMIT too: the connection never stays inside one
+                    self.conn.execute("ROLLBACK")
                 raise
-            self.conn.execute("COMMIT")
+
+    @contextmanager
+    def _reading(self) -> Iterator[Tx]:
+        with self._reader_lock:
+            if self._reader is None:
+                self._reader = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+                self._reader.row_factory = _dict_row
+            self._reader.execute("BEGIN")
+            try:
+                yield _SqliteTx(self._reader)
+            finally:
+                self._reader.execute("ROLLBACK")
 
     def ddl(self, sqlite: Sequence[str], postgresql: Sequence[str]) -> None:
         with self.transaction() as tx:
@@ -126,8 +147,10 @@ class SqliteDb:
                 tx.execute(statement)
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._reader_lock:
             self.conn.close()
+            if self._reader is not None:
+                self._reader.close()
 
 
 class _PostgresTx:

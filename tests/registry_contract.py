@@ -96,3 +96,13 @@ class RegistryContract:
             ("operator", "deploy", {"x": 1}), ("rollouts", "rollback", {"y": [2]})]  # fmt: skip
         assert self.registry.audit_log(limit=1) == log[1:] and log[0]["id"] < log[1]["id"]
         assert self.registry.audit_log(since=time.time() + 60) == []
+
+    def test_a_lease_has_one_holder_until_it_expires_or_is_given_up(self) -> None:
+        assert self.registry.try_lead("lead", "a", 0.5) and self.registry.try_lead("lead", "a", 0.5)  # renewed
+        assert not self.registry.try_lead("lead", "b", 0.5)
+        time.sleep(0.7)  # a's lease ran out without a renewal
+        assert self.registry.try_lead("lead", "b", 30) and not self.registry.try_lead("lead", "a", 30)
+        self.registry.resign("lead", "a")  # not the holder: nothing changes
+        assert not self.registry.try_lead("lead", "a", 30)
+        self.registry.resign("lead", "b")
+        assert self.registry.try_lead("lead", "a", 30) and self.registry.try_lead("other", "b", 30)

@@ -117,6 +117,25 @@ def test_a_rollout_saved_by_one_replica_is_continued_by_another(pg: SqlDb) -> No
         one.get("r2")
 
 
+def test_a_rollout_change_never_overwrites_another_replicas(pg: SqlDb) -> None:
+    """The leader read the rollout, an operator aborted it on another replica, the leader saves its next
+    wave: refused (Conflict), and the abort stands; read again, the leader's change can be made."""
+    leader, operator = RolloutStore(pg), RolloutStore(pg)
+    spec = {"model": "m", "version": "2", "target": "group:lab", "strategy": "canary"}
+    leader.create(spec, [["d1"], ["d2"]], {"d1": "1", "d2": "1"}, "r1")
+    stepping, aborting = leader.get("r1"), operator.get("r1")
+    aborting.state = "aborted"
+    operator.save(aborting)
+    stepping.current = 1
+    with pytest.raises(Conflict):
+        leader.save(stepping)
+    assert (leader.get("r1").state, leader.get("r1").current) == ("aborted", 0)
+    again = leader.get("r1")
+    again.event("seen")
+    leader.save(again)
+    assert leader.get("r1").events[-1]["event"] == "seen"
+
+
 def test_ab_tests_are_shared(pg: SqlDb, monkeypatch: pytest.MonkeyPatch) -> None:
     class Registry:
         def artifact(self, artifact_id: str) -> dict[str, Any]:

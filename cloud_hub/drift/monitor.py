@@ -87,6 +87,13 @@ class DriftMonitor:
         """Run the periodic job only while ``active()`` (the replica that leads, cloud_hub/leader.py)."""
         self._job.active = active
 
+    def reload(self) -> None:
+        """The detectors again from the saved state: another replica led (and moved them on) meanwhile."""
+        with self._lock:
+            self._streams = {}
+            for saved in self.store.streams():
+                self._restore(saved)
+
     def start(self) -> None:
         self._job.start()
 

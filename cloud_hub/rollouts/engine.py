@@ -65,7 +65,8 @@ class RolloutEngine:
             previous = {d: self._active_version(d, spec.model) for d in devices}
             rollout_id = uuid.uuid4().hex[:12]
             rollout = self.store.create(spec.to_json(), spec.plan(devices, rollout_id), previous, rollout_id)
-        self.tick()
+        if self._job.active():  # the leader starts it now; on another replica the leader's next beat does
+            self.tick()
         return self.store.get(rollout.id).to_json()
 
     def _active_version(self, device_id: str, model: str) -> str | None:
@@ -108,15 +109,24 @@ class RolloutEngine:
             self._roll_back(rollout, "rolled back by the operator")
             return rollout.to_json()
 
-    def _change(self, rollout_id: str, allowed: tuple[str, ...], state: str, why: str) -> dict[str, Any]:
+    def _change(self, rollout_id: str, allowed: tuple[str, ...], state: str, why: str,
+                attempts: int = 5) -> dict[str, Any]:  # fmt: skip
+        """Set the state, read again and redone when the leader (another replica) changed it meanwhile."""
         with self._lock:
-            rollout = self.store.get(rollout_id)
-            if rollout.state not in allowed:
-                raise Conflict(f"rollout {rollout_id} is {rollout.state}: it cannot be {state} "
-                               f"(only when {' or '.join(allowed)})")  # fmt: skip
-            rollout.state = state
-            rollout.event(why)
-            self.store.save(rollout)
+            for attempt in range(attempts):
+                rollout = self.store.get(rollout_id)
+                if rollout.state not in allowed:
+                    raise Conflict(f"rollout {rollout_id} is {rollout.state}: it cannot be {state} "
+                                   f"(only when {' or '.join(allowed)})")  # fmt: skip
+                rollout.state = state
+                rollout.event(why)
+                try:
+                    self.store.save(rollout)
+                except Conflict:
+                    if attempt == attempts - 1:
+                        raise
+                    continue
+                break
             return rollout.to_json()
 
     # the engine --------------------------------------------------------------------------------
@@ -124,7 +134,12 @@ class RolloutEngine:
         with self._lock:
             self.tally.catch_up()
             for rollout in self.store.list(("running",)):
-                self._step(rollout)
+                if not self._job.active():  # no longer the leader: the next one goes on
+                    return
+                try:
+                    self._step(rollout)
+                except Conflict as exc:  # an operator (on another replica) changed it: read again next beat
+                    log.info("%s", exc)
 
     def _step(self, rollout: Rollout) -> None:
         spec = RolloutSpec.from_json(rollout.spec)

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloud_hub.errors import NotFound
+from cloud_hub.errors import Conflict, NotFound
 from cloud_hub.sqldb import Row, SqlDb, open_db
 
 STATES = ("pending", "running", "paused", "succeeded", "failed", "rolled-back", "aborted")
@@ -20,8 +20,10 @@ _TABLE = """CREATE TABLE IF NOT EXISTS rollouts (
     spec TEXT NOT NULL, waves TEXT NOT NULL, previous TEXT NOT NULL, current INTEGER NOT NULL,
     reason TEXT, events TEXT NOT NULL)"""
 _INDEX = "CREATE INDEX IF NOT EXISTS rollouts_state ON rollouts (state)"
-_SAVE = (f"INSERT INTO rollouts ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) ON CONFLICT (id) "
-         f"DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in _COLUMNS[1:])}")  # fmt: skip
+_INSERT = f"INSERT INTO rollouts ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+# a change is written only over the version it was made from (``updated``): another replica's change in
+# between (an operator's abort on one, the leader's next wave on another) is never overwritten
+_UPDATE = f"UPDATE rollouts SET {', '.join(f'{c} = ?' for c in _COLUMNS[1:])} WHERE id = ? AND updated = ? RETURNING id"
 
 
 @dataclass
@@ -82,11 +84,17 @@ class RolloutStore:
         return rollout
 
     def save(self, rollout: Rollout) -> None:
-        rollout.updated = time.time()
+        """Record ``rollout``: a new one, or a change to the version it was read at; Conflict when the
+        record changed since (another hub replica's change: read it again and redo the change)."""
+        read_at, rollout.updated = rollout.updated, max(time.time(), rollout.updated + 1e-6)
         row = (rollout.id, rollout.created, rollout.updated, rollout.state, json.dumps(rollout.spec),
                json.dumps([w.__dict__ for w in rollout.waves]), json.dumps(rollout.previous), rollout.current,
                rollout.reason, json.dumps(rollout.events))  # fmt: skip
-        self.db.execute(_SAVE, row)
+        if not read_at:
+            self.db.execute(_INSERT, row)
+        elif not self.db.execute(_UPDATE, (*row[1:], rollout.id, read_at)):
+            rollout.updated = read_at
+            raise Conflict(f"rollout {rollout.id} was changed meanwhile (by another hub replica); try again")
 
     def get(self, rollout_id: str) -> Rollout:
         rows = self.db.execute("SELECT * FROM rollouts WHERE id = ?", [rollout_id])
