@@ -26,8 +26,8 @@ from amqtt.utils import gen_client_id
 
 from cloud_hub.mqtt_auth import (
     DENIED_PREFIX,
-    HUB_USER,
     client_id_for,
+    is_hub_user,
     may_publish,
     may_receive,
     may_subscribe,
@@ -83,7 +83,7 @@ def connect_allowed(config: ConfineConfig, username: str | None, password: str |
     users = _PasswordFile.of(config.password_file).users()
     if not username:
         # anonymous (only with --allow-anonymous): never a client id that belongs to a user
-        taken = client_id == HUB_USER or (client_id.startswith("edgefed-") and client_id[len("edgefed-") :] in users)
+        taken = is_hub_user(client_id) or (client_id.startswith("edgefed-") and client_id[len("edgefed-") :] in users)
         return config.allow_anonymous and not taken
     encoded = users.get(username)
     if encoded is None or not verify_password(password or "", encoded):

@@ -15,6 +15,7 @@ from cloud_hub.artifacts import Artifacts
 from cloud_hub.chunk_rounds import ChunkRounds
 from cloud_hub.desired_signing import DesiredSigner
 from cloud_hub.errors import Conflict, NotFound
+from cloud_hub.mqtt_auth import hub_user
 from cloud_hub.registry import Registry
 from device_profiles import DeviceProfile, ProfileError, get_profile
 from edge_agent.errors import ConfigError
@@ -59,7 +60,7 @@ class ControlPlane(ChunkRounds):
         # replicas' shared subscriptions, chunk requests answered only while it leads
         self.replica = replica
         self.leading: Callable[[], bool] = lambda: True
-        client_id = f"edgefed-hub.{replica}" if replica else "edgefed-hub"
+        client_id = hub_user(replica)  # the user's own client id (cloud_hub/mqtt_auth.py)
         self.mqtt = MqttConnection(broker_url, client_id=client_id, clean_session=True,
                                    on_connect=self.republish_desired, username=username,
                                    password=password, tls_context=tls_context)  # fmt: skip

@@ -13,7 +13,7 @@ from cloud_hub.auth import ACTOR
 from cloud_hub.enroll_grants import ReenrollGrants, key_fingerprint, sign_answer
 from cloud_hub.errors import NotFound
 from cloud_hub.inference import token_hash
-from cloud_hub.mqtt_auth import RESERVED_IDS, MqttUsers
+from cloud_hub.mqtt_auth import MqttUsers, reserved
 from device_profiles import get_profile
 from edge_agent.protocol.topics import Topics, valid_device_id
 
@@ -72,7 +72,7 @@ class DeviceEnrollment:
         with the hub key (``answer_signature``) and bound to the token (``token_sha256``)."""
         if not valid_device_id(device_id):
             raise ValueError(f"device_id {device_id!r}: use letters, digits, '.', '_' and '-'")
-        if device_id in RESERVED_IDS:
+        if reserved(device_id):
             raise ValueError(f"device_id {device_id!r} is reserved for the hub's own MQTT user; choose another")
         get_profile(profile)  # ProfileError → 400 naming the known ids
         digest = token_hash(token.partition(".")[0])  # a token given with its fingerprint is the same token

@@ -8,7 +8,8 @@
                                SIGHUP to the pid in its pid file (a reload, not a restart)
 
 A device's username is its device id, its client id must be ``edgefed-{device id}``; the hub is the user
-``edgefed-hub`` with the client id ``edgefed-hub`` (neither is a valid enrollment id). What each may do
+``edgefed-hub`` with the client id ``edgefed-hub``, hub replica NAME the user and client id
+``edgefed-hub.NAME`` (same password: ``hub.password``; none of them is a valid enrollment id). What each may do
 (docs/security.md): a device reads ``{root}/devices/{its id}/#`` and ``{root}/artifacts/#`` and publishes
 only ``reported``, ``status``, ``fetch``, ``telemetry``, ``desired/get`` and ``examples`` on its own
 subtree; the hub reads and writes everything under the root.
@@ -28,14 +29,14 @@ import os
 import secrets
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from edge_agent.protocol.atomic import atomic_write_bytes
 from edge_agent.protocol.topics import DEFAULT_ROOT, Topics
 
 log = logging.getLogger(__name__)
-HUB_USER = "edgefed-hub"  # the hub's username and its client id
+HUB_USER = "edgefed-hub"  # the hub's username and its client id (a replica's: HUB_USER.NAME, hub_user())
 RESERVED_IDS = frozenset({"hub", HUB_USER})  # device ids that would collide with the hub's client id or user
 MQTT_DIR = "mqtt"
 PASSWD_FILE = "passwd"
@@ -46,9 +47,24 @@ ITERATIONS = 101  # Mosquitto's default; the passwords are 256 random bits, so t
 DENIED_PREFIX = "!denied-"  # the embedded broker renames a refused connection's client id to this
 
 
+def hub_user(replica: str | None = None) -> str:
+    """The hub's MQTT user: ``edgefed-hub``, or ``edgefed-hub.NAME`` for replica NAME (a user each, since
+    Mosquitto ties the client id to the user: replicas sharing one would take each other's session)."""
+    return HUB_USER if replica is None else f"{HUB_USER}.{replica}"
+
+
+def is_hub_user(user: str | None) -> bool:
+    return user is not None and (user == HUB_USER or user.startswith(f"{HUB_USER}."))
+
+
+def reserved(device_id: str) -> bool:
+    """Whether ``device_id`` would collide with the hub's (or a replica's) user or client id."""
+    return device_id in RESERVED_IDS or is_hub_user(device_id)
+
+
 def client_id_for(username: str) -> str:
     """The only client id ``username`` may connect with."""
-    return HUB_USER if username == HUB_USER else f"edgefed-{username}"
+    return username if is_hub_user(username) else f"edgefed-{username}"
 
 
 def new_password() -> str:
@@ -118,22 +134,24 @@ class MqttUsers:
         except FileNotFoundError:
             return {}
 
-    def hub_credentials(self) -> tuple[str, str]:
-        """(username, password) of the hub, made (0600) on first use."""
+    def hub_credentials(self, replica: str | None = None) -> tuple[str, str]:
+        """(username, password) of the hub or of its replica ``replica`` (``hub_user``), made (0600) on
+        first use."""
+        user = hub_user(replica)
         with self._locked():
             path = self.dir / HUB_PASSWORD_FILE
             if not path.exists():
                 atomic_write_bytes(path, new_password().encode(), mode=0o600)
             password = path.read_text().strip()
             users = self.users()
-            if not (HUB_USER in users and verify_password(password, users[HUB_USER])):
-                users[HUB_USER] = hash_password(password)
+            if not (user in users and verify_password(password, users[user])):
+                users[user] = hash_password(password)
                 self._write(users)
-            return HUB_USER, password
+            return user, password
 
     def issue(self, device_id: str) -> str:
         """A new random password for ``device_id`` (replacing any other); only its hash is kept."""
-        if device_id in RESERVED_IDS:
+        if reserved(device_id):
             raise ValueError(f"device id {device_id!r} is reserved for the hub")
         password = new_password()
         with self._locked():
@@ -145,7 +163,7 @@ class MqttUsers:
     def remove(self, device_id: str) -> bool:
         with self._locked():
             users = self.users()
-            if device_id not in users or device_id == HUB_USER:
+            if device_id not in users or is_hub_user(device_id):
                 return False
             del users[device_id]
             self._write(users)
@@ -188,7 +206,7 @@ def reload_mosquitto(pid_file: Path) -> bool:
 def may_publish(user: str | None, topic: str, root: str, credentialed: Callable[[str], bool]) -> bool:
     """``user`` None: an anonymous client (only with --allow-anonymous): like a device, on the subtree of
     any device without credentials."""
-    if user == HUB_USER:
+    if is_hub_user(user):
         return topic.startswith(f"{root}/")
     parsed = Topics(root).parse_device_topic(topic)
     if parsed is None or parsed[1] not in DEVICE_PUBLISH:
@@ -200,7 +218,7 @@ def may_subscribe(user: str | None, topic_filter: str, root: str, credentialed: 
     """A device: filters inside its own subtree or the artifact chunk topics. An anonymous client: the
     artifact chunk topics, or the subtree of one device (named, no wildcard) without credentials — also
     because retained messages sent on a subscription skip the broker's per-delivery check."""
-    if user == HUB_USER:
+    if is_hub_user(user):
         return True
     if topic_filter.startswith(f"{root}/artifacts/"):
         return True
@@ -211,7 +229,7 @@ def may_subscribe(user: str | None, topic_filter: str, root: str, credentialed: 
 
 
 def may_receive(user: str | None, topic: str, root: str, credentialed: Callable[[str], bool]) -> bool:
-    if user == HUB_USER:
+    if is_hub_user(user):
         return True
     if topic.startswith(f"{root}/artifacts/"):
         return True
@@ -250,27 +268,28 @@ pattern read {root}/devices/%u/#
 pattern read {root}/artifacts/#
 # ... and publishes only these on its own subtree (desired, telemetry/ack, chunks: the hub's alone)
 {device_writes}
-user {hub}
-topic readwrite {root}/#
-"""
+{hubs}"""
 
 
-def mosquitto_acl(root: str = DEFAULT_ROOT) -> str:
+def mosquitto_acl(root: str = DEFAULT_ROOT, replicas: Sequence[str] = ()) -> str:
+    """The ACL: each device on its own subtree; the hub, and each of ``replicas`` (its own user), on all."""
     writes = "\n".join(f"pattern write {root}/devices/%u/{leaf}" for leaf in DEVICE_PUBLISH)
-    return ACL_TEMPLATE.format(root=root, device_writes=writes, hub=HUB_USER)
+    hubs = "".join(f"user {hub_user(name)}\ntopic readwrite {root}/#\n" for name in (None, *replicas))
+    return ACL_TEMPLATE.format(root=root, device_writes=writes, hubs=hubs)
 
 
 def write_mosquitto_config(users: MqttUsers, out: Path, listeners: list[tuple[str, int]],
                            root: str = DEFAULT_ROOT, pid_file: Path | None = None,
-                           tls_listeners: str = "") -> Path:  # fmt: skip
+                           tls_listeners: str = "", replicas: Sequence[str] = ()) -> Path:  # fmt: skip
     """Write ``out/mosquitto.conf``, ``out/acl`` and ``out/passwd`` (0600) and link the password file to
     ``users`` so enrollment and removal keep it current. Returns the configuration's path.
     ``tls_listeners``: listener blocks with TLS (cloud_hub/tls_serve.py ``mosquitto_tls_listeners``)."""
     out.mkdir(parents=True, exist_ok=True)
     out = out.resolve()
-    users.hub_credentials()  # the hub's user is in the file from the start
+    for name in (None, *replicas):  # the hub's user (and each replica's) is in the file from the start
+        users.hub_credentials(name)
     pid = (pid_file or out / "mosquitto.pid").resolve()
-    atomic_write_bytes(out / "acl", mosquitto_acl(root).encode(), mode=0o644)
+    atomic_write_bytes(out / "acl", mosquitto_acl(root, replicas).encode(), mode=0o644)
     users.link_mosquitto(out / PASSWD_FILE, pid)  # writes out/passwd
     text = MOSQUITTO_TEMPLATE.format(
         listeners="\n".join([f"listener {port} {host}" for host, port in listeners] + [tls_listeners][:bool(

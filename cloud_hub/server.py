@@ -137,7 +137,7 @@ class Hub(DeviceEnrollment):
         # MQTT users (docs/security.md): the hub's own, made on first start, and one per enrolled device;
         # the embedded broker authenticates against them and confines each device to its own topics
         self.mqtt_users = MqttUsers(state)
-        self.mqtt_credentials = self.mqtt_users.hub_credentials()
+        self.mqtt_credentials = self.mqtt_users.hub_credentials(config.replica)  # a replica: a user of its own
         self.broker = None if config.broker else EmbeddedBroker(
             config.broker_host, config.broker_port, password_file=self.mqtt_users.passwd,
             allow_anonymous=config.allow_anonymous, topic_root=config.topic_root,

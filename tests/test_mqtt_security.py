@@ -33,7 +33,7 @@ from edge_agent.config import AgentConfig
 from edge_agent.enroll import enroll
 from edge_agent.protocol.manifest import now_text
 from edge_agent.protocol.messages import ReportedState, Status, to_wire
-from edge_agent.protocol.topics import Topics
+from edge_agent.protocol.topics import Topics, shared
 from edge_agent.store import ModelStore
 
 ROOT = Topics()
@@ -347,6 +347,49 @@ def test_broker_config_writes_a_confining_mosquitto_configuration(tmp_path: Path
     assert "pattern read edgefed/v1/devices/%u/#" in (out / "acl").read_text()
     assert stat.S_IMODE((out / "passwd").stat().st_mode) == 0o600
     assert (out / "passwd").read_text().startswith(f"{HUB_USER}:$7$")
+
+
+def test_each_hub_replica_has_a_user_of_its_own_on_mosquitto(tmp_path: Path) -> None:
+    """`broker-config --replica a --replica b`: the users edgefed-hub.a and edgefed-hub.b (the hub's
+    password, the hub's rights) connect at once, where one shared user would lose its session to the other
+    (Mosquitto ties the client id to the user), and split a shared subscription's messages; a device
+    cannot take a replica's name."""
+    if not Path(MOSQUITTO).exists():
+        pytest.skip("mosquitto is not installed")
+    state, out, port = tmp_path / "hub", tmp_path / "mosquitto", free_port()
+    result = CliRunner().invoke(hub_cli, ["broker-config", "--out", str(out), "--state-dir", str(state), "--listen",
+                                          f"127.0.0.1:{port}", "--replica", "a", "--replica", "b"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "user edgefed-hub.b\ntopic readwrite edgefed/v1/#" in (out / "acl").read_text()
+    users = MqttUsers(state)
+    device_password = users.issue("dev-A")
+    with pytest.raises(ValueError):
+        users.issue("edgefed-hub.c")
+    mosquitto = start_mosquitto(out / "mosquitto.conf", out / "mosquitto.pid", port)
+    probes: list[Probe] = []
+    try:
+        for name in ("a", "b"):
+            user, password = users.hub_credentials(name)
+            probes.append(Probe(port, user, user, password))
+            assert probes[-1].connect(), user
+            assert probes[-1].subscribe(shared(ROOT.all_devices("telemetry"))) == 1
+        device = Probe(port, "edgefed-dev-A", "dev-A", device_password)
+        assert device.connect()
+        for i in range(40):
+            device.publish(ROOT.telemetry("dev-A"), str(i).encode())
+        replicas = probes[:2]
+        probes.append(device)
+        wait_for("each message at one replica", lambda: sum(len(p.messages) for p in replicas) == 40, 10)
+        time.sleep(0.5)  # none comes twice
+        assert sum(len(p.messages) for p in replicas) == 40 and all(p.messages for p in replicas)
+        assert not any(p.dropped.is_set() for p in replicas)  # neither took the other's session
+        probes.append(Probe(port, "edgefed-hub.a", "edgefed-hub.a", "not-the-password"))
+        assert not probes[-1].connect()
+    finally:
+        for probe in probes:
+            probe.close()
+        mosquitto.send_signal(signal.SIGTERM)
+        mosquitto.wait(timeout=10)
 
 
 def test_allow_anonymous_keeps_old_lab_setups_working_but_not_against_enrolled_devices(

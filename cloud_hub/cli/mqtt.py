@@ -15,7 +15,7 @@ from cloud_hub.mqtt_auth import MqttUsers, write_mosquitto_config
 from cloud_hub.tls_serve import mosquitto_tls_listeners
 from edge_agent.errors import ConfigError
 from edge_agent.protocol.atomic import atomic_write_bytes
-from edge_agent.protocol.topics import DEFAULT_ROOT
+from edge_agent.protocol.topics import DEFAULT_ROOT, valid_device_id
 
 
 def _listener(text: str) -> tuple[str, int]:
@@ -53,6 +53,13 @@ def broker_config(
     require_certificate: Annotated[
         bool, typer.Option(help="TLS clients must present a certificate signed by --tls-ca (mTLS), besides a password")
     ] = False,
+    replica: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A hub replica's name (serve --replica NAME); repeatable: each gets the MQTT user edgefed-hub.NAME "
+            "(the hub's password) with the hub's rights, since Mosquitto ties a client id to its user"
+        ),
+    ] = None,
 ) -> None:
     """Write a Mosquitto configuration: no anonymous clients, the hub's password file (kept in step with
     enrollment and removal: rewritten, then SIGHUP to Mosquitto) and an ACL that confines each device
@@ -69,7 +76,10 @@ def broker_config(
         elif tls_cert or tls_key or tls_ca or require_certificate:
             raise ConfigError("--tls-cert, --tls-key, --tls-ca and --require-certificate are for --tls-listen "
                               "HOST:PORT; add one")  # fmt: skip
-        conf = write_mosquitto_config(MqttUsers(state_dir), out, listeners, topic_root, pid_file, tls)
+        for name in replica or []:
+            if not valid_device_id(name):
+                raise ConfigError(f"--replica {name!r}: a replica's name is letters, digits, '.', '_' and '-'")
+        conf = write_mosquitto_config(MqttUsers(state_dir), out, listeners, topic_root, pid_file, tls, replica or [])
     except (OSError, ConfigError) as exc:
         raise fail(exc) from None
     err.print(f"wrote {conf} (with {out / 'acl'} and {out / 'passwd'}, 0600)")
