@@ -20,9 +20,9 @@ from edge_agent.protocol.topics import Topics, valid_device_id
 if TYPE_CHECKING:
     from cloud_hub.control import ControlPlane
     from cloud_hub.desired_signing import DesiredSigner
+    from cloud_hub.hub_config import HubConfig
     from cloud_hub.keys import HubKeys
     from cloud_hub.registry import Registry
-    from cloud_hub.server import HubConfig
 
 
 class DeviceEnrollment:

@@ -125,6 +125,19 @@ def open_registry(location: str) -> Registry:
     return SQLiteRegistry(location)
 
 
+def select_devices(registry: Registry, target: str) -> list[dict[str, Any]]:
+    """``Registry.devices_matching`` on any backend: ``device:ID``, ``group:NAME`` or ``tag:KEY=VALUE``."""
+    kind, _, value = target.partition(":")
+    if kind == "device" and value:
+        return [registry.device(value)]
+    if kind == "group" and value:
+        return [d for d in registry.devices() if value in d["groups"]]
+    key, eq, wanted = value.partition("=")
+    if kind == "tag" and key and eq:
+        return [d for d in registry.devices() if d["tags"].get(key) == wanted]
+    raise ValueError(f"target {target!r}: use device:ID, group:NAME or tag:KEY=VALUE")
+
+
 class SQLiteRegistry(TelemetryTables):
     """Registry on one SQLite file in WAL mode; the telemetry table and its methods are in
     ``registry_telemetry.py``."""
@@ -229,15 +242,7 @@ class SQLiteRegistry(TelemetryTables):
             self.db.execute("INSERT OR REPLACE INTO removed_devices VALUES (?, ?)", [device_id, time.time()])
 
     def devices_matching(self, target: str) -> list[dict[str, Any]]:
-        kind, _, value = target.partition(":")
-        if kind == "device" and value:
-            return [self.device(value)]
-        if kind == "group" and value:
-            return [d for d in self.devices() if value in d["groups"]]
-        key, eq, wanted = value.partition("=")
-        if kind == "tag" and key and eq:
-            return [d for d in self.devices() if d["tags"].get(key) == wanted]
-        raise ValueError(f"target {target!r}: use device:ID, group:NAME or tag:KEY=VALUE")
+        return select_devices(self, target)
 
     def add_enroll_token(self, token_sha256: str, expires: float, groups: list[str], tags: dict[str, str]) -> None:
         with self._lock:

@@ -25,6 +25,7 @@ from psycopg_pool import ConnectionPool
 
 from cloud_hub.errors import NotFound, RegistryError
 from cloud_hub.migrations import migrate_postgres
+from cloud_hub.registry import select_devices
 from cloud_hub.registry_pg_telemetry import PostgresTelemetry
 from cloud_hub.sqldb import PostgresDb, SqlDb
 from edge_agent.protocol.manifest import Manifest
@@ -145,15 +146,7 @@ class PostgresRegistry(PostgresTelemetry):
                          "DO UPDATE SET removed = EXCLUDED.removed", [device_id, time.time()])  # fmt: skip
 
     def devices_matching(self, target: str) -> list[dict[str, Any]]:
-        kind, _, value = target.partition(":")
-        if kind == "device" and value:
-            return [self.device(value)]
-        if kind == "group" and value:
-            return [d for d in self.devices() if value in d["groups"]]
-        key, eq, wanted = value.partition("=")
-        if kind == "tag" and key and eq:
-            return [d for d in self.devices() if d["tags"].get(key) == wanted]
-        raise ValueError(f"target {target!r}: use device:ID, group:NAME or tag:KEY=VALUE")
+        return select_devices(self, target)
 
     def add_enroll_token(self, token_sha256: str, expires: float, groups: list[str], tags: dict[str, str]) -> None:
         self._execute("INSERT INTO enroll_tokens (token_sha256, expires, groups, tags) VALUES (%s, %s, %s, %s)",

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from cloud_hub.api_client import HUB_TOKEN_ENV, HUB_URL_ENV, AdminClient
 from cloud_hub.errors import HubError
-from cloud_hub.server import TOKEN_FILE
+from cloud_hub.hub_config import TOKEN_FILE
 from device_profiles import ProfileError
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
